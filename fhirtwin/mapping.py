@@ -1,0 +1,1258 @@
+"""The HL7 v2 → FHIR mapping engine.
+
+It knows no message type, segment or datatype by name: everything comes from
+the rule files (``fhirtwin.rules``). Rules are compiled once into small
+closures, so converting a message is a walk over its segments calling
+precompiled functions. Everything here is pure: a message and rules in, a
+Bundle and a loss report out.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from fhirtwin import datatypes as dt
+from fhirtwin.hl7v2 import HL7ParseError, Message, Segment
+from fhirtwin.rules import (
+    CodeMap,
+    DatatypeRule,
+    FieldRule,
+    MappingError,
+    MessageRule,
+    RuleSet,
+    SegmentRule,
+    SenderProfile,
+)
+
+__all__ = ["LINEAGE_EXTENSION", "ZSEGMENT_EXTENSION", "ConversionError", "Engine"]
+
+EXT_BASE = "https://fhirtwin.dev/fhir/StructureDefinition/"
+LINEAGE_EXTENSION = EXT_BASE + "source-segment"
+ZSEGMENT_EXTENSION = EXT_BASE + "v2-zsegment"
+_ID_NAMESPACE = uuid.UUID("7b2c7e0e-2f7e-5d3a-9a53-6d8f3b0f7a11")
+
+Comps = list[list[str]]
+ValueFn = Callable[[Comps, "_State", str], Any]
+Setter = Callable[[dict[str, Any], Any], None]
+
+
+class ConversionError(ValueError):
+    """A message that the rules cannot turn into FHIR (reject policy, unknown type)."""
+
+    def __init__(self, what: str, *, hint: str, field: str | None = None, control_id: str = ""):
+        self.what, self.hint, self.field, self.control_id = what, hint, field, control_id
+        where = ", ".join(x for x in (field, f"message {control_id}" if control_id else "") if x)
+        super().__init__(f"{what}{f' [{where}]' if where else ''}: {hint}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": self.what,
+            "hint": self.hint,
+            "field": self.field,
+            "control_id": self.control_id,
+        }
+
+
+PRIMITIVES = frozenset(
+    {
+        "string", "code", "id", "uri", "url", "markdown", "date", "dateTime", "instant", "time",
+        "decimal", "integer", "positiveInt", "unsignedInt", "boolean", "base64Binary",
+        "system", "codesystem", "coding", "code-coding", "code-concept", "text-concept",
+    }
+)  # fmt: skip
+# Builtins that read several components of their own (not just the first).
+_MULTI_COMPONENT = frozenset({"system", "coding"})
+
+
+@dataclass(slots=True)
+class _Report:
+    unmapped_segments: list[dict[str, Any]] = field(default_factory=list)
+    unmapped_fields: list[dict[str, Any]] = field(default_factory=list)
+    untranslated_codes: list[dict[str, Any]] = field(default_factory=list)
+    assumptions: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _State:
+    msg: Message
+    rules: RuleSet
+    profile: SenderProfile
+    default_offset: str | None
+    offset_origin: str
+    report: _Report
+    message_key: str
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seg_slots: dict[int, list[str]] = field(default_factory=dict)
+    # (segment index, field) → [component numbers read (None = all), every repetition read]
+    used: dict[tuple[int, int], list[Any]] = field(default_factory=dict)
+    seg: Segment | None = None
+    param_system: str | None = None
+    param_map: CodeMap | None = None
+
+    def error(self, loc: str, what: str, hint: str) -> None:
+        if self.profile.invalid_values == "reject":
+            raise ConversionError(what, hint=hint, field=loc, control_id=self.msg.control_id)
+        self.report.errors.append({"field": loc, "error": what, "hint": hint, "action": "dropped"})
+
+    def add_resource(self, res: dict[str, Any]) -> dict[str, Any]:
+        key = f"{res['resourceType']}/{res['id']}"
+        existing = self.resources.get(key)
+        if existing is not None:
+            return existing
+        self.resources[key] = res
+        return res
+
+
+def _ref(res: dict[str, Any]) -> dict[str, str]:
+    return {"reference": f"{res['resourceType']}/{res['id']}"}
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == "" or v == {} or v == []
+
+
+# --------------------------------------------------------------------- paths
+
+
+_PATH_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\[(\d*)\])?\Z")
+
+
+def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = "") -> Setter:
+    """'a.b[].c' → a function that puts a value there (a[] appends, a[0] reuses the first)."""
+    steps: list[tuple[str, str | None]] = []
+    for part in path.split("."):
+        m = _PATH_PART.match(part)
+        if not m:
+            raise MappingError(f"{where}: {path!r} is not a path like 'name[].given[]'")
+        idx = None if m.group(2) is None else m.group(3)
+        steps.append((m.group(1), idx))
+    *head, (last, last_idx) = steps
+    extra = dict(with_) if with_ else None
+    # `with:` fills the element that the path's last '[]' before the leaf appends.
+    with_at = max((i for i, (_, idx) in enumerate(head) if idx == ""), default=-1)
+
+    def setter(target: dict[str, Any], value: Any) -> None:
+        obj = target
+        for i, (name, idx) in enumerate(head):
+            if idx is None:
+                nxt = obj.get(name)
+                if nxt is None:
+                    nxt = obj[name] = {}
+                obj = nxt
+            else:
+                lst = obj.setdefault(name, [])
+                if idx == "" or not lst:
+                    new: dict[str, Any] = {}
+                    if extra and i == with_at:
+                        new.update(_copy(extra))
+                    lst.append(new)
+                    obj = new
+                else:
+                    obj = lst[min(int(idx), len(lst) - 1)]
+        if last_idx is None:
+            obj[last] = value
+        elif last_idx == "":
+            lst = obj.setdefault(last, [])
+            if extra and isinstance(value, dict):
+                value = {**_copy(extra), **value}
+            if isinstance(value, list):
+                lst.extend(value)
+            else:
+                lst.append(value)
+        else:
+            lst = obj.setdefault(last, [])
+            i = int(last_idx)
+            while len(lst) <= i:
+                lst.append(None)
+            lst[i] = value
+
+    return setter
+
+
+def _copy(v: Any) -> Any:
+    return orjson.loads(orjson.dumps(v))
+
+
+def _path_get(target: dict[str, Any], path: str) -> Any:
+    obj: Any = target
+    for part in path.split("."):
+        name = part.split("[", 1)[0]
+        if isinstance(obj, list):
+            obj = obj[0] if obj else None
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(name)
+    return obj
+
+
+# ------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Compiled rules; ``convert`` turns one parsed message into a Bundle and a loss report."""
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+        self._datatypes: dict[str, ValueFn] = {}
+        self._footprints: dict[str, frozenset[int] | None] = {}
+        self._segments: dict[str, _CompiledSegment] = {}
+        for name in rules.segments:
+            self._segments[name] = self._compile_segment(rules.segments[name])
+
+    # -- compile ------------------------------------------------------------
+
+    def _datatype(self, name: str, where: str) -> ValueFn:
+        fn = self._datatypes.get(name)
+        if fn is None:
+            rule = self.rules.datatypes.get(name)
+            if rule is None:
+                raise MappingError(
+                    f"{where}: type {name!r} is neither a FHIR primitive nor a file "
+                    f"datatypes/{name}.yaml"
+                )
+            self._datatypes[name] = _pending  # recursion guard
+            fn = self._compile_datatype(rule)
+            self._datatypes[name] = fn
+        return fn
+
+    def _footprint(self, rule: FieldRule) -> frozenset[int] | None:
+        """Which components of a repetition a rule reads (None: all of them)."""
+        if rule.cases:
+            comps: set[int] = set()
+            for case in rule.cases.values():
+                fp = self._footprint(case)
+                if fp is None:
+                    return None
+                comps |= fp
+            return frozenset(comps)
+        if rule.format is not None:
+            return frozenset(int(x) for x in _PLACEHOLDER.findall(rule.format))
+        if rule.comp is not None:
+            return frozenset(range(rule.comp, rule.comp + (rule.width or 1)))
+        if rule.type in PRIMITIVES:
+            return None if rule.type in _MULTI_COMPONENT else frozenset({1})
+        dtrule = self.rules.datatypes.get(rule.type)
+        if dtrule is None:
+            return None
+        if rule.type in self._footprints:
+            return self._footprints[rule.type]
+        self._footprints[rule.type] = None
+        out: set[int] = set()
+        for c in dtrule.components:
+            fp = self._footprint(c)
+            if fp is None and c.comp is None and c.field is None and c.value is None:
+                out = set()
+                self._footprints[rule.type] = None
+                return None
+            if fp is not None:
+                out |= fp
+        result = frozenset(out)
+        self._footprints[rule.type] = result
+        return result
+
+    def _compile_value(self, rule: FieldRule) -> ValueFn:
+        """A function (components, state, location) → FHIR value for one rule."""
+        typ = rule.type
+        comp, sub, width = rule.comp, rule.sub, rule.width
+        where = rule.source
+        if rule.format is not None:
+            return _compile_format(rule.format)
+        if typ in PRIMITIVES:
+            conv = self._primitive(rule)
+            if typ in _MULTI_COMPONENT:
+                if comp is None:
+                    return conv
+                if width:
+                    c0, c1 = comp - 1, comp - 1 + width
+                    return lambda comps, st, loc: conv(comps[c0:c1], st, loc)
+                ci = comp - 1
+                return lambda comps, st, loc: conv(
+                    [[s] for s in comps[ci]] if ci < len(comps) else [], st, loc
+                )
+            ci = (comp or 1) - 1
+            si = (sub or 1) - 1
+
+            def prim(comps: Comps, st: _State, loc: str) -> Any:
+                if ci >= len(comps):
+                    return None
+                c = comps[ci]
+                if si >= len(c):
+                    return None
+                text = c[si]
+                if not text or text == '""':
+                    return None
+                return conv([[text]], st, f"{loc}.{ci + 1}" if comp else loc)
+
+            return prim
+        fn = self._datatype(typ, where)
+        if rule.system or rule.map:
+            fn = _with_params(fn, rule.system, self._code_map(rule))
+        if comp is None:
+            return lambda comps, st, loc: fn(comps, st, loc)
+        if width:
+            c0, c1 = comp - 1, comp - 1 + width
+            return lambda comps, st, loc: fn(comps[c0:c1], st, loc)
+        ci = comp - 1
+        return lambda comps, st, loc: (
+            fn([[s] for s in comps[ci]], st, f"{loc}.{ci + 1}") if ci < len(comps) else None
+        )
+
+    def _primitive(self, rule: FieldRule) -> ValueFn:
+        typ = rule.type
+        cmap = self._code_map(rule)
+        system = rule.system
+        keep_unmapped = rule.unmapped != "drop"
+
+        def text_of(comps: Comps) -> str:
+            if not comps or not comps[0]:
+                return ""
+            t = comps[0][0]
+            return "" if t == '""' else t
+
+        if typ in ("string", "markdown", "id", "uri", "url", "base64Binary"):
+            strip = typ != "string" and typ != "markdown"
+
+            def conv_str(comps: Comps, st: _State, loc: str) -> Any:
+                t = text_of(comps)
+                if strip:
+                    t = t.strip()
+                return t or None
+
+            return conv_str
+        if typ == "code":
+
+            def conv_code(comps: Comps, st: _State, loc: str) -> Any:
+                t = text_of(comps).strip()
+                if not t:
+                    return None
+                if cmap is not None:
+                    hit = _translate(cmap, t, st, loc)
+                    if hit is None:
+                        return t if keep_unmapped and rule.unmapped == "keep-code" else None
+                    return hit["code"]
+                return t
+
+            return conv_code
+        if typ in ("code-coding", "code-concept", "text-concept"):
+            concept = typ != "code-coding"
+
+            def conv_coding(comps: Comps, st: _State, loc: str) -> Any:
+                t = text_of(comps).strip()
+                if not t:
+                    return None
+                if typ == "text-concept":
+                    return {"text": t}
+                coding: dict[str, Any] | None
+                if cmap is not None:
+                    hit = _translate(cmap, t, st, loc)
+                    if hit is None:
+                        if not keep_unmapped:
+                            return None
+                        coding = {"code": t}
+                        if cmap.source_system:
+                            coding["system"] = cmap.source_system
+                    else:
+                        coding = dict(hit)
+                else:
+                    coding = {"code": t}
+                    if system:
+                        coding["system"] = system
+                return {"coding": [coding]} if concept else coding
+
+            return conv_coding
+        if typ == "coding":
+            return self._coding_builtin(rule, cmap)
+        if typ == "system":
+            return _system_builtin
+        if typ == "codesystem":
+            return lambda comps, st, loc: _codesystem(text_of(comps).strip(), st)
+        if typ == "date":
+
+            def conv_date(comps: Comps, st: _State, loc: str) -> Any:
+                t = text_of(comps).strip()
+                if not t:
+                    return None
+                try:
+                    return dt.to_date(t)
+                except ValueError as exc:
+                    st.error(loc, str(exc), "send the date as YYYYMMDD")
+                    return None
+
+            return conv_date
+        if typ in ("dateTime", "instant"):
+            to = dt.to_instant if typ == "instant" else dt.to_datetime
+
+            def conv_dt(comps: Comps, st: _State, loc: str) -> Any:
+                t = text_of(comps).strip()
+                if not t:
+                    return None
+                try:
+                    value, used_default = to(t, st.default_offset)
+                except ValueError as exc:
+                    st.error(loc, str(exc), "send YYYYMMDDHHMMSS with a UTC offset (+ZZZZ)")
+                    return None
+                if used_default:
+                    st.report.assumptions.append(
+                        {"field": loc, "what": f"no UTC offset in {t!r}: used {st.offset_origin}"}
+                    )
+                return value
+
+            return conv_dt
+        if typ == "time":
+
+            def conv_time(comps: Comps, st: _State, loc: str) -> Any:
+                t = text_of(comps).strip()
+                if not t:
+                    return None
+                try:
+                    return dt.to_time(t)
+                except ValueError as exc:
+                    st.error(loc, str(exc), "send the time as HHMM[SS]")
+                    return None
+
+            return conv_time
+        if typ in ("decimal", "integer", "positiveInt", "unsignedInt"):
+            num = dt.to_decimal if typ == "decimal" else dt.to_integer
+            positive = typ == "positiveInt"
+
+            def conv_num(comps: Comps, st: _State, loc: str) -> Any:
+                t = text_of(comps).strip()
+                if not t:
+                    return None
+                try:
+                    v = num(t)
+                except ValueError as exc:
+                    st.error(loc, str(exc), f"send a {typ} here")
+                    return None
+                if (positive and v < 1) or (typ == "unsignedInt" and v < 0):
+                    st.error(loc, f"{t!r} must be {'> 0' if positive else '>= 0'}", "fix the value")
+                    return None
+                return v
+
+            return conv_num
+        if typ == "boolean":
+
+            def conv_bool(comps: Comps, st: _State, loc: str) -> Any:
+                t = text_of(comps).strip()
+                if not t:
+                    return None
+                try:
+                    return dt.to_boolean(t)
+                except ValueError as exc:
+                    st.error(loc, str(exc), "send Y or N")
+                    return None
+
+            return conv_bool
+        raise MappingError(f"{rule.source}: unknown primitive type {typ!r}")
+
+    def _code_map(self, rule: FieldRule) -> CodeMap | None:
+        if not rule.map:
+            return None
+        cmap = self.rules.codes.get(rule.map)
+        if cmap is None:
+            raise MappingError(f"{rule.source}: map {rule.map!r} has no file codes/{rule.map}.yaml")
+        return cmap
+
+    def _coding_builtin(self, rule: FieldRule, cmap: CodeMap | None) -> ValueFn:
+        """(code, display, coding system name) → Coding; the system name via codes/coding-systems."""
+        own_system, own_map = rule.system, cmap
+
+        def conv(comps: Comps, st: _State, loc: str) -> Any:
+            default_system = own_system or st.param_system
+            cmap = own_map or st.param_map
+            code = comps[0][0].strip() if comps and comps[0] else ""
+            if not code or code == '""':
+                return None
+            display = comps[1][0] if len(comps) > 1 and comps[1] else ""
+            sysname = comps[2][0].strip() if len(comps) > 2 and comps[2] else ""
+            coding: dict[str, Any] = {}
+            if sysname:
+                uri = _codesystem(sysname, st)
+                if uri:
+                    coding["system"] = uri
+            elif default_system:
+                coding["system"] = default_system
+            coding["code"] = code
+            if display:
+                coding["display"] = display
+            if cmap is not None and (
+                not sysname or coding.get("system") in (cmap.source_system, cmap.target_system)
+            ):
+                hit = _translate(cmap, code, st, loc)
+                if hit is not None:
+                    out = dict(hit)
+                    if display and "display" not in out:
+                        out["display"] = display
+                    return out
+            return coding
+
+        return conv
+
+    def _compile_datatype(self, rule: DatatypeRule) -> ValueFn:
+        parts = [self._compile_rule(c) for c in rule.components]
+        required = rule.required
+        creates = rule.creates
+        id_mode = rule.id
+        fhir = rule.fhir
+
+        def build(comps: Comps, st: _State, loc: str) -> Any:
+            out: dict[str, Any] = {}
+            for fn in parts:
+                fn(comps, out, st, loc)
+            if not out:
+                return None
+            for r in required:
+                if _empty(_path_get(out, r)):
+                    return None
+            if fhir in PRIMITIVES and "value" in out and len(out) == 1:
+                return out["value"]
+            if creates:
+                res = {"resourceType": creates, **out}
+                rid = _make_id(res, id_mode, st, f"{loc}:{creates}")
+                res = st.add_resource({"resourceType": creates, "id": rid, **out})
+                return _ref(res)
+            return out
+
+        return build
+
+    def _compile_rule(
+        self, rule: FieldRule
+    ) -> Callable[[Comps, dict[str, Any], _State, str], None]:
+        """A datatype component rule → fn(components, target, state, location)."""
+        setter = compile_path(rule.to, rule.with_, rule.source) if rule.to else None
+        cond = _compile_when(rule.when, rule.source)
+        if rule.value is not None:
+            const = rule.value
+
+            def put_const(comps: Comps, target: dict[str, Any], st: _State, loc: str) -> None:
+                if cond is None or cond(comps, st):
+                    assert setter is not None
+                    setter(target, _copy(const) if isinstance(const, dict | list) else const)
+
+            return put_const
+        if rule.cases:
+            cases = {k: self._compile_rule(v) for k, v in rule.cases.items()}
+            sw = (rule.switch or 1) - 1
+
+            def put_case(comps: Comps, target: dict[str, Any], st: _State, loc: str) -> None:
+                key = comps[sw][0] if sw < len(comps) and comps[sw] else ""
+                fn = cases.get(key)
+                if fn is not None:
+                    fn(comps, target, st, loc)
+
+            return put_case
+        value = self._compile_value(rule)
+
+        def put(comps: Comps, target: dict[str, Any], st: _State, loc: str) -> None:
+            if cond is not None and not cond(comps, st):
+                return
+            v = value(comps, st, loc)
+            if not _empty(v):
+                assert setter is not None
+                setter(target, v)
+
+        return put
+
+    def _compile_segment(self, rule: SegmentRule) -> _CompiledSegment:
+        steps: list[Callable[[Segment, dict[str, Any], _State], None]] = []
+        links: list[Callable[[dict[str, Any], _State], None]] = []
+        defaults: list[tuple[str, Setter, Any]] = []
+        for fr in rule.fields:
+            if fr.link:
+                links.append(self._compile_link(fr))
+            elif fr.ref:
+                steps.append(self._compile_ref(fr))
+            elif fr.default is not None and fr.field is None:
+                assert fr.to is not None
+                defaults.append((fr.to, compile_path(fr.to, fr.with_, fr.source), fr.default))
+            else:
+                steps.append(self._compile_field(fr, rule.segment))
+                if fr.default is not None and fr.to:
+                    defaults.append((fr.to, compile_path(fr.to, None, fr.source), fr.default))
+        return _CompiledSegment(rule, steps, links, defaults)
+
+    def _compile_ref(self, fr: FieldRule) -> Callable[[Segment, dict[str, Any], _State], None]:
+        assert fr.to is not None and fr.ref is not None
+        setter = compile_path(fr.to, fr.with_, fr.source)
+        slot = fr.ref
+        cond = _compile_when(fr.when, fr.source)
+
+        def put_ref(seg: Segment, target: dict[str, Any], st: _State) -> None:
+            res = st.slots.get(slot)
+            if res is not None and res is not target and (cond is None or cond(seg, st)):
+                setter(target, _ref(res))
+
+        return put_ref
+
+    def _compile_link(self, fr: FieldRule) -> Callable[[dict[str, Any], _State], None]:
+        assert fr.to is not None and fr.link is not None
+        setter = compile_path(fr.to, fr.with_, fr.source)
+        slot = fr.link
+
+        def put_link(res: dict[str, Any], st: _State) -> None:
+            owner = st.slots.get(slot)
+            if owner is not None and owner is not res:
+                setter(owner, _ref(res))
+
+        return put_link
+
+    def _compile_field(
+        self, fr: FieldRule, segname: str
+    ) -> Callable[[Segment, dict[str, Any], _State], None]:
+        cond = _compile_when(fr.when, fr.source)
+        if fr.msh is not None:
+            # A value read from the message header, e.g. the trigger event (MSH-9.2).
+            mn = fr.msh
+            msh_body = self._compile_field_value(replace(fr, field=mn, msh=None))
+            msh_fp = self._footprint(fr)
+
+            def put_msh(seg: Segment, target: dict[str, Any], st: _State) -> None:
+                m = st.msg.msh
+                if not m.has(mn) or (cond is not None and not cond(seg, st)):
+                    return
+                _mark(st, 0, mn, msh_fp, False)
+                msh_body(m, target, st, f"MSH-{mn}")
+
+            return put_msh
+        if fr.field is None:
+            # A constant for the resource (value:) with an optional condition.
+            assert fr.to is not None
+            setter = compile_path(fr.to, fr.with_, fr.source)
+            const = fr.value
+
+            def put_const(seg: Segment, target: dict[str, Any], st: _State) -> None:
+                if cond is None or cond(seg, st):
+                    setter(target, _copy(const) if isinstance(const, dict | list) else const)
+
+            return put_const
+        n = fr.field
+        loc_base = f"{segname}-{n}"
+        footprint = self._footprint(fr)
+        all_reps = fr.rep == "all" or (
+            fr.rep is None and fr.to is not None and fr.to.endswith("[]")
+        )
+        if fr.cases:
+            sw = fr.switch or 1
+            cases = {k: self._compile_field_value(v) for k, v in fr.cases.items()}
+
+            def put_switch(seg: Segment, target: dict[str, Any], st: _State) -> None:
+                if not seg.has(n) or (cond is not None and not cond(seg, st)):
+                    return
+                key = seg.value(sw)
+                fn = cases.get(key)
+                if fn is None:
+                    return  # left unmapped: the loss report names the field
+                _mark(st, seg.index, n, footprint, all_reps)
+                fn(seg, target, st, loc_base)
+
+            return put_switch
+        body = self._compile_field_value(fr)
+
+        def put_field(seg: Segment, target: dict[str, Any], st: _State) -> None:
+            if not seg.has(n) or (cond is not None and not cond(seg, st)):
+                return
+            _mark(st, seg.index, n, footprint, all_reps)
+            body(seg, target, st, loc_base)
+
+        return put_field
+
+    def _compile_field_value(
+        self, fr: FieldRule
+    ) -> Callable[[Segment, dict[str, Any], _State, str], None]:
+        assert fr.field is not None and fr.to is not None
+        n = fr.field
+        setter = compile_path(fr.to, fr.with_, fr.source)
+        value = self._compile_value(fr)
+        all_reps = fr.rep == "all" or (fr.rep is None and fr.to.endswith("[]"))
+
+        def body(seg: Segment, target: dict[str, Any], st: _State, loc: str) -> None:
+            tree = seg.field(n)
+            if all_reps:
+                for i, rep in enumerate(tree):
+                    v = value(rep, st, loc if i == 0 else f"{loc}({i + 1})")
+                    if not _empty(v):
+                        setter(target, v)
+            else:
+                v = value(tree[0], st, loc)
+                if not _empty(v):
+                    setter(target, v)
+
+        return body
+
+    # -- run ------------------------------------------------------------------
+
+    def message_rule(self, msg: Message) -> MessageRule:
+        """The messages/ file for this message: CODE_EVENT, then MSH-9.3, then CODE."""
+        code, event, structure = msg.message_code, msg.trigger_event, msg.structure
+        candidates = [f"{code}_{event}", structure, code]
+        for name in candidates:
+            if name and name in self.rules.messages:
+                return self.rules.messages[name]
+        raise ConversionError(
+            f"no rules for message type {code}^{event}" + (f"^{structure}" if structure else ""),
+            hint=f"add mappings/hl7v2/messages/{code}_{event}.yaml (it may 'extends' a similar "
+            "one) with a sample message and its expected output",
+            field="MSH-9",
+            control_id=msg.control_id,
+        )
+
+    def convert(self, msg: Message, profile: SenderProfile | None = None) -> tuple[dict, dict]:
+        """One parsed message → (FHIR Bundle, loss report)."""
+        rules = self.rules
+        msh = msg.msh
+        app, fac = msh.value(3), msh.value(4)
+        if profile is None:
+            profile = rules.sender_for(app, fac)
+        mrule = self.message_rule(msg)
+        offset, origin = _default_offset(msg, profile)
+        sender = f"{app}@{fac}" if fac else app
+        st = _State(
+            msg=msg,
+            rules=rules,
+            profile=profile,
+            default_offset=offset,
+            offset_origin=origin,
+            report=_Report(),
+            message_key=f"{sender}|{msg.control_id}",
+        )
+        by_segment: dict[str, list[Any]] = {}
+        for e in mrule.entries:
+            by_segment.setdefault(e.segment, []).append(e)
+        zsegs: list[Segment] = []
+        for seg in msg.segments:
+            entries = by_segment.get(seg.name)
+            if not entries:
+                if seg.name[0] == "Z":
+                    zsegs.append(seg)
+                elif seg.name not in ("MSH",):
+                    st.report.unmapped_segments.append(
+                        {
+                            "segment": seg.name,
+                            "index": seg.index + 1,
+                            "reason": f"no rule in messages/{mrule.name}.yaml",
+                        }
+                    )
+                continue
+            st.seg = seg
+            assigned: list[str] = []
+            for e in entries:
+                if e.when is not None and not _when_segment(e.when, seg, st):
+                    continue
+                self._run_entry(e, seg, st, assigned)
+            st.seg_slots[seg.index] = assigned
+        # Read by the engine itself: delimiters, time, type, control id, version.
+        for n in (1, 2, 7, 9, 10, 12):
+            _mark(st, 0, n, None, True)
+        self._zsegments(zsegs, st)
+        bundle = self._bundle(msg, mrule, st, sender)
+        report = self._report(msg, mrule, st, sender)
+        return bundle, report
+
+    def _run_entry(self, e: Any, seg: Segment, st: _State, assigned: list[str]) -> None:
+        comp = self._segments[e.rule]
+        if e.into:
+            target = self._into_target(e.into, seg, st)
+            if target is None:
+                st.report.unmapped_segments.append(
+                    {
+                        "segment": seg.name,
+                        "index": seg.index + 1,
+                        "reason": f"rule {e.rule}: no {' or '.join(e.into)} before it to add to",
+                    }
+                )
+                return
+            comp.apply(seg, target, st)
+            _lineage(target, seg)
+            slot = next((s for s in e.into if st.slots.get(s) is target), None)
+            if slot:
+                assigned.append(slot)
+            return
+        if comp.rule.resource is None:
+            raise MappingError(
+                f"{comp.rule.source}: no 'resource', so a message must use it with 'into'"
+            )
+        res: dict[str, Any] = {"resourceType": comp.rule.resource}
+        comp.apply(seg, res, st)
+        res["id"] = _make_id(res, comp.rule.id, st, f"{seg.index}:{e.rule}")
+        res = {"resourceType": res.pop("resourceType"), "id": res.pop("id"), **res}
+        _lineage(res, seg)
+        res = st.add_resource(res)
+        if e.as_:
+            st.slots[e.as_] = res
+            assigned.append(e.as_)
+        for link in comp.links:
+            link(res, st)
+
+    def _into_target(self, into: tuple[str, ...], seg: Segment, st: _State) -> dict | None:
+        if len(into) == 1:
+            return st.slots.get(into[0])
+        # Nearest: the slot set by the closest segment before this one (skipping its own kind).
+        for i in range(seg.index - 1, -1, -1):
+            prev = st.msg.segments[i]
+            if prev.name == seg.name:
+                continue
+            got = st.seg_slots.get(i)
+            if got:
+                for s in into:
+                    if s in got:
+                        return st.slots.get(s)
+                return None
+        return None
+
+    def _zsegments(self, zsegs: list[Segment], st: _State) -> None:
+        if not zsegs:
+            return
+        policy = st.profile.zsegments
+        if policy == "reject":
+            z = zsegs[0]
+            raise ConversionError(
+                f"Z-segment {z.name} (segment {z.index + 1}) is not accepted from this sender",
+                hint="the sender profile says zsegments: reject; set keep or ignore to accept it",
+                field=z.name,
+                control_id=st.msg.control_id,
+            )
+        header = st.slots.get("header")
+        for z in zsegs:
+            if policy == "keep" and header is not None:
+                header.setdefault("extension", []).append(
+                    {"url": ZSEGMENT_EXTENSION, "valueString": z.encoding.field.join(z.fields)}
+                )
+                for n in range(1, len(z.fields)):
+                    _mark(st, z.index, n, None, True)
+            else:
+                st.report.unmapped_segments.append(
+                    {
+                        "segment": z.name,
+                        "index": z.index + 1,
+                        "reason": "Z-segment ignored by sender profile"
+                        if policy == "ignore"
+                        else "Z-segment: no MessageHeader to keep it on",
+                    }
+                )
+
+    def _bundle(self, msg: Message, mrule: MessageRule, st: _State, sender: str) -> dict:
+        entries = []
+        resources = list(st.resources.values())
+        source = _source_uri(msg, sender)
+        for res in resources:
+            res.setdefault("meta", {})["source"] = source
+        prov = _provenance(msg, resources, st, sender)
+        if prov is not None:
+            resources.append(prov)
+        for res in resources:
+            rid = f"{res['resourceType']}/{res['id']}"
+            entries.append(
+                {
+                    "fullUrl": f"urn:uuid:{res['id']}",
+                    "resource": res,
+                    "request": {"method": "PUT", "url": rid},
+                }
+            )
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "id": _uuid(f"Bundle|{st.message_key}"),
+            "type": mrule.bundle,
+        }
+        ts = msh_time(msg, st)
+        if ts and "T" in ts:
+            bundle["timestamp"] = ts
+        if msg.control_id:
+            bundle["identifier"] = {
+                "system": "urn:fhirtwin:hl7v2:control-id",
+                "value": msg.control_id,
+            }
+        bundle["entry"] = entries
+        return bundle
+
+    def _report(self, msg: Message, mrule: MessageRule, st: _State, sender: str) -> dict:
+        rep = st.report
+        unmapped = rep.unmapped_fields
+        skip = {u["index"] for u in rep.unmapped_segments}
+        for seg in msg.segments:
+            if seg.index + 1 in skip:
+                continue
+            fields = seg.fields
+            start = 3 if seg.name == "MSH" else 1
+            for n in range(start, len(fields)):
+                if not fields[n] or fields[n] == '""':
+                    continue
+                usage = st.used.get((seg.index, n))
+                if usage is None:
+                    unmapped.append(
+                        {"segment": seg.name, "index": seg.index + 1, "field": f"{seg.name}-{n}"}
+                    )
+                    continue
+                comps, all_reps = usage
+                tree = seg.field(n)
+                if not all_reps and len(tree) > 1:
+                    extra = sum(1 for r in tree[1:] if any(any(s) for s in (c for c in r)))
+                    if extra:
+                        unmapped.append(
+                            {
+                                "segment": seg.name,
+                                "index": seg.index + 1,
+                                "field": f"{seg.name}-{n}",
+                                "repetitions": extra,
+                            }
+                        )
+                if comps is None:
+                    continue
+                missing = set()
+                for r in tree if all_reps else tree[:1]:
+                    for ci, c in enumerate(r, 1):
+                        if ci not in comps and any(c):
+                            missing.add(ci)
+                for ci in sorted(missing):
+                    unmapped.append(
+                        {
+                            "segment": seg.name,
+                            "index": seg.index + 1,
+                            "field": f"{seg.name}-{n}.{ci}",
+                        }
+                    )
+        counts: dict[str, int] = {}
+        for res in st.resources.values():
+            counts[res["resourceType"]] = counts.get(res["resourceType"], 0) + 1
+        return {
+            "message": {
+                "control_id": msg.control_id,
+                "type": msg.msh.raw(9),
+                "version": msg.version,
+                "sender": sender,
+                "profile": st.profile.name,
+                "rules": f"messages/{mrule.name}.yaml",
+            },
+            "resources": counts,
+            "unmapped_segments": rep.unmapped_segments,
+            "unmapped_fields": unmapped,
+            "untranslated_codes": rep.untranslated_codes,
+            "assumptions": rep.assumptions,
+            "errors": rep.errors,
+            "notes": list(msg.notes),
+        }
+
+
+_pending: ValueFn = lambda comps, st, loc: None  # noqa: E731
+_PLACEHOLDER = re.compile(r"\{(\d+)\}")
+_EMPTY_PARENS = re.compile(r"\(\s*\)")
+_SPACES = re.compile(r"\s+")
+
+
+def _compile_format(fmt: str) -> ValueFn:
+    """'({6}) {7}' → the components put in; empty ones leave no stray punctuation."""
+    wanted = [int(x) for x in _PLACEHOLDER.findall(fmt)]
+
+    def conv(comps: Comps, st: _State, loc: str) -> Any:
+        vals = {}
+        for n in wanted:
+            c = comps[n - 1] if n - 1 < len(comps) else None
+            v = c[0].strip() if c else ""
+            vals[n] = "" if v == '""' else v
+        if not any(vals.values()):
+            return None
+        out = _PLACEHOLDER.sub(lambda m: vals[int(m.group(1))], fmt)
+        out = _SPACES.sub(" ", _EMPTY_PARENS.sub("", out)).strip(" ,-/")
+        return out or None
+
+    return conv
+
+
+def _with_params(fn: ValueFn, system: str | None, cmap: CodeMap | None) -> ValueFn:
+    """Hand a rule's default system / code map down to the datatype it calls."""
+
+    def call(comps: Comps, st: _State, loc: str) -> Any:
+        old = st.param_system, st.param_map
+        st.param_system, st.param_map = system, cmap
+        try:
+            return fn(comps, st, loc)
+        finally:
+            st.param_system, st.param_map = old
+
+    return call
+
+
+@dataclass(slots=True)
+class _CompiledSegment:
+    rule: SegmentRule
+    steps: list[Callable[[Segment, dict[str, Any], _State], None]]
+    links: list[Callable[[dict[str, Any], _State], None]]
+    defaults: list[tuple[str, Setter, Any]]
+
+    def apply(self, seg: Segment, target: dict[str, Any], st: _State) -> None:
+        for step in self.steps:
+            step(seg, target, st)
+        for path, setter, value in self.defaults:
+            if _empty(_path_get(target, path)):
+                setter(target, _copy(value) if isinstance(value, dict | list) else value)
+                st.report.assumptions.append(
+                    {
+                        "field": f"{seg.name}[{seg.index + 1}]",
+                        "what": f"{path} defaulted to {value!r}",
+                    }
+                )
+
+
+def _mark(st: _State, idx: int, n: int, comps: frozenset[int] | None, all_reps: bool) -> None:
+    key = (idx, n)
+    cur = st.used.get(key)
+    if cur is None:
+        st.used[key] = [comps, all_reps]
+        return
+    if cur[0] is not None:
+        cur[0] = None if comps is None else cur[0] | comps
+    cur[1] = cur[1] or all_reps
+
+
+def _translate(cmap: CodeMap, code: str, st: _State, loc: str) -> dict[str, str] | None:
+    local = st.profile.code_maps.get(cmap.name)
+    if local:
+        hit = local.get(code)
+        if hit is not None:
+            return {"system": cmap.target_system, **hit} if cmap.target_system else hit
+    hit = cmap.lookup(code)
+    if hit is None:
+        st.report.untranslated_codes.append({"field": loc, "code": code, "map": cmap.name})
+    return hit
+
+
+def _codesystem(name: str, st: _State) -> str | None:
+    """A v2 coding system name (table 0396: LN, SCT, HL70001 …) → FHIR system URI."""
+    if not name:
+        return None
+    table = st.rules.codes.get("coding-systems")
+    if table is not None:
+        hit = table.lookup(name)
+        if hit is not None:
+            return hit["code"]
+    up = name.upper()
+    if up.startswith("HL7") and up[3:].isdigit():
+        return f"http://terminology.hl7.org/CodeSystem/v2-{up[3:].zfill(4)}"
+    if up.startswith("99") or up.startswith("L"):
+        pass
+    if _OID.match(name):
+        return f"urn:oid:{name}"
+    uri = st.profile.identifier_systems.get(name)
+    if uri:
+        return uri
+    st.report.assumptions.append(
+        {
+            "field": "coding system",
+            "what": f"coding system {name!r} has no URI in "
+            f"codes/coding-systems.yaml or the sender profile: used {st.profile.system_base}"
+            f"{quote(name, safe='')}",
+        }
+    )
+    return st.profile.system_base + quote(name, safe="")
+
+
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+\Z")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+
+def _system_builtin(comps: Comps, st: _State, loc: str) -> Any:
+    """HD (namespace id, universal id, universal id type) → a system URI."""
+    ns = comps[0][0].strip() if comps and comps[0] else ""
+    uid = comps[1][0].strip() if len(comps) > 1 and comps[1] else ""
+    utype = comps[2][0].strip().upper() if len(comps) > 2 and comps[2] else ""
+    systems = st.profile.identifier_systems
+    for key in (ns, uid):
+        if key and key in systems:
+            return systems[key]
+    if uid:
+        if utype in ("ISO", "") and _OID.match(uid):
+            return f"urn:oid:{uid}"
+        if utype in ("UUID", "GUID", "") and _UUID.match(uid):
+            return f"urn:uuid:{uid.lower()}"
+        if utype in ("URI", "URL") or "://" in uid:
+            return uid
+    if ns and _OID.match(ns):
+        return f"urn:oid:{ns}"
+    name = ns or uid
+    if not name:
+        return None
+    uri = st.profile.system_base + quote(name, safe="")
+    st.report.assumptions.append(
+        {
+            "field": loc,
+            "what": f"assigning authority {name!r} has no URI in sender profile "
+            f"{st.profile.name!r} (identifier_systems): used {uri}",
+        }
+    )
+    return uri
+
+
+def _compile_when(when: dict[str, Any] | None, where: str) -> Callable[[Any, _State], bool] | None:
+    """`when:` → a predicate over a segment (or a component list inside a datatype)."""
+    if not when:
+        return None
+    if "field" in when or "msh" in when:
+        return lambda seg, st: _when_segment(when, seg, st)
+    if "comp" in when:
+        ci = when["comp"] - 1
+
+        def comp_pred(comps: Comps, st: _State) -> bool:
+            v = comps[ci][0] if ci < len(comps) and comps[ci] else ""
+            return _test(when, v)
+
+        return comp_pred
+    raise MappingError(f"{where}: 'when' needs 'field', 'msh' or 'comp'")
+
+
+def _when_segment(when: dict[str, Any], seg: Segment, st: _State) -> bool:
+    if "msh" in when:
+        v = st.msg.msh.value(when["msh"], 0, when.get("comp", 1))
+    else:
+        v = seg.value(when["field"], 0, when.get("comp", 1))
+    return _test(when, v)
+
+
+def _test(when: dict[str, Any], v: str) -> bool:
+    if "in" in when:
+        return v in when["in"]
+    if "not_in" in when:
+        return v not in when["not_in"]
+    if "equals" in when:
+        return v == when["equals"]
+    if "present" in when:
+        return bool(v) == bool(when["present"])
+    if "longer" in when:
+        return len(v) > int(when["longer"])
+    return bool(v)
+
+
+def _uuid(key: str) -> str:
+    return str(uuid.uuid5(_ID_NAMESPACE, key))
+
+
+def _make_id(res: dict[str, Any], mode: str, st: _State, scope: str) -> str:
+    """Deterministic id: from the business identifier, the content, or the message position."""
+    rt = res["resourceType"]
+    if mode == "identifier":
+        for ident in res.get("identifier") or ():
+            if isinstance(ident, dict) and ident.get("value"):
+                return _uuid(f"{rt}|{ident.get('system', '')}|{ident['value']}")
+    elif mode == "content":
+        return _uuid(rt + "|" + orjson.dumps(res, option=orjson.OPT_SORT_KEYS).decode())
+    return _uuid(f"{rt}|{st.message_key}|{scope}")
+
+
+def _lineage(res: dict[str, Any], seg: Segment) -> None:
+    tag = f"{seg.name}[{seg.index + 1}]"
+    exts = res.setdefault("extension", [])
+    for ext in exts:
+        if ext.get("url") == LINEAGE_EXTENSION:
+            if tag not in ext["valueString"].split(","):
+                ext["valueString"] += "," + tag
+            return
+    exts.append({"url": LINEAGE_EXTENSION, "valueString": tag})
+
+
+def _default_offset(msg: Message, profile: SenderProfile) -> tuple[str | None, str]:
+    """The offset for times sent without one: MSH-7's, else the profile's zone, else UTC."""
+    m = re.search(r"([+-]\d{4})$", msg.msh.value(7).strip())
+    if m:
+        tz = m.group(1)
+        return f"{tz[:3]}:{tz[3:]}", f"the message's offset {tz} (MSH-7)"
+    if profile.timezone:
+        return (
+            f"tz:{profile.timezone}",
+            f"time zone {profile.timezone} (sender profile {profile.name})",
+        )
+    return "+00:00", (
+        f"UTC: no offset in MSH-7 and sender profile {profile.name!r} sets no timezone"
+    )
+
+
+def msh_time(msg: Message, st: _State) -> str | None:
+    t = msg.msh.value(7).strip()
+    if not t:
+        return None
+    try:
+        return dt.to_datetime(t, st.default_offset)[0]
+    except ValueError as exc:
+        st.error("MSH-7", str(exc), "send MSH-7 as YYYYMMDDHHMMSS+ZZZZ")
+        return None
+
+
+def _source_uri(msg: Message, sender: str) -> str:
+    return f"urn:hl7v2:{quote(sender, safe='@')}:{quote(msg.control_id, safe='')}"
+
+
+def _provenance(msg: Message, resources: list[dict], st: _State, sender: str) -> dict | None:
+    if not resources:
+        return None
+    recorded = msh_time(msg, st)
+    if not recorded or "T" not in recorded:
+        recorded = (recorded or "1970-01-01") + "T00:00:00+00:00" if recorded else None
+    prov: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "id": _uuid(f"Provenance|{st.message_key}"),
+        "target": [_ref(r) for r in resources],
+    }
+    if recorded:
+        prov["recorded"] = recorded
+    else:
+        prov["recorded"] = "1970-01-01T00:00:00+00:00"
+        st.report.assumptions.append(
+            {"field": "MSH-7", "what": "no message time: Provenance.recorded set to the epoch"}
+        )
+    prov["activity"] = {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                "code": "CREATE",
+                "display": "create",
+            }
+        ]
+    }
+    prov["agent"] = [
+        {
+            "type": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                        "code": "author",
+                        "display": "Author",
+                    }
+                ]
+            },
+            "who": {"display": sender or "unknown sender"},
+        },
+        {
+            "type": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                        "code": "assembler",
+                        "display": "Assembler",
+                    }
+                ]
+            },
+            "who": {"display": "fhirtwin HL7 v2 converter"},
+        },
+    ]
+    prov["entity"] = [
+        {
+            "role": "source",
+            "what": {
+                "identifier": {
+                    "system": "urn:fhirtwin:hl7v2:control-id",
+                    "value": msg.control_id or "-",
+                },
+                "display": f"HL7 v2 {msg.msh.raw(9)} message {msg.control_id} from {sender}",
+            },
+        }
+    ]
+    return prov
+
+
+__all__ += ["HL7ParseError"]
