@@ -1,0 +1,33 @@
+"""Shared fixtures: the corpus location, and the rule that CI may not skip it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def corpus_path() -> Path | None:
+    """``$FHIRTWIN_CORPUS``, else ``../shared/corpus`` beside the repository, if present."""
+    env = os.environ.get("FHIRTWIN_CORPUS")
+    candidates = [Path(env)] if env else []
+    candidates.append(ROOT.parent / "shared" / "corpus")
+    for c in candidates:
+        if (c / "MANIFEST.md").is_file():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """The shared test corpus; skipped visibly without it, and a failure in CI (FHIRTWIN_REQUIRE_CORPUS=1)."""
+    path = corpus_path()
+    if path is None:
+        msg = "corpus not found: set FHIRTWIN_CORPUS or put it at ../shared/corpus"
+        if os.environ.get("FHIRTWIN_REQUIRE_CORPUS") == "1":
+            pytest.fail(msg + " (FHIRTWIN_REQUIRE_CORPUS=1: CI must run the corpus tests)")
+        pytest.skip(msg)
+    return path

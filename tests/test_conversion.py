@@ -1,0 +1,172 @@
+"""The converter's promises, checked on the shipped examples: deterministic ids, lineage,
+loss report, sender profiles, and clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fhirtwin.conversion import ConversionError, HL7ParseError, convert_hl7v2, convert_hl7v2_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "hl7v2"
+
+
+def _by_type(bundle: dict, rtype: str) -> list[dict]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def test_same_message_twice_gives_identical_bundles() -> None:
+    data = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
+    assert convert_hl7v2(data).bundle == convert_hl7v2(data).bundle
+
+
+def test_same_patient_and_visit_in_two_messages_get_the_same_ids() -> None:
+    admit = convert_hl7v2((EXAMPLES / "adt-a01-admit.hl7").read_bytes()).bundle
+    discharge = convert_hl7v2((EXAMPLES / "adt-a03-discharge.hl7").read_bytes()).bundle
+    assert _by_type(admit, "Patient")[0]["id"] == _by_type(discharge, "Patient")[0]["id"]
+    assert _by_type(admit, "Encounter")[0]["id"] == _by_type(discharge, "Encounter")[0]["id"]
+    # …but the two messages' headers are distinct resources.
+    assert (
+        _by_type(admit, "MessageHeader")[0]["id"] != _by_type(discharge, "MessageHeader")[0]["id"]
+    )
+
+
+def test_patient_demographics_from_pid() -> None:
+    bundle = convert_hl7v2((EXAMPLES / "adt-a01-admit.hl7").read_bytes(), validate=True).bundle
+    pat = _by_type(bundle, "Patient")[0]
+    mrn = next(i for i in pat["identifier"] if i["value"] == "MRN448812")
+    assert mrn["system"] == "urn:oid:2.16.840.1.113883.3.9001.1"
+    assert mrn["type"]["coding"][0]["code"] == "MR"
+    assert pat["name"][0]["family"] == "Okafor"
+    assert pat["name"][0]["given"] == ["Adaeze", "N"]
+    assert pat["birthDate"] == "1958-02-14"
+    assert pat["gender"] == "female"
+    assert pat["address"][0]["city"] == "Springfield"
+    assert pat["address"][0]["postalCode"] == "62704"
+    emails = [t for t in pat["telecom"] if t.get("system") == "email"]
+    assert emails and emails[0]["value"] == "adaeze.okafor@example.org"
+
+
+def test_discharge_finishes_the_encounter_with_its_period() -> None:
+    conv = convert_hl7v2((EXAMPLES / "adt-a03-discharge.hl7").read_bytes(), validate=True)
+    enc = _by_type(conv.bundle, "Encounter")[0]
+    assert enc["status"] == "finished"
+    assert enc["period"] == {
+        "start": "2026-11-03T09:00:00-05:00",
+        "end": "2026-11-06T14:00:00-05:00",
+    }
+    assert enc["class"]["code"] == "IMP"
+    assert conv.report["validation"] == []
+
+
+def test_every_resource_says_where_it_came_from() -> None:
+    bundle = convert_hl7v2((EXAMPLES / "adt-a01-admit.hl7").read_bytes()).bundle
+    provs = _by_type(bundle, "Provenance")
+    assert len(provs) == 1
+    targets = {t["reference"] for t in provs[0]["target"]}
+    for e in bundle["entry"]:
+        res = e["resource"]
+        if res["resourceType"] == "Provenance":
+            continue
+        assert f"{res['resourceType']}/{res['id']}" in targets
+        assert res["meta"]["source"].endswith(":ADT0001")
+    pat = _by_type(bundle, "Patient")[0]
+    lineage = [x["valueString"] for x in pat["extension"] if x["url"].endswith("source-segment")]
+    assert lineage == ["PID[3]"]
+
+
+def test_loss_report_names_what_no_rule_used() -> None:
+    msg = (
+        (EXAMPLES / "adt-a03-discharge.hl7")
+        .read_bytes()
+        .replace(b"EVN|A03|", b"ZPX|private|site data\rEVN|A03|")
+    )
+    conv = convert_hl7v2(msg)
+    rep = conv.report
+    # The Z-segment is kept (default policy) on the MessageHeader, not lost.
+    header = _by_type(conv.bundle, "MessageHeader")[0]
+    assert any(x.get("valueString") == "ZPX|private|site data" for x in header["extension"])
+    # PID-1 (set id) is present and not mapped by any rule: reported by field.
+    assert {"segment": "PID", "index": 4, "field": "PID-1"} in rep["unmapped_fields"]
+
+
+def test_time_without_offset_uses_msh7_and_says_so() -> None:
+    msg = (
+        (EXAMPLES / "adt-a03-discharge.hl7")
+        .read_bytes()
+        .replace(b"20261106140000-0500", b"20261106140000")
+    )
+    conv = convert_hl7v2(msg)
+    enc = _by_type(conv.bundle, "Encounter")[0]
+    assert enc["period"]["end"] == "2026-11-06T14:00:00-05:00"
+    assert any(a["field"] == "PV1-45" and "MSH-7" in a["what"] for a in conv.report["assumptions"])
+
+
+def test_invalid_date_is_dropped_and_reported_with_its_field() -> None:
+    msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes().replace(b"19580214", b"19580230")
+    conv = convert_hl7v2(msg, validate=True)
+    pat = _by_type(conv.bundle, "Patient")[0]
+    assert "birthDate" not in pat
+    err = conv.report["errors"][0]
+    assert err["field"] == "PID-7"
+    assert "19580230" in err["error"] and err["hint"]
+    assert conv.report["validation"] == []
+
+
+def test_sender_profile_can_reject_invalid_values(tmp_path: Path) -> None:
+    rules = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", rules)
+    (rules / "senders" / "northgen.yaml").write_text(
+        "match: {application: EPICADT}\ninvalid_values: reject\ntimezone: America/Chicago\n"
+        "identifier_systems: {NORTHGEN: 'http://northgen.example.org/sid/mrn'}\n"
+    )
+    msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes().replace(b"19580214", b"19580230")
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(msg, mappings=rules)
+    assert exc.value.field == "PID-7"
+    assert "19580230" in str(exc.value)
+
+
+def test_sender_profile_timezone_applies_when_message_has_none(tmp_path: Path) -> None:
+    rules = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", rules)
+    (rules / "senders" / "northgen.yaml").write_text(
+        "match: {application: EPICADT}\ntimezone: Europe/Berlin\n"
+    )
+    msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes()
+    msg = msg.replace(b"20261106143000-0500", b"20260706143000")  # MSH-7 without offset
+    msg = msg.replace(b"20261106140000-0500", b"20260706140000")
+    conv = convert_hl7v2(msg, mappings=rules)
+    enc = _by_type(conv.bundle, "Encounter")[0]
+    assert enc["period"]["end"] == "2026-07-06T14:00:00+02:00"  # Berlin summer time
+    assert conv.report["message"]["profile"] == "northgen"
+
+
+def test_unknown_message_type_says_which_file_to_add() -> None:
+    msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes().replace(b"ADT^A03^ADT_A03", b"QRY^Q99")
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(msg)
+    assert "messages/QRY_Q99.yaml" in str(exc.value)
+    assert exc.value.field == "MSH-9"
+
+
+def test_garbage_is_a_parse_error_with_a_hint() -> None:
+    with pytest.raises(HL7ParseError) as exc:
+        convert_hl7v2(b"PID|1||123\r")
+    d = exc.value.to_dict()
+    assert d["field"] == "MSH-1" and d["byte_offset"] == 0 and "MSH" in d["hint"]
+
+
+def test_batch_file_yields_every_message() -> None:
+    results = convert_hl7v2_batch((EXAMPLES / "batch-adt.hl7").read_bytes())
+    assert [r.bundle["identifier"]["value"] for r in results] == ["ADT0003", "ADT0004"]
+
+
+def test_batch_with_a_bad_message_reports_it_and_converts_the_rest() -> None:
+    data = (EXAMPLES / "batch-adt.hl7").read_bytes().replace(b"ADT^A04^ADT_A01", b"XYZ^Z01")
+    results = convert_hl7v2_batch(data)
+    assert not isinstance(results[0], Exception)
+    assert isinstance(results[1], ConversionError)
