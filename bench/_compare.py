@@ -1,0 +1,882 @@
+"""Pure by-meaning comparison of an expected and an actual FHIR R4 Bundle (see docs/conformance.md).
+
+Entry point: ``compare_bundles(expected, actual) -> CompareResult``.  No I/O happens here.
+
+Every leaf value found in the *expected* bundle for a compared path is one compared field; it
+agrees when the paired actual resource holds an equal normalised value.  Leaves only present in
+the actual bundle are counted as ``extra`` and never penalised.  Fields covered by a DELIBERATE
+rule are reported as ``excluded`` and never counted as agreeing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from fnmatch import fnmatchcase
+from typing import Any
+
+EXAMPLE_PREFIX = "http://example.com/v2-to-fhir-converter/"
+INVENTED_PREFIX = "http://example.com/"  # RFC 2606 example domain: always a made-up URI
+KEY_WEIGHT = 10
+
+# --------------------------------------------------------------------------------------------
+# Leaf values
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Coding:
+    """A (system, code) pair; system None means 'any system accepted'."""
+
+    system: str | None
+    code: str
+
+    def __str__(self) -> str:
+        """Render as system|code."""
+        return f"{self.system}|{self.code}" if self.system else f"*|{self.code}"
+
+
+@dataclass(frozen=True)
+class Text:
+    """Text of a CodeableConcept that carries no coding."""
+
+    text: str
+
+    def __str__(self) -> str:
+        """Render quoted."""
+        return f"text:{self.text!r}"
+
+
+_DT_RE = re.compile(
+    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?"
+    r"(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+@dataclass(frozen=True)
+class When:
+    """A parsed FHIR date/dateTime/instant."""
+
+    raw: str
+    date: tuple[int, ...]
+    time: tuple[int, ...] | None
+    offset: int | None
+
+    def __str__(self) -> str:
+        """Render as the original string."""
+        return self.raw
+
+    @staticmethod
+    def parse(raw: str) -> When | None:
+        """Parse a FHIR date/dateTime string; None when it does not look like one."""
+        m = _DT_RE.match(raw)
+        if not m:
+            return None
+        y, mo, d, hh, mi, ss, frac, tz = m.groups()
+        date = tuple(int(p) for p in (y, mo, d) if p is not None)
+        time: tuple[int, ...] | None = None
+        if hh is not None:
+            parts = [int(hh), int(mi)]
+            if ss is not None:
+                parts.append(int(ss))
+                if frac and int(frac) != 0:
+                    parts.append(int((frac + "000000")[:6]))
+            time = tuple(parts)
+        return When(raw, date, time, _offset_minutes(tz))
+
+
+def _offset_minutes(tz: str | None) -> int | None:
+    """Convert 'Z' / '+hh:mm' to minutes east of UTC."""
+    if tz is None:
+        return None
+    if tz == "Z":
+        return 0
+    sign = -1 if tz[0] == "-" else 1
+    return sign * (int(tz[1:3]) * 60 + int(tz[4:6]))
+
+
+def _as_datetime(w: When) -> datetime:
+    """Naive datetime in UTC when an offset is known, else the local wall clock."""
+    assert w.time is not None
+    y, mo, d = (list(w.date) + [1, 1])[:3]
+    t = list(w.time) + [0] * (4 - len(w.time))
+    dt = datetime(y, mo, d, t[0], t[1], t[2], t[3])
+    return dt - timedelta(minutes=w.offset) if w.offset is not None else dt
+
+
+def _truncate(dt: datetime, precision: int) -> datetime:
+    """Drop time parts beyond `precision` (2=minutes, 3=seconds, 4=fraction)."""
+    if precision <= 2:
+        return dt.replace(second=0, microsecond=0)
+    if precision == 3:
+        return dt.replace(microsecond=0)
+    return dt
+
+
+def when_matches(e: When, a: When) -> bool:
+    """True when actual `a` carries the information of expected `e` (docs: 'Dates and times')."""
+    if e.time is None:
+        n = len(e.date)
+        return len(a.date) >= n and a.date[:n] == e.date
+    if a.time is None or len(a.time) < len(e.time) or len(a.date) < 3 or len(e.date) < 3:
+        return False
+    if (e.offset is None) != (a.offset is None):
+        return False
+    return _truncate(_as_datetime(a), len(e.time)) == _as_datetime(e)
+
+
+Leaf = str | Decimal | bool | Coding | Text | When
+
+
+def leaf_matches(e: Leaf, a: Leaf) -> bool:
+    """Equality of normalised leaves (Coding with system None matches any system)."""
+    if isinstance(e, Coding):
+        return isinstance(a, Coding) and e.code == a.code and e.system in (None, a.system)
+    if isinstance(e, When):
+        return isinstance(a, When) and when_matches(e, a)
+    return type(e) is type(a) and e == a
+
+
+# --------------------------------------------------------------------------------------------
+# DELIBERATE differences (documented one by one in docs/conformance.md)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deliberate:
+    """A known, IG-backed divergence of the oracle; matching expected fields are excluded."""
+
+    rule_id: str
+    resource: str  # resource type or "*"
+    path: str  # fnmatch pattern over the path inside the resource; "" = the whole resource
+    reason: str
+    ig_ref: str
+    when: Callable[[Any], bool]  # predicate on the raw EXPECTED value (resource dict if path "")
+
+
+def _is_example_uri(value: Any) -> bool:
+    """True for made-up URIs under http://example.com/ (mostly .../v2-to-fhir-converter/)."""
+    return isinstance(value, str) and value.startswith(INVENTED_PREFIX)
+
+
+def _has_code_system(suffix: str) -> Callable[[Any], bool]:
+    """Predicate: resource.code has a coding in EXAMPLE_PREFIX + suffix."""
+
+    def check(resource: Any) -> bool:
+        codings = (resource.get("code") or {}).get("coding") or []
+        return any(c.get("system") == EXAMPLE_PREFIX + suffix for c in codings)
+
+    return check
+
+
+DELIBERATE: tuple[Deliberate, ...] = (
+    Deliberate(
+        "D1", "*", "*identifier.system",
+        "Identifier.system invented under http://example.com/ "
+        "(.../v2-to-fhir-converter/Identifier/<AA>, .../sid/...); the IG maps "
+        "CX.4 to assigner(Organization), or to system only for registered authorities, and "
+        "ISO OIDs to urn:oid:. Value and type are still compared.",
+        "datatypes/HL7 Data Type - FHIR R4_ CX[Identifier] - Sheet1.csv rows CX.4 (lines 9-10); "
+        "datatypes/HL7 Data Type - FHIR R4_ HD[uri] - Sheet1.csv rows HD.1/HD.2 (lines 4-7)",
+        _is_example_uri,
+    ),
+    Deliberate(
+        "D2", "*", "*.system",
+        "Coding.system invented under http://example.com/ for local / unknown coding systems "
+        "(.../v2-to-fhir-converter/CodeSystem/<CWE.3>, .../CodeSystem/additional-identifier); "
+        "the IG says the system "
+        "URI comes from the vocabulary table, it is not built from CWE.3. The code is still "
+        "compared (it must be equal, any system accepted).",
+        "datatypes/HL7 Data Type - FHIR R4_ CWE[CodeableConcept] - Sheet1.csv rows CWE.3 and "
+        "CWE.6 (lines 6 and 9)",
+        _is_example_uri,
+    ),
+    Deliberate(
+        "D3", "ServiceRequest", "intent",
+        "ServiceRequest.intent = 'filler-order' (ORU without ORC, SIU); the IG always assigns "
+        "'order' (or 'reflex-order' for OBR-11 = G).",
+        "segments/HL7 Segment - FHIR R4_ OBR[ServiceRequest] - OBR.csv lines 4 and 20-22; "
+        "segments/HL7 Segment - FHIR R4_ SCH[ServiceRequest] - Sheet1.csv line 10 (SCH-6)",
+        lambda v: v == "filler-order",
+    ),
+    Deliberate(
+        "D4", "Observation", "",
+        "Observation synthesised from PDA/ACC with an invented code "
+        "(.../CodeSystem/observation-code: death-certificate, autopsy, coroner, "
+        "injury-incident); the IG message maps leave ACC and PDA unmapped.",
+        "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv lines 78 (ACC) and 81 (PDA); "
+        "same rows in ADT_A02 line 43, ADT_A05 line 77, ADT_A06 line 71",
+        _has_code_system("CodeSystem/observation-code"),
+    ),
+    Deliberate(
+        "D5", "Procedure", "",
+        "Procedure synthesised from PDA with an invented code "
+        "(.../CodeSystem/procedure-code: death-certification, autopsy-performed); the IG "
+        "message maps leave PDA unmapped.",
+        "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 81 (PDA); ADT_A02 line 43",
+        _has_code_system("CodeSystem/procedure-code"),
+    ),
+)
+
+
+def _rule_for(
+    rules: Sequence[Deliberate], rtype: str, rel_path: str, value: Any
+) -> Deliberate | None:
+    """First DELIBERATE rule covering this expected value, if any."""
+    for rule in rules:
+        if rule.resource not in ("*", rtype):
+            continue
+        if rule.path == "" and rel_path != "":
+            continue
+        if rule.path != "" and not fnmatchcase(rel_path, rule.path):
+            continue
+        if rule.when(value):
+            return rule
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Field specifications
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class F:
+    """A leaf field: dotted path (lists flattened), value kind, matching-key flag."""
+
+    path: str
+    kind: str = "str"  # str | num | bool | dt | uri | concept | coding | count | flag
+    key: bool = False
+    label: str | None = None  # reported name when it differs from path
+
+    @property
+    def name(self) -> str:
+        """Reported name of the field."""
+        return self.label or self.path
+
+
+@dataclass(frozen=True)
+class G:
+    """A repeating group of elements (e.g. identifier); elements are paired, then compared."""
+
+    path: str
+    fields: tuple[Spec, ...]
+
+    @property
+    def name(self) -> str:
+        """Reported name of the group."""
+        return self.path
+
+
+Spec = F | G
+
+IDENTIFIER = G("identifier", (F("value", key=True), F("type", "concept"), F("system", "uri")))
+HUMAN_NAME = G("name", (F("family", key=True), F("given", key=True), F("use")))
+ADDRESS = G(
+    "address",
+    (F("line"), F("city"), F("state"), F("postalCode"), F("country"), F("use"), F("type")),
+)
+TELECOM = G("telecom", (F("value", key=True), F("system"), F("use")))
+QTY = ("value", "unit", "code")
+
+
+def _qty(prefix: str, key: bool = False) -> tuple[F, ...]:
+    """value (numeric), unit and code of a Quantity at `prefix`."""
+    return tuple(F(f"{prefix}.{p}", "num" if p == "value" else "str", key) for p in QTY)
+
+
+OBS_VALUES: tuple[F, ...] = (
+    *_qty("valueQuantity", key=True),
+    F("valueString", key=True),
+    F("valueCodeableConcept", "concept", key=True),
+    F("valueDateTime", "dt", key=True),
+    F("valueTime", key=True),
+    F("valueBoolean", "bool", key=True),
+    F("valueInteger", "num", key=True),
+    F("valuePeriod.start", "dt"),
+    F("valuePeriod.end", "dt"),
+    F("valueRatio.numerator.value", "num"),
+    F("valueRatio.denominator.value", "num"),
+    F("valueRange.low.value", "num"),
+    F("valueRange.high.value", "num"),
+    F("valueSampledData.data"),
+)
+
+SPECS: dict[str, tuple[Spec, ...]] = {
+    "Patient": (
+        IDENTIFIER, HUMAN_NAME, F("birthDate", "dt"), F("gender"), ADDRESS, TELECOM,
+        F("maritalStatus", "concept"), F("communication.language", "concept"),
+        F("deceasedBoolean", "bool"), F("deceasedDateTime", "dt"),
+        F("multipleBirthBoolean", "bool"), F("multipleBirthInteger", "num"),
+        F("_race", "coding", label="race"), F("_ethnicity", "coding", label="ethnicity"),
+    ),
+    "Encounter": (
+        F("class", "coding"), F("status"), F("period.start", "dt"), F("period.end", "dt"),
+        F("type", "concept"), F("location", "count"),
+        F("hospitalization.admitSource", "concept"),
+        F("hospitalization.dischargeDisposition", "concept"), IDENTIFIER,
+        F("serviceType", "concept"),
+    ),
+    "Observation": (
+        F("code", "concept", key=True), *OBS_VALUES, F("interpretation", "concept"),
+        F("effectiveDateTime", "dt", key=True), F("effectivePeriod.start", "dt", key=True),
+        F("effectivePeriod.end", "dt"), F("effectiveInstant", "dt"),
+        G("referenceRange", (F("low.value", "num"), F("high.value", "num"), F("text"))),
+        F("status"), F("category", "concept"), F("note.text"),
+    ),
+    "DiagnosticReport": (
+        F("code", "concept", key=True), F("status"), F("effectiveDateTime", "dt"),
+        F("effectivePeriod.start", "dt"), F("effectivePeriod.end", "dt"), F("issued", "dt"),
+        F("category", "concept"), IDENTIFIER,
+    ),
+    "ServiceRequest": (
+        F("code", "concept", key=True), F("status"), F("intent"), IDENTIFIER, F("priority"),
+        F("occurrenceDateTime", "dt"), F("occurrencePeriod.start", "dt"),
+        F("occurrencePeriod.end", "dt"), F("authoredOn", "dt"),
+    ),
+    "Condition": (
+        F("code", "concept", key=True), F("clinicalStatus", "concept"),
+        F("verificationStatus", "concept"), F("category", "concept"),
+        F("onsetDateTime", "dt"), F("onsetString"), F("recordedDate", "dt"),
+    ),
+    "AllergyIntolerance": (
+        F("code", "concept", key=True), F("type"), F("category"), F("criticality"),
+        F("clinicalStatus", "concept"),
+        G("reaction", (F("manifestation", "concept"), F("onset", "dt"), F("severity"))),
+        F("onsetDateTime", "dt"),
+    ),
+    "Procedure": (
+        F("code", "concept", key=True), F("status"), F("performedDateTime", "dt"),
+        F("performedPeriod.start", "dt"), F("performedPeriod.end", "dt"), IDENTIFIER,
+    ),
+    "Immunization": (
+        F("vaccineCode", "concept", key=True), F("status"), F("occurrenceDateTime", "dt"),
+        F("lotNumber"), *_qty("doseQuantity"),
+    ),
+    "MedicationRequest": (
+        F("_medication", "concept", key=True, label="medication"), F("status"), F("intent"),
+        F("authoredOn", "dt"), IDENTIFIER,
+        *_qty("dosageInstruction.doseAndRate.doseQuantity"),
+        F("dosageInstruction.doseAndRate.doseRange.low.value", "num"),
+        F("dosageInstruction.doseAndRate.doseRange.high.value", "num"),
+        *_qty("dispenseRequest.quantity"),
+    ),
+    "MedicationAdministration": (
+        F("_medication", "concept", key=True, label="medication"), F("status"),
+        F("effectiveDateTime", "dt"), F("effectivePeriod.start", "dt"),
+        F("effectivePeriod.end", "dt"), *_qty("dosage.dose"),
+    ),
+    "MedicationDispense": (
+        F("_medication", "concept", key=True, label="medication"), F("status"),
+        *_qty("quantity"), F("whenPrepared", "dt"), F("whenHandedOver", "dt"),
+    ),
+    "Medication": (F("code", "concept", key=True),),
+    "Coverage": (
+        IDENTIFIER, F("status"), F("period.start", "dt"), F("period.end", "dt"),
+        F("payor", "count"), F("type", "concept"), F("relationship", "concept"),
+        F("subscriberId"),
+    ),
+    "RelatedPerson": (
+        HUMAN_NAME, F("relationship", "concept", key=True), TELECOM, ADDRESS, F("gender"),
+        F("birthDate", "dt"),
+    ),
+    "Appointment": (
+        F("status"), F("start", "dt"), F("end", "dt"), F("serviceType", "concept"),
+        F("appointmentType", "concept"), F("participant", "count"), IDENTIFIER,
+    ),
+    "DocumentReference": (
+        F("type", "concept", key=True), F("status"), F("docStatus"), F("date", "dt"),
+        F("content.attachment.contentType"),
+        F("_hasData", "flag", label="content.attachment.data(present)"), IDENTIFIER,
+        F("masterIdentifier.value", key=True),
+    ),
+    "Specimen": (
+        F("type", "concept", key=True), F("collection.collectedDateTime", "dt"),
+        F("collection.collectedPeriod.start", "dt"), IDENTIFIER,
+    ),
+}
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """The verdict on one compared (or excluded) expected field."""
+
+    path: str
+    status: str  # agree | disagree | excluded
+    expected: str
+    actual: str | None = None
+    where: str = ""
+    rule: str | None = None
+    key: bool = False
+
+
+@dataclass
+class CompareResult:
+    """All outcomes of comparing one expected bundle with one actual bundle."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    extra: int = 0
+    extra_resources: Counter[str] = field(default_factory=Counter)
+
+    def _count(self, status: str) -> int:
+        """Number of outcomes with this status."""
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def agreed(self) -> int:
+        """Fields that agree."""
+        return self._count("agree")
+
+    @property
+    def compared(self) -> int:
+        """Fields compared (agree + disagree; excluded fields are not compared)."""
+        return self._count("agree") + self._count("disagree")
+
+    @property
+    def excluded(self) -> int:
+        """Fields excluded by DELIBERATE rules."""
+        return self._count("excluded")
+
+    @property
+    def score(self) -> float | None:
+        """Percentage agreed / compared (None when nothing was compared)."""
+        return 100.0 * self.agreed / self.compared if self.compared else None
+
+    def disagreements(self) -> list[Outcome]:
+        """Outcomes that disagree."""
+        return [o for o in self.outcomes if o.status == "disagree"]
+
+    def excluded_by_rule(self) -> Counter[str]:
+        """Excluded field counts per DELIBERATE rule id."""
+        return Counter(o.rule or "?" for o in self.outcomes if o.status == "excluded")
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Comparison context: resource type, DELIBERATE rules and locator."""
+
+    rtype: str
+    rules: Sequence[Deliberate]
+    where: str = ""
+
+
+def pluck(obj: Any, path: str) -> list[Any]:
+    """Values at a dotted path, flattening lists at every step (FHIRPath-like)."""
+    cur = [obj]
+    for part in path.split("."):
+        nxt: list[Any] = []
+        for item in cur:
+            if isinstance(item, dict) and part in item:
+                value = item[part]
+                nxt.extend(value if isinstance(value, list) else [value])
+        cur = nxt
+    return [v for v in cur if v is not None]
+
+
+def _norm_uri(value: Any) -> str | None:
+    """Strip whitespace and trailing '/' of a URI; None when empty."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip().rstrip("/")
+    return value or None
+
+
+def _norm_str(value: Any) -> str | None:
+    """Strip whitespace; None when empty or not a primitive."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _norm_num(value: Any) -> Decimal | str | None:
+    """Decimal for numbers and numeric strings; other strings kept as strings."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return Decimal(str(value).strip()).normalize()
+    except (InvalidOperation, ValueError):
+        return _norm_str(value)
+
+
+def _norm_dt(value: Any) -> When | str | None:
+    """Parsed date/dateTime, or the stripped string when it cannot be parsed."""
+    text = _norm_str(value)
+    if text is None:
+        return None
+    return When.parse(text) or text
+
+
+def _codings(
+    raw_codings: Iterable[Any], path: str, ctx: Ctx, expected: bool
+) -> tuple[list[Leaf], list[Outcome]]:
+    """Coding leaves of raw Coding dicts; invented systems on the expected side are excluded."""
+    leaves: list[Leaf] = []
+    excluded: list[Outcome] = []
+    for coding in raw_codings:
+        if not isinstance(coding, dict):
+            continue
+        code = _norm_str(coding.get("code"))
+        if code is None:
+            continue
+        system = _norm_uri(coding.get("system"))
+        rule = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx) + ".system", system)
+        if expected and rule is not None:
+            excluded.append(
+                Outcome(f"{path}.system", "excluded", str(system), where=ctx.where,
+                        rule=rule.rule_id)
+            )
+            system = None
+        leaves.append(Coding(system, code))
+    return leaves, excluded
+
+
+def _concepts(
+    values: list[Any], path: str, ctx: Ctx, expected: bool
+) -> tuple[list[Leaf], list[Outcome]]:
+    """Coding leaves of CodeableConcepts (text leaf when a concept has no coding)."""
+    leaves: list[Leaf] = []
+    excluded: list[Outcome] = []
+    for cc in values:
+        if not isinstance(cc, dict):
+            continue
+        got, excl = _codings(cc.get("coding") or [], path, ctx, expected)
+        excluded.extend(excl)
+        if got:
+            leaves.extend(got)
+        elif (text := _norm_str(cc.get("text"))) is not None:
+            leaves.append(Text(text))
+    return leaves, excluded
+
+
+def _rel(path: str, ctx: Ctx) -> str:
+    """Path relative to the resource (without the leading type name)."""
+    return path[len(ctx.rtype) + 1:] if path.startswith(ctx.rtype + ".") else path
+
+
+_SCALAR_NORMALISERS: dict[str, Callable[[Any], Any]] = {
+    "str": _norm_str,
+    "uri": _norm_uri,
+    "num": _norm_num,
+    "dt": _norm_dt,
+    "bool": lambda v: v if isinstance(v, bool) else None,
+    "flag": lambda v: True if v is True else None,
+}
+
+
+def extract(
+    obj: Any, spec: F, path: str, ctx: Ctx, expected: bool
+) -> tuple[list[Leaf], list[Outcome]]:
+    """Normalised leaves of one field, plus excluded outcomes (expected side only)."""
+    if obj is None:
+        return [], []
+    values = pluck(obj, spec.path)
+    if spec.kind == "count":
+        return ([Decimal(len(values))] if values else []), []
+    if spec.kind == "concept":
+        return _concepts(values, path, ctx, expected)
+    if spec.kind == "coding":
+        return _codings(values, path, ctx, expected)
+    normalise = _SCALAR_NORMALISERS[spec.kind]
+    leaves: list[Leaf] = []
+    excluded: list[Outcome] = []
+    for raw in values:
+        leaf = normalise(raw)
+        if leaf is None:
+            continue
+        rule = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx), raw) if expected else None
+        if rule is not None:
+            excluded.append(
+                Outcome(path, "excluded", str(leaf), where=ctx.where, rule=rule.rule_id)
+            )
+        else:
+            leaves.append(leaf)
+    return leaves, excluded
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison of objects
+# --------------------------------------------------------------------------------------------
+
+
+def _show(leaves: Sequence[Leaf]) -> str | None:
+    """Display of candidate actual leaves."""
+    return " ; ".join(str(v) for v in leaves) if leaves else None
+
+
+def _compare_field(
+    exp: Any, act: Any, spec: F, ctx: Ctx, prefix: str
+) -> tuple[list[Outcome], int]:
+    """Compare one leaf field as a multiset: each expected leaf needs an unused equal leaf."""
+    path = prefix + spec.name
+    exp_leaves, outcomes = extract(exp, spec, path, ctx, expected=True)
+    act_leaves, _ = extract(act, spec, path, ctx, expected=False)
+    used = [False] * len(act_leaves)
+    for leaf in exp_leaves:
+        hit = next(
+            (j for j, a in enumerate(act_leaves) if not used[j] and leaf_matches(leaf, a)), None
+        )
+        if hit is not None:
+            used[hit] = True
+        outcomes.append(
+            Outcome(
+                path, "agree" if hit is not None else "disagree", str(leaf),
+                str(act_leaves[hit]) if hit is not None else _show(act_leaves),
+                ctx.where, key=spec.key,
+            )
+        )
+    excluded_here = any(o.status == "excluded" and o.path == path for o in outcomes)
+    extra = 0 if excluded_here else used.count(False)
+    return outcomes, extra
+
+
+def _similarity(outcomes: Iterable[Outcome]) -> int:
+    """Pairing score: agreed fields, key fields weighted."""
+    return sum(KEY_WEIGHT if o.key else 1 for o in outcomes if o.status == "agree")
+
+
+def _pair(
+    n_exp: int, n_act: int, score: Callable[[int, int], int]
+) -> list[int | None]:
+    """Greedy best pairing by score; leftovers paired in order."""
+    cands = sorted(
+        (-s, i, j) for i in range(n_exp) for j in range(n_act) if (s := score(i, j)) > 0
+    )
+    match: list[int | None] = [None] * n_exp
+    used: set[int] = set()
+    for _, i, j in cands:
+        if match[i] is None and j not in used:
+            match[i] = j
+            used.add(j)
+    free = [j for j in range(n_act) if j not in used]
+    for i in range(n_exp):
+        if match[i] is None and free:
+            match[i] = free.pop(0)
+    return match
+
+
+def count_leaves(obj: Any, specs: Sequence[Spec], ctx: Ctx) -> int:
+    """Number of (actual-side) leaves an object holds for these specs."""
+    total = 0
+    for spec in specs:
+        if isinstance(spec, G):
+            total += sum(count_leaves(e, spec.fields, ctx) for e in pluck(obj, spec.path))
+        else:
+            total += len(extract(obj, spec, spec.name, ctx, expected=False)[0])
+    return total
+
+
+def _compare_group(
+    exp: Any, act: Any, spec: G, ctx: Ctx, prefix: str
+) -> tuple[list[Outcome], int]:
+    """Pair the elements of a repeating group, then compare each pair field by field."""
+    sub = prefix + spec.path + "."
+    exps = [e for e in pluck(exp, spec.path) if isinstance(e, dict)]
+    acts = [a for a in pluck(act, spec.path) if isinstance(a, dict)] if act is not None else []
+    return compare_objects_paired(exps, acts, spec.fields, ctx, sub)
+
+
+def compare_object(
+    exp: Any, act: Any, specs: Sequence[Spec], ctx: Ctx, prefix: str
+) -> tuple[list[Outcome], int]:
+    """Compare one expected object with one actual object (or None)."""
+    outcomes: list[Outcome] = []
+    extra = 0
+    for spec in specs:
+        if isinstance(spec, G):
+            got, more = _compare_group(exp, act, spec, ctx, prefix)
+        else:
+            got, more = _compare_field(exp, act, spec, ctx, prefix)
+        outcomes.extend(got)
+        extra += more
+    return outcomes, extra
+
+
+def compare_objects_paired(
+    exps: Sequence[Any], acts: Sequence[Any], specs: Sequence[Spec], ctx: Ctx, prefix: str,
+    where: Callable[[int], str] | None = None,
+) -> tuple[list[Outcome], int]:
+    """Pair expected and actual objects greedily by agreement, then compare the pairs."""
+    cache: dict[tuple[int, int], tuple[list[Outcome], int]] = {}
+
+    def run(i: int, j: int | None) -> tuple[list[Outcome], int]:
+        """Compare expected i with actual j (memoised)."""
+        c = ctx if where is None else Ctx(ctx.rtype, ctx.rules, where(i))
+        if j is None:
+            return compare_object(exps[i], None, specs, c, prefix)
+        if (i, j) not in cache:
+            cache[(i, j)] = compare_object(exps[i], acts[j], specs, c, prefix)
+        return cache[(i, j)]
+
+    match = _pair(len(exps), len(acts), lambda i, j: _similarity(run(i, j)[0]))
+    outcomes: list[Outcome] = []
+    extra = 0
+    for i, j in enumerate(match):
+        got, more = run(i, j)
+        outcomes.extend(got)
+        extra += more
+    used = {j for j in match if j is not None}
+    extra += sum(count_leaves(a, specs, ctx) for j, a in enumerate(acts) if j not in used)
+    return outcomes, extra
+
+
+# --------------------------------------------------------------------------------------------
+# Bundles
+# --------------------------------------------------------------------------------------------
+
+
+def bundle_resources(bundle: Any) -> list[dict[str, Any]]:
+    """Resources of a Bundle's entries (entries without a resource are skipped)."""
+    if not isinstance(bundle, dict):
+        return []
+    entries = bundle.get("entry") or []
+    return [
+        e["resource"] for e in entries
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        and isinstance(e["resource"].get("resourceType"), str)
+    ]
+
+
+def _index(bundle: Any) -> dict[str, dict[str, Any]]:
+    """Resources by 'Type/id' and by fullUrl, for resolving references."""
+    index: dict[str, dict[str, Any]] = {}
+    for entry in (bundle.get("entry") or []) if isinstance(bundle, dict) else []:
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(res, dict):
+            continue
+        if isinstance(entry.get("fullUrl"), str):
+            index[entry["fullUrl"]] = res
+        if res.get("id") is not None:
+            index[f"{res.get('resourceType')}/{res['id']}"] = res
+    return index
+
+
+def _extension_codings(resource: dict[str, Any], url_suffix: str) -> list[Any]:
+    """valueCoding of ombCategory/detailed sub-extensions of a US Core race/ethnicity ext."""
+    out: list[Any] = []
+    for ext in resource.get("extension") or []:
+        if isinstance(ext, dict) and str(ext.get("url", "")).endswith(url_suffix):
+            for sub in ext.get("extension") or []:
+                if isinstance(sub, dict) and sub.get("url") in ("ombCategory", "detailed"):
+                    out.append(sub.get("valueCoding"))
+    return out
+
+
+def _has_data(resource: dict[str, Any]) -> bool | None:
+    """True when some content.attachment.data is non-empty valid base64."""
+    for data in pluck(resource, "content.attachment.data"):
+        try:
+            if isinstance(data, str) and base64.b64decode(data, validate=True):
+                return True
+        except (binascii.Error, ValueError):
+            continue
+    return None
+
+
+def prepare(resource: dict[str, Any], index: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Shallow copy with synthetic keys: _medication, _race, _ethnicity, _hasData."""
+    res = dict(resource)
+    rtype = res.get("resourceType")
+    if rtype in ("MedicationRequest", "MedicationAdministration", "MedicationDispense"):
+        concept = res.get("medicationCodeableConcept")
+        ref = (res.get("medicationReference") or {}).get("reference")
+        if concept is None and isinstance(ref, str) and ref in index:
+            concept = index[ref].get("code")
+        res["_medication"] = concept
+    elif rtype == "Patient":
+        res["_race"] = _extension_codings(res, "us-core-race")
+        res["_ethnicity"] = _extension_codings(res, "us-core-ethnicity")
+    elif rtype == "DocumentReference":
+        res["_hasData"] = _has_data(res)
+    return res
+
+
+def _by_type(bundle: Any) -> dict[str, list[dict[str, Any]]]:
+    """Prepared resources of the compared types, grouped by type in bundle order."""
+    index = _index(bundle)
+    out: dict[str, list[dict[str, Any]]] = {t: [] for t in SPECS}
+    for res in bundle_resources(bundle):
+        if res["resourceType"] in out:
+            out[res["resourceType"]].append(prepare(res, index))
+    return out
+
+
+def _excluded_resource(
+    res: dict[str, Any], ctx: Ctx, rule: Deliberate, where: str
+) -> list[Outcome]:
+    """Every leaf of an expected resource excluded by a whole-resource rule."""
+    got, _ = compare_object(res, None, SPECS[ctx.rtype], Ctx(ctx.rtype, (), where), ctx.rtype + ".")
+    return [
+        Outcome(o.path, "excluded", o.expected, where=where, rule=rule.rule_id) for o in got
+    ]
+
+
+def _split(
+    resources: list[dict[str, Any]], rtype: str, rules: Sequence[Deliberate]
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], Deliberate]]]:
+    """Separate resources excluded by a whole-resource DELIBERATE rule."""
+    kept: list[dict[str, Any]] = []
+    dropped: list[tuple[dict[str, Any], Deliberate]] = []
+    for res in resources:
+        rule = _rule_for(rules, rtype, "", res)
+        if rule is None:
+            kept.append(res)
+        else:
+            dropped.append((res, rule))
+    return kept, dropped
+
+
+def _compare_type(
+    rtype: str, exps: list[dict[str, Any]], acts: list[dict[str, Any]],
+    rules: Sequence[Deliberate], result: CompareResult,
+) -> None:
+    """Compare all resources of one type and add the outcomes to `result`."""
+    ctx = Ctx(rtype, rules)
+    exps, dropped = _split(exps, rtype, rules)
+    acts, _ = _split(acts, rtype, rules)
+    for n, (res, rule) in enumerate(dropped, 1):
+        result.outcomes.extend(_excluded_resource(res, ctx, rule, f"{rtype}(excluded)#{n}"))
+    if not exps:
+        if acts:
+            result.extra_resources[rtype] += len(acts)
+            result.extra += sum(count_leaves(a, SPECS[rtype], ctx) for a in acts)
+        return
+    same = len(exps) == len(acts)
+    result.outcomes.append(
+        Outcome(f"count:{rtype}", "agree" if same else "disagree", str(len(exps)),
+                str(len(acts)), rtype, key=False)
+    )
+    if len(acts) > len(exps):
+        result.extra_resources[rtype] += len(acts) - len(exps)
+    got, extra = compare_objects_paired(
+        exps, acts, SPECS[rtype], ctx, rtype + ".", where=lambda i: f"{rtype}#{i + 1}"
+    )
+    result.outcomes.extend(got)
+    result.extra += extra
+
+
+def compare_bundles(
+    expected: Any, actual: Any, rules: Sequence[Deliberate] = DELIBERATE
+) -> CompareResult:
+    """Compare two Bundles by meaning (see module docstring and docs/conformance.md)."""
+    result = CompareResult()
+    exp_by_type = _by_type(expected)
+    act_by_type = _by_type(actual)
+    for rtype in SPECS:
+        _compare_type(rtype, exp_by_type[rtype], act_by_type[rtype], rules, result)
+    return result
