@@ -9,6 +9,7 @@ Bundle and a loss report out.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Callable
@@ -139,6 +140,25 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
     extra = dict(with_) if with_ else None
     # `with:` fills the element that the path's last '[]' before the leaf appends.
     with_at = max((i for i, (_, idx) in enumerate(head) if idx == ""), default=-1)
+
+    if not head and last_idx is None:
+
+        def set_key(target: dict[str, Any], value: Any) -> None:
+            target[last] = value
+
+        return set_key
+    if not head and last_idx == "" and extra is None:
+
+        def append_key(target: dict[str, Any], value: Any) -> None:
+            lst = target.get(last)
+            if lst is None:
+                lst = target[last] = []
+            if isinstance(value, list):
+                lst.extend(value)
+            else:
+                lst.append(value)
+
+        return append_key
 
     def setter(target: dict[str, Any], value: Any) -> None:
         obj = target
@@ -551,13 +571,51 @@ class Engine:
 
             return put_case
         value = self._compile_value(rule)
+        assert setter is not None
+        if rule.comp is not None and rule.format is None:
+            # Most components of a datatype are absent in a given message: check
+            # presence before calling anything (the hot path of the engine).
+            c0 = rule.comp - 1
+            c1 = c0 + (rule.width or 1)
+            if (
+                rule.type == "string"
+                and not rule.width
+                and cond is None
+                and not rule.map
+            ):
+                si = (rule.sub or 1) - 1
+
+                def put_text(comps: Comps, target: dict[str, Any], st: _State, loc: str) -> None:
+                    if c0 < len(comps):
+                        c = comps[c0]
+                        if si < len(c):
+                            t = c[si]
+                            if t and t != '""':
+                                setter(target, t)
+
+                return put_text
+
+            def put_comp(comps: Comps, target: dict[str, Any], st: _State, loc: str) -> None:
+                if c0 >= len(comps):
+                    return
+                for c in comps[c0:c1]:
+                    if c and (c[0] or len(c) > 1):
+                        break
+                else:
+                    return
+                if cond is not None and not cond(comps, st):
+                    return
+                v = value(comps, st, loc)
+                if v is not None and v != "" and v != {} and v != []:
+                    setter(target, v)
+
+            return put_comp
 
         def put(comps: Comps, target: dict[str, Any], st: _State, loc: str) -> None:
             if cond is not None and not cond(comps, st):
                 return
             v = value(comps, st, loc)
-            if not _empty(v):
-                assert setter is not None
+            if v is not None and v != "" and v != {} and v != []:
                 setter(target, v)
 
         return put
@@ -1129,8 +1187,16 @@ def _test(when: dict[str, Any], v: str) -> bool:
     return bool(v)
 
 
+_NS_BYTES = _ID_NAMESPACE.bytes
+
+
 def _uuid(key: str) -> str:
-    return str(uuid.uuid5(_ID_NAMESPACE, key))
+    """uuid.uuid5(_ID_NAMESPACE, key), without building UUID objects (hot path)."""
+    d = bytearray(hashlib.sha1(_NS_BYTES + key.encode()).digest()[:16])
+    d[6] = (d[6] & 0x0F) | 0x50
+    d[8] = (d[8] & 0x3F) | 0x80
+    h = d.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _make_id(res: dict[str, Any], mode: str, st: _State, scope: str) -> str:
