@@ -170,3 +170,58 @@ def test_batch_with_a_bad_message_reports_it_and_converts_the_rest() -> None:
     results = convert_hl7v2_batch(data)
     assert not isinstance(results[0], Exception)
     assert isinstance(results[1], ConversionError)
+
+
+def _profile(tmp_path: Path, text: str) -> Path:
+    rules = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", rules)
+    (rules / "senders" / "northgen.yaml").write_text("match: {application: EPICADT}\n" + text)
+    return rules
+
+
+def test_sender_profile_zsegment_policies(tmp_path: Path) -> None:
+    msg = (
+        (EXAMPLES / "adt-a03-discharge.hl7")
+        .read_bytes()
+        .replace(b"EVN|A03|", b"ZPX|private\rEVN|A03|")
+    )
+    conv = convert_hl7v2(msg, mappings=_profile(tmp_path / "i", "zsegments: ignore\n"))
+    assert {
+        "segment": "ZPX",
+        "index": 2,
+        "reason": "Z-segment ignored by sender profile",
+    } in conv.report["unmapped_segments"]
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(msg, mappings=_profile(tmp_path / "r", "zsegments: reject\n"))
+    assert exc.value.field == "ZPX"
+
+
+def test_sender_profile_identifier_systems_and_local_codes(tmp_path: Path) -> None:
+    rules = _profile(
+        tmp_path,
+        "identifier_systems: {SSA: 'http://hl7.org/fhir/sid/us-ssn'}\n"
+        "code_maps: {AdministrativeSex: {X: {code: other, display: Other}}}\n",
+    )
+    msg = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
+    msg = msg.replace(b"^SSA&2.16.840.1.113883.4.1&ISO^SS", b"^SSA^SS").replace(b"|F||", b"|X||")
+    conv = convert_hl7v2(msg, mappings=rules)
+    pat = _by_type(conv.bundle, "Patient")[0]
+    ssn = next(i for i in pat["identifier"] if i["value"] == "987-65-4321")
+    assert ssn["system"] == "http://hl7.org/fhir/sid/us-ssn"
+    assert pat["gender"] == "other"
+    assert all(c["code"] != "X" for c in conv.report["untranslated_codes"])
+
+
+def test_sender_profile_forces_a_charset_over_msh18(tmp_path: Path) -> None:
+    rules = _profile(tmp_path, "charset: 8859/1\ntrust_msh18: false\n")
+    msg = (
+        (EXAMPLES / "adt-a03-discharge.hl7")
+        .read_bytes()
+        .replace(b"Okafor^Adaeze", "Okafor^Adaëze".encode("latin-1"))
+    )
+    conv = convert_hl7v2(msg, mappings=rules)
+    assert _by_type(conv.bundle, "Patient")[0]["name"][0]["given"][0] == "Adaëze"
+    # Without the profile the same bytes are not UTF-8: read as windows-1252, with a note.
+    conv = convert_hl7v2(msg)
+    assert _by_type(conv.bundle, "Patient")[0]["name"][0]["given"][0] == "Adaëze"
+    assert any("windows-1252" in n for n in conv.report["notes"])
