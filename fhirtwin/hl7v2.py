@@ -148,14 +148,22 @@ class Segment:
     characters, as the standard numbers them.
     """
 
-    __slots__ = ("_cache", "encoding", "fields", "index", "name", "offset")
+    __slots__ = ("_cache", "charset", "encoding", "fields", "index", "name", "offset")
 
-    def __init__(self, fields: list[str], index: int, offset: int, encoding: Encoding) -> None:
+    def __init__(
+        self,
+        fields: list[str],
+        index: int,
+        offset: int,
+        encoding: Encoding,
+        charset: str = "utf-8",
+    ) -> None:
         self.name = fields[0]
         self.fields = fields
         self.index = index
         self.offset = offset
         self.encoding = encoding
+        self.charset = charset  # \Xhh\ escapes carry bytes in the message's character set
         self._cache: dict[int, FieldTree] = {}
 
     def __repr__(self) -> str:
@@ -182,7 +190,7 @@ class Segment:
             if self.name == "MSH" and n <= 2:
                 tree = [[[raw]]]
             else:
-                tree = split_field(raw, self.encoding)
+                tree = split_field(raw, self.encoding, self.charset)
             self._cache[n] = tree
         return tree
 
@@ -260,7 +268,7 @@ class Message:
         return len(prefix) + (len(_BOM) if self.bom else 0)
 
 
-def split_field(raw: str, enc: Encoding) -> FieldTree:
+def split_field(raw: str, enc: Encoding, charset: str = "utf-8") -> FieldTree:
     """Split one raw field into repetitions, components and sub-components, unescaped."""
     if not raw:
         return [[[""]]]
@@ -272,7 +280,7 @@ def split_field(raw: str, enc: Encoding) -> FieldTree:
         for comp in rep.split(comp_sep) if comp_sep in rep else (rep,):
             subs = comp.split(sub_sep) if sub_sep in comp else [comp]
             if has_escape:
-                subs = [unescape(s, enc) if esc in s else s for s in subs]
+                subs = [unescape(s, enc, charset) if esc in s else s for s in subs]
             comps.append(subs)
         out.append(comps)
     return out
@@ -335,14 +343,11 @@ def unescape(text: str, enc: Encoding = DEFAULT_ENCODING, charset: str = "utf-8"
     return "".join(out)
 
 
+_HEX = re.compile(r"[0-9A-Fa-f]+\Z")
+
+
 def _is_hex(s: str) -> bool:
-    if not s:
-        return False
-    try:
-        int(s, 16)
-    except ValueError:
-        return False
-    return True
+    return bool(_HEX.match(s))
 
 
 def escape(text: str, enc: Encoding = DEFAULT_ENCODING) -> str:
@@ -437,6 +442,12 @@ def decode(data: bytes, charset: str | None = None) -> tuple[str, str, list[str]
             ) from None
         try:
             return data.decode(codec), codec, notes, bom
+        except (LookupError, TypeError):
+            raise HL7ParseError(
+                f"{codec!r} is not a text character set",
+                hint="set `charset` in the sender profile to one of the HL7 table 0211 values",
+                field="MSH-18",
+            ) from None
         except UnicodeDecodeError as exc:
             raise HL7ParseError(
                 f"bytes {data[exc.start : exc.end]!r} are not valid {codec}",
@@ -456,8 +467,9 @@ def decode(data: bytes, charset: str | None = None) -> tuple[str, str, list[str]
         return data.decode("cp1252", errors="replace"), "cp1252", notes, bom
 
 
-def _encoding_from(msh: str, notes: list[str]) -> Encoding:
-    if len(msh) < 8 or not msh.startswith("MSH"):
+def _encoding_from(msh: str, notes: list[str], base: int = 0) -> Encoding:
+    """Delimiters from the MSH line (``base``: its byte offset, for errors)."""
+    if len(msh) < 4 or not msh.startswith("MSH"):
         raise HL7ParseError(
             "the message does not start with an MSH segment and its encoding characters",
             hint="each message must begin with 'MSH|^~\\&|'; check that the sender does not "
@@ -465,7 +477,7 @@ def _encoding_from(msh: str, notes: list[str]) -> Encoding:
             segment="MSH",
             segment_index=0,
             field="MSH-1",
-            offset=0,
+            offset=base,
         )
     fs = msh[3]
     end = msh.find(fs, 4)
@@ -477,7 +489,7 @@ def _encoding_from(msh: str, notes: list[str]) -> Encoding:
             segment="MSH",
             segment_index=0,
             field="MSH-1",
-            offset=3,
+            offset=base + 3,
         )
     if len(enc_chars) < 1:
         raise HL7ParseError(
@@ -487,7 +499,7 @@ def _encoding_from(msh: str, notes: list[str]) -> Encoding:
             segment="MSH",
             segment_index=0,
             field="MSH-2",
-            offset=4,
+            offset=base + 4,
         )
     unique = "".join(dict.fromkeys(enc_chars))
     if unique != enc_chars or fs in enc_chars:
@@ -521,20 +533,28 @@ def parse(data: bytes | str, *, charset: str | None = None) -> Message:
             f"cannot read a {type(data).__name__} as an HL7 v2 message",
             hint="pass the message as bytes (preferred) or str",
         )
-    stripped = text.strip(_FRAME_CHARS + " \t\r\n")
-    lead = text.find(stripped[:1]) if stripped else 0
-    if not stripped:
+    # Framing and blank lines around the message are not part of it; white space at
+    # the end of the last field is (so only line breaks and framing go at the end).
+    body_start = len(text) - len(text.lstrip(_FRAME_CHARS + " \t\r\n"))
+    body_end = len(text.rstrip(_FRAME_CHARS + "\r\n"))
+    stripped = text[body_start:body_end]
+    lead = body_start
+    if not stripped.strip():
         raise HL7ParseError(
             "the message is empty",
             hint="nothing but white space or MLLP framing was received; check the sender",
             offset=0,
         )
-    enc = _encoding_from(stripped[:64], notes)
+
+    def at_byte(char_offset: int) -> int:
+        prefix = text[:char_offset].encode(codec, errors="replace")
+        return len(prefix) + (len(_BOM) if bom else 0)
+
+    first_line = _LINE_BREAK.split(stripped, maxsplit=1)[0]
+    enc = _encoding_from(first_line, notes, at_byte(lead))
     fs = enc.field
     segments: list[Segment] = []
-    pos = lead
-    for m_line in _lines(stripped):
-        line, start = m_line
+    for line, start in _lines(stripped):
         offset = lead + start
         if not line:
             continue
@@ -543,15 +563,15 @@ def parse(data: bytes | str, *, charset: str | None = None) -> Message:
             parts = line.split(fs)
             if name == "MSH":
                 parts = ["MSH", fs, *parts[1:]]
-            segments.append(Segment(parts, len(segments), offset, enc))
+            segments.append(Segment(parts, len(segments), offset, enc, codec))
         elif segments:
             # A multi-line value (e.g. an OBX TX report pasted with line breaks).
             prev = segments[-1]
             prev.fields[-1] = prev.fields[-1] + "\n" + line
             prev._cache.clear()
             notes.append(
-                f"line at byte {offset} does not start with a segment name; joined to the "
-                f"{prev.name} segment above it as a line break in its last field"
+                f"line at byte {at_byte(offset)} does not start with a segment name; joined "
+                f"to the {prev.name} segment above it as a line break in its last field"
             )
         else:
             raise HL7ParseError(
@@ -559,10 +579,8 @@ def parse(data: bytes | str, *, charset: str | None = None) -> Message:
                 hint="every line must start with a three-character segment name followed by "
                 "the field separator",
                 segment_index=0,
-                offset=offset,
+                offset=at_byte(offset),
             )
-        pos = offset
-    del pos
     msg = Message(segments, enc, codec, text, notes, bom)
     return msg
 
@@ -589,7 +607,7 @@ def split_batch(data: bytes) -> list[bytes]:
     for line in re.split(rb"(?<=\r\n)|(?<=\n)|(?<=\r)(?!\n)", data):
         name = line.lstrip(b"\x0b\x1c\x00 \t")[:3]
         if name == b"MSH":
-            if current and any(x.strip() for x in current):
+            if current and any(x.strip(b"\r\n\x0b\x1c\x00 \t") for x in current):
                 messages.append(b"".join(current))
             current = [line]
         elif name.decode("ascii", errors="replace") in _BATCH_WRAPPERS:
