@@ -9,6 +9,7 @@ Bundle and a loss report out.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
 import uuid
@@ -19,6 +20,7 @@ from urllib.parse import quote
 
 import orjson
 
+from fhirtwin import codegen
 from fhirtwin import datatypes as dt
 from fhirtwin.hl7v2 import HL7ParseError, Message, Segment
 from fhirtwin.rules import (
@@ -98,6 +100,7 @@ class _State:
     seg: Segment | None = None
     param_system: str | None = None
     param_map: CodeMap | None = None
+    created: dict[tuple[str, str, str | None, int], Any] = field(default_factory=dict)
 
     def error(self, loc: str, what: str, hint: str) -> None:
         if self.profile.invalid_values == "reject":
@@ -124,11 +127,15 @@ def _empty(v: Any) -> bool:
 # --------------------------------------------------------------------- paths
 
 
-_PATH_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\[(\d*)\])?\Z")
+_PATH_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\[(-1|\d*)\])?\Z")
 
 
 def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = "") -> Setter:
-    """'a.b[].c' → a function that puts a value there (a[] appends, a[0] reuses the first)."""
+    """'a.b[].c' → a function that puts a value there.
+
+    ``a[]`` appends, ``a[0]`` is the first element and ``a[-1]`` the last (the one an
+    earlier rule just appended); both are created when the list is empty.
+    """
     steps: list[tuple[str, str | None]] = []
     for part in path.split("."):
         m = _PATH_PART.match(part)
@@ -177,6 +184,7 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
                     lst.append(new)
                     obj = new
                 else:
+                    # [0] the first element, [-1] the last one appended (made if none).
                     obj = lst[min(int(idx), len(lst) - 1)]
         if last_idx is None:
             obj[last] = value
@@ -191,6 +199,12 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
         else:
             lst = obj.setdefault(last, [])
             i = int(last_idx)
+            if i < 0:
+                if lst:
+                    lst[-1] = value
+                else:
+                    lst.append(value)
+                return
             while len(lst) <= i:
                 lst.append(None)
             lst[i] = value
@@ -338,7 +352,21 @@ class Engine:
             t = comps[0][0]
             return "" if t == '""' else t
 
-        if typ in ("string", "markdown", "id", "uri", "url", "base64Binary"):
+        if typ == "base64Binary":
+
+            def conv_b64(comps: Comps, st: _State, loc: str) -> Any:
+                t = "".join(text_of(comps).split())
+                if not t:
+                    return None
+                try:
+                    binascii.a2b_base64(t, strict_mode=True)
+                except (binascii.Error, ValueError):
+                    st.error(loc, f"{t[:40]!r} is not base64 data", "send the data base64-encoded")
+                    return None
+                return t
+
+            return conv_b64
+        if typ in ("string", "markdown", "id", "uri", "url"):
             strip = typ != "string" and typ != "markdown"
 
             def conv_str(comps: Comps, st: _State, loc: str) -> Any:
@@ -518,22 +546,17 @@ class Engine:
         return conv
 
     def _compile_datatype(self, rule: DatatypeRule) -> ValueFn:
-        parts = [self._compile_rule(c) for c in rule.components]
+        leaves = [self._leaf(c, datatype=True) for c in rule.components]
         required = rule.required
         creates = rule.creates
         id_mode = rule.id
-        fhir = rule.fhir
+        unwrap = rule.fhir in PRIMITIVES
 
-        def build(comps: Comps, st: _State, loc: str) -> Any:
-            out: dict[str, Any] = {}
-            for fn in parts:
-                fn(comps, out, st, loc)
-            if not out:
-                return None
+        def finish(out: dict[str, Any], st: _State, loc: str) -> Any:
             for r in required:
                 if _empty(_path_get(out, r)):
                     return None
-            if fhir in PRIMITIVES and "value" in out and len(out) == 1:
+            if unwrap and "value" in out and len(out) == 1:
                 return out["value"]
             if creates:
                 res = {"resourceType": creates, **out}
@@ -542,7 +565,40 @@ class Engine:
                 return _ref(res)
             return out
 
-        return build
+        fn = codegen.datatype_function(rule.name, leaves, finish)
+        if not creates:
+            return fn
+        name = rule.name
+
+        def create_once(comps: Comps, st: _State, loc: str) -> Any:
+            # The same person, place or organization is often written several times in
+            # one message; build its resource once and reuse the reference.
+            key = (name, repr(comps), st.param_system, id(st.param_map))
+            ref = st.created.get(key)
+            if ref is None:
+                ref = st.created[key] = fn(comps, st, loc)
+            return ref.copy() if ref is not None else None
+
+        return create_once
+
+    def _leaf(self, rule: FieldRule, datatype: bool) -> codegen.Leaf:
+        """What the code generator needs to know of one rule line."""
+        setter = compile_path(rule.to, rule.with_, rule.source) if rule.to else None
+        leaf = codegen.Leaf(to=rule.to, setter=setter, with_=rule.with_, when=rule.when)
+        if rule.when:
+            _compile_when(rule.when, rule.source)  # checks the condition's shape
+        if rule.value is not None:
+            leaf.const, leaf.has_const = rule.value, True
+            return leaf
+        if rule.cases:
+            leaf.call = self._compile_rule(rule) if datatype else None
+            return leaf
+        leaf.comp, leaf.width, leaf.sub = rule.comp, rule.width, rule.sub
+        leaf.plain_text = (
+            rule.type == "string" and not rule.map and rule.format is None and not rule.width
+        )
+        leaf.value = self._compile_value(rule)
+        return leaf
 
     def _compile_rule(
         self, rule: FieldRule
@@ -577,12 +633,7 @@ class Engine:
             # presence before calling anything (the hot path of the engine).
             c0 = rule.comp - 1
             c1 = c0 + (rule.width or 1)
-            if (
-                rule.type == "string"
-                and not rule.width
-                and cond is None
-                and not rule.map
-            ):
+            if rule.type == "string" and not rule.width and cond is None and not rule.map:
                 si = (rule.sub or 1) - 1
 
                 def put_text(comps: Comps, target: dict[str, Any], st: _State, loc: str) -> None:
@@ -621,7 +672,7 @@ class Engine:
         return put
 
     def _compile_segment(self, rule: SegmentRule) -> _CompiledSegment:
-        steps: list[Callable[[Segment, dict[str, Any], _State], None]] = []
+        steps: list[codegen.FieldStep | Callable[[Segment, dict[str, Any], _State], None]] = []
         links: list[Callable[[dict[str, Any], _State], None]] = []
         defaults: list[tuple[str, Setter, Any]] = []
         for fr in rule.fields:
@@ -629,14 +680,27 @@ class Engine:
                 links.append(self._compile_link(fr))
             elif fr.ref:
                 steps.append(self._compile_ref(fr))
-            elif fr.default is not None and fr.field is None:
+            elif fr.default is not None and fr.field is None and fr.msh is None:
                 assert fr.to is not None
                 defaults.append((fr.to, compile_path(fr.to, fr.with_, fr.source), fr.default))
             else:
-                steps.append(self._compile_field(fr, rule.segment))
+                if fr.field is not None and fr.msh is None and not fr.cases:
+                    assert fr.to is not None
+                    steps.append(
+                        codegen.FieldStep(
+                            n=fr.field,
+                            leaf=self._leaf(fr, datatype=False),
+                            loc=f"{rule.segment}-{fr.field}",
+                            footprint=self._footprint(fr),
+                            all_reps=fr.rep == "all" or (fr.rep is None and fr.to.endswith("[]")),
+                        )
+                    )
+                else:
+                    steps.append(self._compile_field(fr, rule.segment))
                 if fr.default is not None and fr.to:
                     defaults.append((fr.to, compile_path(fr.to, None, fr.source), fr.default))
-        return _CompiledSegment(rule, steps, links, defaults)
+        run = codegen.segment_function(rule.name, steps, _mark)
+        return _CompiledSegment(rule, run, links, defaults)
 
     def _compile_ref(self, fr: FieldRule) -> Callable[[Segment, dict[str, Any], _State], None]:
         assert fr.to is not None and fr.ref is not None
@@ -1041,13 +1105,12 @@ def _with_params(fn: ValueFn, system: str | None, cmap: CodeMap | None) -> Value
 @dataclass(slots=True)
 class _CompiledSegment:
     rule: SegmentRule
-    steps: list[Callable[[Segment, dict[str, Any], _State], None]]
+    run: Callable[[Segment, dict[str, Any], _State], None]
     links: list[Callable[[dict[str, Any], _State], None]]
     defaults: list[tuple[str, Setter, Any]]
 
     def apply(self, seg: Segment, target: dict[str, Any], st: _State) -> None:
-        for step in self.steps:
-            step(seg, target, st)
+        self.run(seg, target, st)
         for path, setter, value in self.defaults:
             if _empty(_path_get(target, path)):
                 setter(target, _copy(value) if isinstance(value, dict | list) else value)
@@ -1152,39 +1215,36 @@ def _compile_when(when: dict[str, Any] | None, where: str) -> Callable[[Any, _St
     """`when:` → a predicate over a segment (or a component list inside a datatype)."""
     if not when:
         return None
-    if "field" in when or "msh" in when:
-        return lambda seg, st: _when_segment(when, seg, st)
-    if "comp" in when:
-        ci = when["comp"] - 1
+    return _predicate(when, where)
 
-        def comp_pred(comps: Comps, st: _State) -> bool:
-            v = comps[ci][0] if ci < len(comps) and comps[ci] else ""
-            return _test(when, v)
 
-        return comp_pred
-    raise MappingError(f"{where}: 'when' needs 'field', 'msh' or 'comp'")
+_PREDICATES: dict[str, Callable[[Any, _State], bool]] = {}
+
+
+def _predicate(when: dict[str, Any], where: str = "") -> Callable[[Any, _State], bool]:
+    key = repr(when)
+    fn = _PREDICATES.get(key)
+    if fn is None:
+        scope = "seg" if _mentions(when, ("field", "msh")) else "comps"
+        if scope == "comps" and not _mentions(when, ("comp",)):
+            raise MappingError(
+                f"{where}: 'when' needs 'field', 'msh' or 'comp' (or all/any of them)"
+            )
+        try:
+            fn = _PREDICATES[key] = codegen.predicate(when, scope)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise MappingError(f"{where}: 'when' {when!r} is not a condition: {exc}") from None
+    return fn
+
+
+def _mentions(when: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    if any(k in when for k in keys):
+        return True
+    return any(_mentions(p, keys) for p in when.get("all", when.get("any", ())))
 
 
 def _when_segment(when: dict[str, Any], seg: Segment, st: _State) -> bool:
-    if "msh" in when:
-        v = st.msg.msh.value(when["msh"], 0, when.get("comp", 1))
-    else:
-        v = seg.value(when["field"], 0, when.get("comp", 1))
-    return _test(when, v)
-
-
-def _test(when: dict[str, Any], v: str) -> bool:
-    if "in" in when:
-        return v in when["in"]
-    if "not_in" in when:
-        return v not in when["not_in"]
-    if "equals" in when:
-        return v == when["equals"]
-    if "present" in when:
-        return bool(v) == bool(when["present"])
-    if "longer" in when:
-        return len(v) > int(when["longer"])
-    return bool(v)
+    return _predicate(when)(seg, st)
 
 
 _NS_BYTES = _ID_NAMESPACE.bytes

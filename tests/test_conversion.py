@@ -64,7 +64,13 @@ def test_discharge_finishes_the_encounter_with_its_period() -> None:
 
 def test_every_resource_says_where_it_came_from() -> None:
     bundle = convert_hl7v2((EXAMPLES / "adt-a01-admit.hl7").read_bytes()).bundle
-    provs = _by_type(bundle, "Provenance")
+    # One Provenance per message says which message every resource came from (the IG's
+    # EVN Provenance, about the event, is another one).
+    provs = [
+        p
+        for p in _by_type(bundle, "Provenance")
+        if p.get("entity", [{}])[0].get("what", {}).get("identifier", {}).get("value") == "ADT0001"
+    ]
     assert len(provs) == 1
     targets = {t["reference"] for t in provs[0]["target"]}
     for e in bundle["entry"]:
@@ -75,7 +81,8 @@ def test_every_resource_says_where_it_came_from() -> None:
         assert res["meta"]["source"].endswith(":ADT0001")
     pat = _by_type(bundle, "Patient")[0]
     lineage = [x["valueString"] for x in pat["extension"] if x["url"].endswith("source-segment")]
-    assert lineage == ["PID[3]"]
+    # PID made the Patient; NK1 added a contact to it (IG NK1[Patient]).
+    assert lineage == ["PID[3],NK1[4]"]
 
 
 def test_loss_report_names_what_no_rule_used() -> None:

@@ -1,0 +1,266 @@
+"""Turn compiled rules into straight-line Python functions.
+
+The engine first compiles each rule line into a small closure (the leaf value
+conversions stay closures). Calling one closure per rule line, most of which
+find their component absent, made the per-message overhead dominate; so for
+every datatype and segment rule this module writes one Python function whose
+body checks each component or field inline and stores plain text directly,
+calling a closure only when there is a value to convert. Behaviour is the
+same as running the closures in order; only the dispatch is unrolled.
+
+Each generated function keeps its source (``fn.__source__``) so that a rule
+author can see what a rule file became.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+__all__ = ["FunctionWriter", "Leaf"]
+
+_SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SIMPLE_APPEND = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\[\]\Z")
+_NONEMPTY = 'v is not None and v != "" and v != {} and v != []'
+
+
+@dataclass(slots=True)
+class Leaf:
+    """One rule line, as the writer needs it."""
+
+    to: str | None
+    setter: Callable[..., None] | None  # for paths the writer does not inline
+    with_: dict[str, Any] | None
+    comp: int | None = None
+    width: int | None = None
+    sub: int | None = None
+    plain_text: bool = False  # string type, no map/format: store the component as is
+    value: Callable[..., Any] | None = None  # (components, state, location) → value
+    when: dict[str, Any] | None = None
+    cond: Callable[..., bool] | None = None  # when `when` cannot be written inline
+    call: Callable[..., None] | None = None  # a whole-line closure (cases)
+    const: Any = None
+    has_const: bool = False
+
+
+@dataclass
+class FunctionWriter:
+    """Collects lines and the objects they refer to, then builds the function."""
+
+    name: str
+    args: str
+    lines: list[str] = field(default_factory=list)
+    namespace: dict[str, Any] = field(default_factory=dict)
+
+    def ref(self, obj: Any, prefix: str) -> str:
+        name = f"{prefix}{len(self.namespace)}"
+        self.namespace[name] = obj
+        return name
+
+    def emit(self, indent: int, text: str) -> None:
+        self.lines.append("    " * indent + text)
+
+    def store(self, indent: int, leaf: Leaf, target: str, value: str = "v") -> None:
+        """Put ``value`` at the leaf's path in ``target``, inline where the path is simple."""
+        to = leaf.to or ""
+        if leaf.with_ is None and _SIMPLE_KEY.match(to):
+            self.emit(indent, f"{target}[{to!r}] = {value}")
+            return
+        m = _SIMPLE_APPEND.match(to)
+        if leaf.with_ is None and m:
+            key = m.group(1)
+            self.emit(indent, f"_l = {target}.get({key!r})")
+            self.emit(indent, "if _l is None:")
+            self.emit(indent + 1, f"{target}[{key!r}] = [{value}]")
+            self.emit(indent, "else:")
+            self.emit(indent + 1, f"_l.append({value})")
+            return
+        setter = self.ref(leaf.setter, "S")
+        self.emit(indent, f"{setter}({target}, {value})")
+
+    def build(self) -> Callable[..., Any]:
+        src = f"def {self.name}({self.args}):\n" + "\n".join(self.lines or ["    pass"]) + "\n"
+        code = compile(src, f"<rules:{self.name}>", "exec")
+        exec(code, self.namespace)
+        fn = self.namespace[self.name]
+        fn.__source__ = src
+        return fn
+
+
+def when_source(w: FunctionWriter, when: dict[str, Any], scope: str) -> str:
+    """A `when:` condition as a Python expression (scope: 'comps' in datatypes, 'seg' in segments)."""
+    if "all" in when or "any" in when:
+        joiner, parts = (" and ", when["all"]) if "all" in when else (" or ", when["any"])
+        return "(" + joiner.join(f"({when_source(w, p, scope)})" for p in parts) + ")"
+    comp = int(when.get("comp", 1))
+    if "msh" in when:
+        val = f"st.msg.msh.value({int(when['msh'])}, 0, {comp})"
+    elif "field" in when:
+        # In a datatype, a field condition reads the segment being converted.
+        holder = "seg" if scope == "seg" else "st.seg"
+        val = f"{holder}.value({int(when['field'])}, 0, {comp})"
+    elif scope == "comps":
+        ci = comp - 1
+        val = f"(comps[{ci}][0] if n > {ci} and comps[{ci}] else '')"
+    else:
+        raise ValueError("a segment rule's `when` needs `field` or `msh`")
+    if "in" in when:
+        return f"{val} in {w.ref(frozenset(str(x) for x in when['in']), 'K')}"
+    if "not_in" in when:
+        return f"{val} not in {w.ref(frozenset(str(x) for x in when['not_in']), 'K')}"
+    if "equals" in when:
+        return f"{val} == {str(when['equals'])!r}"
+    if "present" in when:
+        return f"{'' if when['present'] else 'not '}{val}"
+    if "longer" in when:
+        return f"len({val}) > {int(when['longer'])}"
+    return f"bool({val})"
+
+
+def predicate(when: dict[str, Any], scope: str) -> Callable[[Any, Any], bool]:
+    """A `when:` condition as a function of (segment or components, state)."""
+    w = FunctionWriter("when", "seg, st" if scope == "seg" else "comps, st")
+    expr = when_source(w, when, scope)
+    if scope == "comps":
+        w.emit(1, "n = len(comps)")
+    w.emit(1, f"return {expr}")
+    return w.build()
+
+
+def const_source(w: FunctionWriter, value: Any) -> str:
+    """A constant: inline if immutable, else a fresh copy each time (results are mutated)."""
+    if isinstance(value, str | int | float | bool):
+        return repr(value)
+    return f"{w.ref(orjson.loads, 'J')}({w.ref(orjson.dumps(value), 'K')})"
+
+
+def _ident(name: str) -> str:
+    return re.sub(r"\W", "_", name)
+
+
+def datatype_function(
+    name: str,
+    leaves: list[Leaf],
+    finish: Callable[[dict[str, Any], Any, str], Any],
+) -> Callable[..., Any]:
+    """fn(components, state, location) → value; ``finish`` handles required/creates."""
+    w = FunctionWriter(f"dt_{_ident(name)}", "comps, st, loc")
+    fin = w.ref(finish, "F")
+    w.emit(1, "out = {}")
+    w.emit(1, "n = len(comps)")
+    for leaf in leaves:
+        if leaf.call is not None:
+            w.emit(1, f"{w.ref(leaf.call, 'P')}(comps, out, st, loc)")
+            continue
+        cond = when_source(w, leaf.when, "comps") if leaf.when else None
+        if leaf.has_const:
+            ind = 1
+            if cond:
+                w.emit(1, f"if {cond}:")
+                ind = 2
+            w.store(ind, leaf, "out", const_source(w, leaf.const))
+            continue
+        value = w.ref(leaf.value, "V")
+        if leaf.comp is None:
+            ind = 1
+            if cond:
+                w.emit(1, f"if {cond}:")
+                ind = 2
+            w.emit(ind, f"v = {value}(comps, st, loc)")
+            w.emit(ind, f"if {_NONEMPTY}:")
+            w.store(ind + 1, leaf, "out")
+            continue
+        c0 = leaf.comp - 1
+        if leaf.plain_text and cond is None and not leaf.width:
+            si = (leaf.sub or 1) - 1
+            w.emit(1, f"if n > {c0}:")
+            w.emit(2, f"c = comps[{c0}]")
+            w.emit(2, f"if len(c) > {si}:")
+            w.emit(3, f"t = c[{si}]")
+            w.emit(3, "if t and t != '\"\"':")
+            w.store(4, leaf, "out", "t")
+            continue
+        c1 = c0 + (leaf.width or 1)
+        w.emit(1, f"if n > {c0}:")
+        if c1 - c0 == 1:
+            w.emit(2, f"c = comps[{c0}]")
+            w.emit(2, "if c[0] or len(c) > 1:")
+        else:
+            w.emit(2, f"if any(c and (c[0] or len(c) > 1) for c in comps[{c0}:{c1}]):")
+        ind = 3
+        if cond:
+            w.emit(3, f"if {cond}:")
+            ind = 4
+        w.emit(ind, f"v = {value}(comps, st, loc)")
+        w.emit(ind, f"if {_NONEMPTY}:")
+        w.store(ind + 1, leaf, "out")
+    w.emit(1, "if not out:")
+    w.emit(2, "return None")
+    w.emit(1, f"return {fin}(out, st, loc)")
+    return w.build()
+
+
+@dataclass(slots=True)
+class FieldStep:
+    """A segment rule line that reads field ``n`` of the segment."""
+
+    n: int
+    leaf: Leaf
+    loc: str
+    footprint: frozenset[int] | None
+    all_reps: bool
+
+
+def segment_function(
+    name: str,
+    steps: list[FieldStep | Callable[..., None]],
+    mark: Callable[..., None],
+) -> Callable[..., None]:
+    """fn(segment, target, state): every rule line of one segment rule, unrolled."""
+    w = FunctionWriter(f"seg_{_ident(name)}", "seg, target, st")
+    mk = w.ref(mark, "M")
+    w.emit(1, "f = seg.fields")
+    w.emit(1, "nf = len(f)")
+    for step in steps:
+        if not isinstance(step, FieldStep):
+            w.emit(1, f"{w.ref(step, 'P')}(seg, target, st)")
+            continue
+        leaf, n = step.leaf, step.n
+        cond = when_source(w, leaf.when, "seg") if leaf.when else None
+        fp = w.ref(step.footprint, "K")
+        w.emit(1, f"if nf > {n}:")
+        w.emit(2, f"raw = f[{n}]")
+        test = "raw and raw != '\"\"'"
+        if cond:
+            test += f" and {cond}"
+        w.emit(2, f"if {test}:")
+        w.emit(3, f"{mk}(st, seg.index, {n}, {fp}, {step.all_reps})")
+        w.emit(3, f"tree = seg.field({n})")
+        loc = step.loc
+        if leaf.plain_text and leaf.comp is not None and not leaf.width:
+            # A text component (or the whole field as text): no conversion needed.
+            c0, si = leaf.comp - 1, (leaf.sub or 1) - 1
+            reps = "tree" if step.all_reps else "tree[:1]"
+            w.emit(3, f"for rep in {reps}:")
+            w.emit(4, f"if len(rep) > {c0}:")
+            w.emit(5, f"c = rep[{c0}]")
+            w.emit(5, f"if len(c) > {si}:")
+            w.emit(6, f"t = c[{si}]")
+            w.emit(6, "if t and t != '\"\"':")
+            w.store(7, leaf, "target", "t")
+            continue
+        value = w.ref(leaf.value, "V")
+        if step.all_reps:
+            w.emit(3, "for r, rep in enumerate(tree):")
+            w.emit(4, f"v = {value}(rep, st, {loc!r} if r == 0 else f'{loc}({{r + 1}})')")
+            w.emit(4, f"if {_NONEMPTY}:")
+            w.store(5, leaf, "target")
+        else:
+            w.emit(3, f"v = {value}(tree[0], st, {loc!r})")
+            w.emit(3, f"if {_NONEMPTY}:")
+            w.store(4, leaf, "target")
+    return w.build()
