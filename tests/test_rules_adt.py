@@ -1,0 +1,447 @@
+"""ADT / BAR / DFT rules: what an integration engineer checks in the FHIR output.
+
+The expected values come from the HL7 v2-to-FHIR IG mapping tables (segments
+PID, PD1, NK1, PV1, PV2, AL1, DG1, PR1, IN1, MRG, EVN; data types CX, XPN, XAD,
+XTN, PL, XCN) and the FHIR R4 element definitions; the sample messages are
+synthetic (tests/fixtures/hl7v2/adt/).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fhirtwin.conversion import convert_hl7v2
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hl7v2" / "adt"
+PHYS = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+
+
+def _convert(name: str) -> Any:
+    return convert_hl7v2((FIXTURES / name).read_bytes(), validate=True)
+
+
+def _msg(*segments: str) -> Any:
+    return convert_hl7v2(("\r".join(segments) + "\r").encode(), validate=True)
+
+
+def _all(conv: Any, rtype: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in conv.bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def _one(conv: Any, rtype: str) -> dict[str, Any]:
+    found = _all(conv, rtype)
+    assert len(found) == 1, f"expected one {rtype}, got {len(found)}"
+    return found[0]
+
+
+def _resolve(conv: Any, ref: dict[str, str]) -> dict[str, Any]:
+    rtype, rid = ref["reference"].split("/")
+    for e in conv.bundle["entry"]:
+        r = e["resource"]
+        if r["resourceType"] == rtype and r["id"] == rid:
+            return r
+    raise AssertionError(f"{ref['reference']} is not in the bundle")
+
+
+def _codes(concept: dict[str, Any]) -> set[tuple[str | None, str]]:
+    return {(c.get("system"), c["code"]) for c in concept.get("coding", [])}
+
+
+def _references(node: Any) -> list[dict[str, str]]:
+    if isinstance(node, dict):
+        out = [node] if set(node) >= {"reference"} and isinstance(node["reference"], str) else []
+        for v in node.values():
+            out.extend(_references(v))
+        return out
+    if isinstance(node, list):
+        return [r for v in node for r in _references(v)]
+    return []
+
+
+MSH = "MSH|^~\\&|ADTSYS|CITYHOSP|RCVAPP|RCVFAC|20240305081500+0100||{type}|C1|P|2.5.1"
+ALL = sorted(p.name for p in FIXTURES.glob("*.hl7"))
+
+
+# ---------------------------------------------------------------- every sample
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sample_is_valid_r4_and_every_segment_is_mapped(name: str) -> None:
+    conv = _convert(name)
+    assert conv.report["validation"] == []
+    assert conv.report["unmapped_segments"] == []
+    assert conv.report["errors"] == []
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_reference_points_into_the_bundle(name: str) -> None:
+    conv = _convert(name)
+    for e in conv.bundle["entry"]:
+        for ref in _references(e["resource"]):
+            _resolve(conv, ref)
+
+
+# ---------------------------------------------------------------- A01: PID, PD1, NK1
+
+
+def test_pid_identifiers_name_and_demographics() -> None:
+    pat = _one(_convert("adt_a01_admit.hl7"), "Patient")
+    mrn = pat["identifier"][0]
+    assert mrn["value"] == "MRN4711"
+    assert _codes(mrn["type"]) == {("http://terminology.hl7.org/CodeSystem/v2-0203", "MR")}
+    assert pat["name"][0] == {"family": "Okafor", "given": ["Adaeze", "N"], "prefix": ["Ms."]}
+    assert pat["birthDate"] == "1980-02-15"
+    assert pat["gender"] == "female"
+    # PID-16 via the IG's MaritalStatus concept map → v3 MaritalStatus.
+    assert _codes(pat["maritalStatus"]) == {("http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "M")}
+    # PID-30 "N" with no PID-29 → deceasedBoolean false.
+    assert pat["deceasedBoolean"] is False
+    # XAD: line from XAD-1 and XAD-2, XAD-7 H → use home.
+    addr = pat["address"][0]
+    assert addr["line"] == ["12 Elm Street", "Apt 4"]
+    assert (addr["city"], addr["state"], addr["postalCode"], addr["use"]) == ("Springfield", "IL", "62701", "home")
+
+
+def test_xtn_value_follows_the_ig_number_format() -> None:
+    pat = _one(_convert("adt_a01_admit.hl7"), "Patient")
+    home, email, work = pat["telecom"]
+    # IG XTN[ContactPoint]: "+" XTN-5 " " XTN-6 " " XTN-7 (and " X" XTN-8).
+    assert (home["system"], home["use"], home["value"]) == ("phone", "home", "+1 217 5550101")
+    assert (email["system"], email["value"]) == ("email", "ada@example.org")
+    assert (work["system"], work["use"], work["value"]) == ("phone", "work", "217 5550199 X12")
+    assert {"url": "http://hl7.org/fhir/StructureDefinition/contactpoint-extension", "valueString": "12"} in work["extension"]
+
+
+def test_pd1_primary_facility_and_provider_are_general_practitioners() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    gps = [_resolve(conv, r) for r in _one(conv, "Patient")["generalPractitioner"]]
+    assert [g["resourceType"] for g in gps] == ["Organization", "Practitioner"]
+    assert gps[0]["name"] == "City Family Practice"
+    assert gps[1]["name"][0]["family"] == "Grant"
+
+
+def test_nk1_is_a_related_person_and_a_patient_contact() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    pat = _one(conv, "Patient")
+    rp = _one(conv, "RelatedPerson")
+    assert _resolve(conv, rp["patient"]) is pat
+    assert rp["name"][0] == {"family": "Okafor", "given": ["Chidi"]}
+    # NK1-3 SPO via the IG's Relationship map → v3 RoleCode SPS.
+    assert ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "SPS") in _codes(rp["relationship"][0])
+    contact = pat["contact"][0]
+    assert contact["name"]["family"] == "Okafor"
+    assert contact["telecom"][0]["value"] == "217 5550102"
+    assert contact["address"]["city"] == "Springfield"
+
+
+# ---------------------------------------------------------------- A01: PV1, PV2
+
+
+def test_pv1_encounter_class_status_period_and_visit_number() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    enc = _one(conv, "Encounter")
+    assert enc["class"] == {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}
+    assert enc["status"] == "in-progress"
+    assert enc["period"] == {"start": "2024-03-05T08:00:00+01:00"}
+    assert enc["identifier"][0]["value"] == "V1001"
+    assert ("http://terminology.hl7.org/CodeSystem/v2-0203", "VN") in _codes(enc["identifier"][0]["type"])
+    assert _resolve(conv, enc["subject"]) is _one(conv, "Patient")
+    assert enc["reasonCode"][0]["coding"][0]["code"] == "CHEST"
+
+
+def test_pv1_location_is_the_bed_with_its_parents() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    loc = _one(conv, "Encounter")["location"][0]
+    assert loc["status"] == "active"
+    chain = []
+    node = _resolve(conv, loc["location"])
+    while True:
+        chain.append((node["name"], node["physicalType"]["coding"][0]["code"]))
+        if "partOf" not in node:
+            break
+        node = _resolve(conv, node["partOf"])
+    # PL: bed B1 ⊂ room R301 ⊂ point of care WARD3 ⊂ floor 3 ⊂ building MAIN ⊂ facility.
+    assert chain == [("B1", "bd"), ("R301", "ro"), ("WARD3", "wa"), ("3", "lvl"), ("MAIN", "bu"), ("CITYHOSP", "si")]
+    assert all(n["physicalType"]["coding"][0]["system"] == PHYS for n in _all(conv, "Location"))
+
+
+def test_pv1_doctors_are_typed_participants() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    parts = {p["type"][0]["coding"][0]["code"]: _resolve(conv, p["individual"]) for p in _one(conv, "Encounter")["participant"]}
+    assert parts["ATND"]["identifier"][0]["value"] == "DOC1"
+    assert parts["ATND"]["name"][0] == {"family": "Attending", "given": ["Alice"], "prefix": ["Dr"]}
+    assert parts["REF"]["name"][0]["family"] == "Referrer"
+
+
+# ---------------------------------------------------------------- A01: OBX, AL1, DG1, PR1, IN1, EVN
+
+
+def test_obx_is_an_observation_of_the_patient() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    obs = _one(conv, "Observation")
+    assert obs["code"]["coding"][0] == {"system": "http://loinc.org", "code": "8302-2", "display": "Body height"}
+    assert obs["valueQuantity"]["value"] == 170
+    assert obs["valueQuantity"]["code"] == "cm"
+    assert _resolve(conv, obs["subject"]) is _one(conv, "Patient")
+
+
+def test_al1_allergy() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    al = _one(conv, "AllergyIntolerance")
+    assert _resolve(conv, al["patient"]) is _one(conv, "Patient")
+    assert al["category"] == ["medication"]  # AL1-2 DA
+    assert al["type"] == "allergy"
+    assert al["criticality"] == "high"  # AL1-4 SV
+    assert al["code"]["coding"][0]["code"] == "70618"
+    assert al["reaction"][0]["manifestation"] == [{"text": "Hives"}, {"text": "Wheezing"}]
+    assert al["onsetDateTime"] == "2010-01-01"
+    assert _codes(al["clinicalStatus"]) == {("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "active")}
+
+
+def test_dg1_condition_is_an_encounter_diagnosis() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    cond = _one(conv, "Condition")
+    assert _codes(cond["code"]) == {("http://hl7.org/fhir/sid/icd-10", "I20.9")}
+    assert _resolve(conv, cond["subject"]) is _one(conv, "Patient")
+    assert _resolve(conv, cond["asserter"])["identifier"][0]["value"] == "DOC1"
+    dx = _one(conv, "Encounter")["diagnosis"][0]
+    assert _resolve(conv, dx["condition"]) is cond
+    assert _codes(dx["use"]) == {("http://terminology.hl7.org/CodeSystem/diagnosis-role", "AD")}
+    assert dx["rank"] == 1
+
+
+def test_pr1_procedure() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    proc = _one(conv, "Procedure")
+    assert _codes(proc["code"]) == {("http://www.ama-assn.org/go/cpt", "93000")}
+    assert proc["performedDateTime"] == "2024-03-05T08:30:00+01:00"
+    surgeon = proc["performer"][0]
+    assert surgeon["function"]["coding"][0]["code"] == "304292004"  # IG: PR1-11 surgeon
+    assert _resolve(conv, surgeon["actor"])["name"][0]["family"] == "Surgeon"
+    assert proc["status"] == "unknown"  # IG: unknown unless the context says more
+
+
+def test_in1_coverage_payor_and_self_subscriber() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    cov = _one(conv, "Coverage")
+    pat = _one(conv, "Patient")
+    assert _resolve(conv, cov["beneficiary"]) is pat
+    assert _resolve(conv, cov["subscriber"]) is pat  # IN1-17 SEL
+    payor = _resolve(conv, cov["payor"][0])
+    assert payor["name"] == "Acme Health Insurance"
+    assert payor["address"][0]["city"] == "Hartford"
+    assert cov["period"] == {"start": "2024-01-01", "end": "2024-12-31"}
+    assert cov["identifier"][0]["value"] == "PLAN7"
+    # Self is the Patient: no RelatedPerson for the insured (only the NK1 spouse).
+    assert [r["name"][0]["given"] for r in _all(conv, "RelatedPerson")] == [["Chidi"]]
+
+
+def test_in1_other_subscriber_is_a_related_person() -> None:
+    conv = _msg(
+        MSH.format(type="ADT^A01^ADT_A01"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "PV1|1|O",
+        "IN1|1|P1|INS^^^NAIC|Payer Inc" + "|" * 12 + "Doe^Jon|SPO^Spouse^HL70063|19790101",
+    )
+    cov = _one(conv, "Coverage")
+    sub = _resolve(conv, cov["subscriber"])
+    assert sub["resourceType"] == "RelatedPerson"
+    assert sub["name"][0] == {"family": "Doe", "given": ["Jon"]}
+    assert sub["birthDate"] == "1979-01-01"
+    assert _resolve(conv, sub["patient"]) is _one(conv, "Patient")
+
+
+def test_evn_provenance_of_the_event() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    prov = next(p for p in _all(conv, "Provenance") if p.get("occurredDateTime"))
+    assert prov["recorded"] == "2024-03-05T08:14:00+01:00"  # EVN-2
+    assert prov["occurredDateTime"] == "2024-03-05T08:00:00+01:00"  # EVN-6
+    assert _resolve(conv, prov["target"][0])["resourceType"] == "MessageHeader"
+    assert _resolve(conv, prov["agent"][0]["who"])["name"][0]["family"] == "Nurse"  # EVN-5
+    assert _codes(prov["activity"]) == {("http://terminology.hl7.org/CodeSystem/v2-0003", "A01")}
+
+
+def test_msh_message_header() -> None:
+    conv = _convert("adt_a01_admit.hl7")
+    mh = _one(conv, "MessageHeader")
+    assert mh["eventCoding"]["code"] == "A01"
+    assert mh["source"]["name"] == "ADTSYS"
+    sender = _resolve(conv, mh["sender"])
+    # IG HD[Organization]: HD-1 and the ISO OID of HD-2 as identifiers.
+    assert {"value": "CITYHOSP"} in sender["identifier"]
+    assert any(i["value"] == "urn:oid:2.16.840.1.113883.19.5" and i["system"] == "urn:ietf:rfc:3986" for i in sender["identifier"])
+
+
+# ---------------------------------------------------------------- trigger events
+
+
+def test_a03_discharge_finishes_the_encounter() -> None:
+    conv = _convert("adt_a03_discharge.hl7")
+    enc = _one(conv, "Encounter")
+    assert enc["status"] == "finished"
+    assert enc["period"] == {"start": "2024-03-05T08:00:00+01:00", "end": "2024-03-08T11:30:00+01:00"}
+    assert ("http://terminology.hl7.org/CodeSystem/v2-0112", "01") in _codes(enc["hospitalization"]["dischargeDisposition"])
+
+
+def test_a03_without_discharge_time_is_still_finished() -> None:
+    conv = _msg(MSH.format(type="ADT^A03^ADT_A03"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|I")
+    assert _one(conv, "Encounter")["status"] == "finished"
+
+
+def test_a11_cancel_admit_cancels_the_encounter() -> None:
+    assert _one(_convert("adt_a11_cancel_admit.hl7"), "Encounter")["status"] == "cancelled"
+
+
+def test_a05_preadmit_is_planned_with_planned_location() -> None:
+    conv = _convert("adt_a05_preadmit.hl7")
+    enc = _one(conv, "Encounter")
+    assert enc["status"] == "planned"
+    assert enc["class"]["code"] == "PRENC"  # PV1-2 P
+    assert enc["location"][0]["status"] == "planned"  # IG: PV1-2 P → planned
+    planned_start = {"url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedStartDate",
+                     "valueDateTime": "2024-03-10T08:00:00+01:00"}
+    assert planned_start in enc["extension"]
+
+
+def test_a08_update_keeps_the_status_of_the_patient_class() -> None:
+    conv = _msg(MSH.format(type="ADT^A08^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|E")
+    enc = _one(conv, "Encounter")
+    assert enc["status"] == "in-progress"
+    assert enc["class"]["code"] == "EMER"
+
+
+def test_a40_merge_links_the_two_patient_records() -> None:
+    conv = _convert("adt_a40_merge.hl7")
+    pats = {p["identifier"][0]["value"]: p for p in _all(conv, "Patient")}
+    survivor, old = pats["MRN4711"], pats["MRN0815"]
+    assert survivor["link"] == [{"type": "replaces", "other": {"reference": f"Patient/{old['id']}"}}]
+    assert old["link"] == [{"type": "replaced-by", "other": {"reference": f"Patient/{survivor['id']}"}}]
+    assert old["active"] is False
+
+
+def test_a06_mrg_prior_account() -> None:
+    conv = _msg(
+        MSH.format(type="ADT^A06^ADT_A06"),
+        "PID|1||M1^^^H^MR||Doe^Jan|||||||||||||NEWACC^^^H^AN",
+        "MRG|M1^^^H^MR||OLDACC^^^H^AN",
+        "PV1|1|I",
+    )
+    accounts = {a["identifier"][0]["value"]: a for a in _all(conv, "Account")}
+    assert accounts["NEWACC"]["status"] == "active"  # IG PID[Account]
+    assert accounts["OLDACC"]["status"] == "unknown"  # IG MRG[Account]
+    pat = _one(conv, "Patient")
+    assert all(_resolve(conv, a["subject"][0]) is pat for a in accounts.values())
+
+
+# ---------------------------------------------------------------- BAR / DFT
+
+
+def test_dft_p03_charge_item() -> None:
+    conv = _convert("dft_p03_charge.hl7")
+    ci = _one(conv, "ChargeItem")
+    assert ci["status"] == "billable"  # FT1-6 CG
+    assert _codes(ci["code"]) == {("http://www.ama-assn.org/go/cpt", "93000")}
+    assert ci["quantity"] == {"value": 1}
+    assert ci["priceOverride"] == {"value": 125.5, "currency": "USD"}
+    assert ci["occurrencePeriod"] == {"start": "2024-03-05"}
+    assert _resolve(conv, ci["subject"]) is _one(conv, "Patient")
+    assert _resolve(conv, ci["context"]) is _one(conv, "Encounter")
+    assert _resolve(conv, ci["account"][0])["identifier"][0]["value"] == "ACC555"
+    assert _resolve(conv, ci["performer"][0]["actor"])["identifier"][0]["value"] == "DOC1"
+
+
+def test_bar_p02_purged_account_is_inactive() -> None:
+    acc = _one(_convert("bar_p02_purge.hl7"), "Account")
+    assert acc["identifier"][0]["value"] == "ACC555"
+    assert acc["status"] == "inactive"
+
+
+def test_bar_p01_account_is_active() -> None:
+    conv = _msg(MSH.format(type="BAR^P01^BAR_P01"), "EVN|P01|20240305", "PID|1||M1^^^H^MR||Doe^Jan|||||||||||||ACC1^^^H^AN", "PV1|1|O")
+    assert conv.report["validation"] == []
+    assert _one(conv, "Account")["status"] == "active"
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+def test_nk1_without_name_or_organization_adds_no_empty_contact() -> None:
+    conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "NK1|1" + "|" * 11 + "NK9^^^H", "PV1|1|I")
+    assert "contact" not in _one(conv, "Patient")
+    rp = _one(conv, "RelatedPerson")  # still the associated party, by its NK1-12 identifier
+    assert rp["identifier"][0]["value"] == "NK9"
+
+
+def test_nk1_employer_is_only_a_patient_contact() -> None:
+    # IG: NK1-3 EMR (employer) → Patient.contact, not a RelatedPerson.
+    conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "NK1|1|Boss^Bob|EMR^Employer^HL70063", "PV1|1|I")
+    assert _all(conv, "RelatedPerson") == []
+    assert _one(conv, "Patient")["contact"][0]["name"]["family"] == "Boss"
+
+
+def test_rol_primary_care_provider_is_general_practitioner() -> None:
+    conv = _msg(
+        MSH.format(type="ADT^A01^ADT_A01"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "ROL|1|AD|PP^Primary Care Provider^HL70443|GP7^Family^Fay",
+        "PV1|1|I",
+        "ROL|2|AD|AT^Attending^HL70443|AT9^Ward^Walt",
+    )
+    roles = {r["code"][0]["coding"][0]["code"]: r for r in _all(conv, "PractitionerRole")}
+    gp = _one(conv, "Patient")["generalPractitioner"]
+    assert [_resolve(conv, g) for g in gp] == [roles["446050000"]]  # IG ProviderRole map: PP → SNOMED PCP
+    assert _resolve(conv, roles["446050000"]["practitioner"])["name"][0]["family"] == "Family"
+    # The ROL after PV1 is a participant of the encounter.
+    parts = [_resolve(conv, p["individual"]) for p in _one(conv, "Encounter").get("participant", [])]
+    assert any(p["resourceType"] == "PractitionerRole" and _resolve(conv, p["practitioner"])["name"][0]["family"] == "Ward" for p in parts)
+
+
+def test_pl_without_bed_points_at_the_room() -> None:
+    conv = _msg(MSH.format(type="ADT^A02^ADT_A02"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|I|ICU^12^^CITYHOSP^^^^^Intensive care 12")
+    room = _resolve(conv, _one(conv, "Encounter")["location"][0]["location"])
+    assert (room["name"], room["physicalType"]["coding"][0]["code"]) == ("12", "ro")
+    assert room["description"] == "Intensive care 12"  # PL-9 on the most granular Location only
+    ward = _resolve(conv, room["partOf"])
+    assert (ward["name"], ward["physicalType"]["coding"][0]["code"]) == ("ICU", "wa")
+    assert "description" not in ward
+    assert _resolve(conv, ward["partOf"])["name"] == "CITYHOSP"
+
+
+def test_iam_allergy_reported_by_a_relative_with_a_reaction() -> None:
+    conv = _msg(
+        MSH.format(type="ADT^A60^ADT_A60"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "IAM|1|FA^Food allergy^HL70127|91935009^Allergy to peanut^SCT|SV^Severe^HL70128|Hives||AL-77^^2.16.840.1.113883.19^ISO"
+        "||||20200101||20240301101500+0100|Doe^Mary|MTH^Mother^HL70063||C^Confirmed^HL70438",
+        "IAR|39579001^Anaphylaxis^SCT|SV^Severe^HL70128",
+        "NTE|1||Carries an epinephrine pen",
+    )
+    al = _one(conv, "AllergyIntolerance")
+    assert al["identifier"][0] == {"value": "AL-77", "system": "urn:oid:2.16.840.1.113883.19"}
+    assert (al["category"], al["type"], al["criticality"]) == (["food"], "allergy", "high")
+    assert al["onsetDateTime"] == "2020-01-01"
+    assert al["recordedDate"] == "2024-03-01T10:15:00+01:00"
+    reporter = _resolve(conv, al["recorder"])
+    assert reporter["resourceType"] == "RelatedPerson"
+    assert reporter["name"][0]["given"] == ["Mary"]
+    assert ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "MTH") in _codes(reporter["relationship"][0])
+    assert al["reaction"][0]["manifestation"] == [{"text": "Hives"}]
+    anaphylaxis = al["reaction"][1]
+    assert _codes(anaphylaxis["manifestation"][0]) == {("http://snomed.info/sct", "39579001")}
+    assert anaphylaxis["severity"] == "severe"
+    assert al["note"] == [{"text": "Carries an epinephrine pen"}]
+    assert conv.report["validation"] == []
+
+
+def test_pid_race_and_ethnicity_use_us_core_cdc_codes() -> None:
+    pid = "PID|1||M1^^^H^MR||Doe^Jan||19700101|M||2106-3^White^HL70005" + "|" * 12 + "H^Hispanic or Latino^HL70189"
+    pat = _one(_msg(MSH.format(type="ADT^A28^ADT_A05"), pid, "PV1|1|N"), "Patient")
+    ext = {e["url"].rsplit("-", 1)[-1]: e for e in pat["extension"] if "us-core" in e["url"]}
+    cdc = "urn:oid:2.16.840.1.113883.6.238"
+    assert {"url": "ombCategory", "valueCoding": {"system": cdc, "code": "2106-3", "display": "White"}} in ext["race"]["extension"]
+    assert {"url": "text", "valueString": "White"} in ext["race"]["extension"]
+    omb = next(x for x in ext["ethnicity"]["extension"] if x["url"] == "ombCategory")
+    assert (omb["valueCoding"]["system"], omb["valueCoding"]["code"]) == (cdc, "2135-2")
