@@ -104,7 +104,7 @@ def _offset_minutes(tz: str | None) -> int | None:
 def _as_datetime(w: When) -> datetime:
     """Naive datetime in UTC when an offset is known, else the local wall clock."""
     assert w.time is not None
-    y, mo, d = (list(w.date) + [1, 1])[:3]
+    y, mo, d = [*w.date, 1, 1][:3]
     t = list(w.time) + [0] * (4 - len(w.time))
     dt = datetime(y, mo, d, t[0], t[1], t[2], t[3])
     return dt - timedelta(minutes=w.offset) if w.offset is not None else dt
