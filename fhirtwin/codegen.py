@@ -24,6 +24,7 @@ import orjson
 __all__ = ["FunctionWriter", "Leaf"]
 
 _SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_NESTED_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\Z")
 _SIMPLE_APPEND = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\[\]\Z")
 _NONEMPTY = 'v is not None and v != "" and v != {} and v != []'
 
@@ -69,6 +70,14 @@ class FunctionWriter:
         to = leaf.to or ""
         if leaf.with_ is None and _SIMPLE_KEY.match(to):
             self.emit(indent, f"{target}[{to!r}] = {value}")
+            return
+        m = _NESTED_KEY.match(to)
+        if leaf.with_ is None and m:
+            outer, inner = m.group(1), m.group(2)
+            self.emit(indent, f"_d = {target}.get({outer!r})")
+            self.emit(indent, "if _d is None:")
+            self.emit(indent + 1, f"_d = {target}[{outer!r}] = {{}}")
+            self.emit(indent, f"_d[{inner!r}] = {value}")
             return
         m = _SIMPLE_APPEND.match(to)
         if leaf.with_ is None and m:

@@ -31,3 +31,22 @@ def corpus() -> Path:
             pytest.fail(msg + " (FHIRTWIN_REQUIRE_CORPUS=1: CI must run the corpus tests)")
         pytest.skip(msg)
     return path
+
+
+_corpus_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember every test skipped for want of the corpus (whatever skipped it)."""
+    if report.skipped and "corpus" in str(report.longrepr).lower():
+        _corpus_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With FHIRTWIN_REQUIRE_CORPUS=1 (CI), a skipped corpus test fails the run."""
+    if _corpus_skips and os.environ.get("FHIRTWIN_REQUIRE_CORPUS") == "1":
+        print(
+            f"\nFHIRTWIN_REQUIRE_CORPUS=1 but {len(_corpus_skips)} corpus test(s) were skipped, "
+            f"e.g. {_corpus_skips[0]}: the corpus must be found (set FHIRTWIN_CORPUS)."
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
