@@ -445,3 +445,92 @@ def test_pid_race_and_ethnicity_use_us_core_cdc_codes() -> None:
     assert {"url": "text", "valueString": "White"} in ext["race"]["extension"]
     omb = next(x for x in ext["ethnicity"]["extension"] if x["url"] == "ombCategory")
     assert (omb["valueCoding"]["system"], omb["valueCoding"]["code"]) == (cdc, "2135-2")
+
+
+# ---------------------------------------------------------------- conformance round
+
+
+def test_pid13_cell_phone_without_use_code_is_home_and_pid40_cell_is_mobile() -> None:
+    # IG PID[Patient]: PID-13 use "home" / PID-14 use "work" when XTN-2 is not valued;
+    # XTN-2 wins when sent. PID-40 has no segment-level use: XTN-3 CP → mobile.
+    pid = "PID|1||M1^^^H^MR||Doe^Jan" + "|" * 8 + "5551001^^CP~5551002^WPN^CP|5551003^^CP~5551004^PRN^PH" + "|" * 26 + "5551005^^CP"
+    pat = _one(_msg(MSH.format(type="ADT^A04^ADT_A01"), pid, "PV1|1|O"), "Patient")
+    uses = {t["value"]: (t["system"], t.get("use")) for t in pat["telecom"]}
+    assert uses == {
+        "5551001": ("phone", "home"),
+        "5551002": ("phone", "work"),
+        "5551003": ("phone", "work"),
+        "5551004": ("phone", "home"),
+        "5551005": ("phone", "mobile"),
+    }
+
+
+def test_pid15_language_is_bcp47() -> None:
+    # FHIR R4 communication.language is bound to BCP-47: ISO 639-2 (table 0296)
+    # codes become their two-letter ISO 639-1 subtag, B and T forms alike.
+    pid = "PID|1||M1^^^H^MR||Doe^Jan" + "|" * 10 + "ara^Arabic^HL70296^GER^German^HL70296"
+    pat = _one(_msg(MSH.format(type="ADT^A04^ADT_A01"), pid, "PV1|1|O"), "Patient")
+    (comm,) = pat["communication"]
+    assert _codes(comm["language"]) == {("urn:ietf:bcp:47", "ar"), ("urn:ietf:bcp:47", "de")}
+    nk1 = "NK1|1|Doe^Jon|SPO^Spouse^HL70063" + "|" * 17 + "fre"
+    rp = _one(_msg(MSH.format(type="ADT^A04^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", nk1, "PV1|1|O"), "RelatedPerson")
+    assert _codes(rp["communication"][0]["language"]) == {("urn:ietf:bcp:47", "fr")}
+
+
+def test_xpn15_called_by_joins_a_usual_name_else_is_a_nickname() -> None:
+    # IG XPN[HumanName] XPN.15: a given name of the same HumanName when its use is
+    # "usual" (XPN-7 D), otherwise a second HumanName with use nickname.
+    pid = "PID|1||M1^^^H^MR||Everyman^Adam^A^^^^D^^^^^^^^Ad~Everyman^Adam^^^^^L^^^^^^^^Eve"
+    pat = _one(_msg(MSH.format(type="ADT^A04^ADT_A01"), pid, "PV1|1|O"), "Patient")
+    assert pat["name"] == [
+        {"family": "Everyman", "given": ["Adam", "A", "Ad"], "use": "usual"},
+        {"family": "Everyman", "given": ["Adam"], "use": "official"},
+        {"given": ["Eve"], "use": "nickname"},
+    ]
+
+
+def test_race_omb_code_gets_the_cdc_system_whatever_cwe3_says() -> None:
+    pid = "PID|1||M1^^^H^MR||Doe^Jan||19700101|M||2106-3^WHITE^HL7000"
+    pat = _one(_msg(MSH.format(type="ADT^A28^ADT_A05"), pid, "PV1|1|N"), "Patient")
+    race = next(e for e in pat["extension"] if e["url"].endswith("us-core-race"))
+    omb = next(x for x in race["extension"] if x["url"] == "ombCategory")
+    assert (omb["valueCoding"]["system"], omb["valueCoding"]["code"]) == ("urn:oid:2.16.840.1.113883.6.238", "2106-3")
+
+
+def test_in1_plan_type_relationship_and_policy_number() -> None:
+    in1 = "IN1|1|P1|INS^^^NAIC|Payer Inc" + "|" * 11 + "HMO^health maintenance organization policy|Doe^Jon|SPO^Spouse" + "|" * 19 + "POL-42"
+    conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|O", in1)
+    cov = _one(conv, "Coverage")
+    # IN1-15 through the IG's PlanId map → v3 ActCode, R4's preferred Coverage.type system.
+    assert _codes(cov["type"]) == {("http://terminology.hl7.org/CodeSystem/v3-ActCode", "HMO")}
+    # IN1-17: the IG's v3 RoleCode plus R4's bound subscriber-relationship code.
+    assert _codes(cov["relationship"]) == {
+        ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "SPS"),
+        ("http://terminology.hl7.org/CodeSystem/subscriber-relationship", "spouse"),
+    }
+    assert [i["value"] for i in cov["identifier"]] == ["P1", "POL-42"]  # IN1-2, IN1-36
+    assert conv.report["validation"] == []
+
+
+def test_parent_procedure_and_parent_diagnosis_are_references_by_identifier() -> None:
+    # IG PR1-25 → partOf(Procedure.identifier); DG1-22 → condition-dueTo(Condition).
+    # No stub resource is written (its PUT would overwrite the real parent).
+    conv = _msg(
+        MSH.format(type="ADT^A01^ADT_A01"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "PV1|1|I",
+        "DG1|1||I21^AMI^I10" + "|" * 17 + "DX2|A|DX1",
+        "PR1|1||93000^ECG^C4||20240305083000+0100" + "|" * 14 + "PR2" + "|" * 6 + "PR1",
+    )
+    proc = _one(conv, "Procedure")
+    assert proc["partOf"] == [{"identifier": {"value": "PR1"}, "type": "Procedure"}]
+    cond = _one(conv, "Condition")
+    due = next(e for e in cond["extension"] if e["url"] == "http://hl7.org/fhir/StructureDefinition/condition-dueTo")
+    assert due["valueReference"] == {"identifier": {"value": "DX1"}, "type": "Condition"}
+    assert conv.report["validation"] == []
+
+
+def test_al1_icdo_coding_system_uri() -> None:
+    conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|I", "AL1|1|DA|P^PENICILLIN^ICDO")
+    al = _one(conv, "AllergyIntolerance")
+    assert _codes(al["code"]) == {("http://terminology.hl7.org/CodeSystem/icd-o-3", "P")}
