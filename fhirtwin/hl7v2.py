@@ -364,6 +364,10 @@ def escape(text: str, enc: Encoding = DEFAULT_ENCODING) -> str:
     if enc.truncation:
         out = out.replace(enc.truncation, f"{esc}P{esc}")
     out = out.replace("\r", f"{esc}X0D{esc}").replace("\n", f"{esc}X0A{esc}")
+    # MLLP framing bytes must never appear inside a message.
+    for char in "\x0b\x1c\x00":
+        if char in out:
+            out = out.replace(char, f"{esc}X{ord(char):02X}{esc}")
     return out
 
 
