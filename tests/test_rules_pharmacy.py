@@ -174,67 +174,111 @@ def test_vxu_order_observation_is_part_of_its_immunization():
     obs = one(conv, "Observation")
     imm = by_identifier(conv, "Immunization", "IZ-1001")
     assert obs["partOf"] == [{"reference": f"Immunization/{imm['id']}"}]
-    assert codes(obs["code"]) == {("http://loinc.org", "64994-7")}
+    assert codes(obs["code"]) == {("http://loinc.org", "29768-9")}
     assert unmapped_segments(conv) == set()
+
+
+def test_vxu_funding_observations_map_to_immunization_elements():
+    # IG VXU_V04 (ORDER.OBSERVATION.OBX): funding source and eligibility OBX map to
+    # Immunization elements rather than Observations (CDC immunization guide)
+    conv = convert("vxu_v04.hl7")
+    imm = by_identifier(conv, "Immunization", "IZ-1001")
+    # LOINC 64994-7 → programEligibility (table 0064)
+    assert [codes(c) for c in imm["programEligibility"]] == [
+        {("http://terminology.hl7.org/CodeSystem/v2-0064", "V02")}
+    ]
+    # LOINC 30963-3 → fundingSource (CDC PHIN VADS value set, OID of 0396 CDCPHINVS)
+    assert codes(imm["fundingSource"]) == {("urn:oid:2.16.840.1.114222.4.5.274", "VXC1")}
+    loincs = {c for o in resources(conv, "Observation") for c in codes(o["code"])}
+    assert not loincs & {("http://loinc.org", "64994-7"), ("http://loinc.org", "30963-3")}
+    # the other immunizations of the message got none of it
+    assert "fundingSource" not in by_identifier(conv, "Immunization", "IZ-1002")
 
 
 # ------------------------------------------------------------------ RDE^O11
 
 
-def test_rde_new_order_maps_to_active_medication_request():
+def order_and_encoded(conv, placer: str) -> tuple[dict, dict]:
+    """The order (ORC [+ RXO]) and the pharmacy's encoding of it (RXE), by ORC-2."""
+    order = by_identifier(conv, "MedicationRequest", placer)
+    encoded = [
+        mr
+        for mr in resources(conv, "MedicationRequest")
+        if mr.get("basedOn") == [{"reference": f"MedicationRequest/{order['id']}"}]
+    ]
+    assert len(encoded) == 1, f"{len(encoded)} encoded orders based on {placer}"
+    return order, encoded[0]
+
+
+def test_rde_new_order_maps_to_an_order_and_its_encoded_order():
     conv = convert("rde_o11.hl7")
-    mr = by_identifier(conv, "MedicationRequest", "ORD-9001")
-    assert mr["status"] == "active"  # ORC-1 NW
-    assert mr["intent"] == "order"
-    assert mr["subject"]["reference"] == f"Patient/{one(conv, 'Patient')['id']}"
-    assert by_ref(conv, mr["encounter"])["resourceType"] == "Encounter"
-    assert mr["authoredOn"] == "2024-06-10T08:00:00+02:00"  # ORC-9 (NW)
-    assert by_ref(conv, mr["requester"])["name"][0]["family"] == "House"  # ORC-12
-    ids = {i["value"]: i for i in mr["identifier"]}
+    order, encoded = order_and_encoded(conv, "ORD-9001")
+    # no RXO: the ORC is the order; RXE is the pharmacy's view of it (FHIR filler-order)
+    assert order["intent"] == "order"
+    assert encoded["intent"] == "filler-order"
+    for mr in (order, encoded):
+        assert mr["status"] == "active"  # ORC-1 NW
+        assert mr["subject"]["reference"] == f"Patient/{one(conv, 'Patient')['id']}"
+        assert by_ref(conv, mr["encounter"])["resourceType"] == "Encounter"
+        assert mr["authoredOn"] == "2024-06-10T08:00:00+02:00"  # ORC-9 (NW)
+        assert by_ref(conv, mr["requester"])["name"][0]["family"] == "House"  # ORC-12
+        # ORC-29 I → inpatient
+        assert mr["category"][0]["coding"][0]["code"] == "inpatient"
+    ids = {i["value"]: i for i in order["identifier"]}
     assert ids["ORD-9001"]["type"]["coding"][0]["code"] == "PLAC"
     assert ids["RX-77"]["type"]["coding"][0]["code"] == "FILL"
-    assert "RX-0042" in ids  # RXE-15 prescription number
-    # ORC-29 I → inpatient
-    assert mr["category"][0]["coding"][0]["code"] == "inpatient"
-    # RXE-2 give code and RXE-6 dosage form → the referenced Medication
-    med = by_ref(conv, mr["medicationReference"])
+    assert "RX-0042" not in ids
+    enc_ids = {i["value"]: i for i in encoded["identifier"]}
+    assert enc_ids["RX-77"]["type"]["coding"][0]["code"] == "FILL"
+    assert enc_ids["ORD-9001"]["type"]["coding"][0]["code"] == "PLAC"
+    assert enc_ids["RX-0042"]["type"] == {"text": "Prescription number"}  # RXE-15
+    assert order["id"] != encoded["id"]
+    # RXE-2 give code and RXE-6 dosage form → the Medication; without an RXO the order
+    # names no drug of its own and shares it
+    assert order["medicationReference"] == encoded["medicationReference"]
+    med = by_ref(conv, encoded["medicationReference"])
     assert codes(med["code"]) == {(RXNORM, "197361")}
     assert codes(med["form"]) == {("http://terminology.hl7.org/CodeSystem/v2-0292", "TAB")}
 
 
 def test_rde_dose_timing_route_and_dispense():
     conv = convert("rde_o11.hl7")
-    mr = by_identifier(conv, "MedicationRequest", "ORD-9001")
-    (dosage,) = mr["dosageInstruction"]
+    order, encoded = order_and_encoded(conv, "ORD-9001")
+    # the TQ1 after the ORC (RDE_O11 TIMING group) is the order's timing:
+    # TQ1-3 BID, TQ1-7/8 bounds, TQ1-9 R → routine
+    (timing,) = order["dosageInstruction"]
+    assert ("http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation", "BID") in codes(
+        timing["timing"]["code"]
+    )
+    assert timing["timing"]["repeat"]["boundsPeriod"] == {
+        "start": "2024-06-10T09:00:00+02:00",
+        "end": "2024-06-17T09:00:00+02:00",
+    }
+    assert order["priority"] == "routine"
+    # the RXE and the RXR after it are the encoded order's
+    (dosage,) = encoded["dosageInstruction"]
     (dose,) = dosage["doseAndRate"]
     # RXE-3 give amount + RXE-5 units (no maximum) → doseQuantity
     assert dose["doseQuantity"] == {"value": 5, "unit": "milligram", "code": "mg", "system": UCUM}
     assert "doseRange" not in dose
     # RXR-1 PO → v3 PO (IG RouteOfAdministration map)
     assert codes(dosage["route"]) == {(V3_ROUTE, "PO")}
-    # TQ1-3 BID, TQ1-7/8 bounds, TQ1-9 R → routine
-    assert ("http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation", "BID") in codes(
-        dosage["timing"]["code"]
-    )
-    assert dosage["timing"]["repeat"]["boundsPeriod"] == {
-        "start": "2024-06-10T09:00:00+02:00",
-        "end": "2024-06-17T09:00:00+02:00",
-    }
-    assert mr["priority"] == "routine"
     # RXE-7 provider's administration instructions
     assert dosage["additionalInstruction"] == [{"text": "Take in the morning"}]
     # RXE-10/11 dispense amount and units, RXE-12 refills
-    disp = mr["dispenseRequest"]
+    disp = encoded["dispenseRequest"]
     assert disp["quantity"]["value"] == 14 and disp["quantity"]["code"] == "TAB"
     assert disp["numberOfRepeatsAllowed"] == 2
+    assert "dispenseRequest" not in order
 
 
 def test_rde_discontinued_order_and_dose_range():
     conv = convert("rde_o11.hl7")
-    mr = by_identifier(conv, "MedicationRequest", "ORD-9002")
-    assert mr["status"] == "stopped"  # ORC-1 DC, no ORC-5
-    assert "authoredOn" not in mr  # ORC-9 is the time of the DC, not of the order
-    (dose,) = mr["dosageInstruction"][0]["doseAndRate"]
+    order, encoded = order_and_encoded(conv, "ORD-9002")
+    for mr in (order, encoded):
+        assert mr["status"] == "stopped"  # ORC-1 DC, no ORC-5
+        assert "authoredOn" not in mr  # ORC-9 is the time of the DC, not of the order
+    (dose,) = encoded["dosageInstruction"][0]["doseAndRate"]
     # RXE-3 minimum and RXE-4 maximum → doseRange
     assert dose["doseRange"]["low"]["value"] == 200
     assert dose["doseRange"]["high"]["value"] == 400
@@ -244,26 +288,69 @@ def test_rde_discontinued_order_and_dose_range():
 
 def test_rde_order_status_wins_over_order_control():
     conv = convert("rde_o11.hl7")
-    mr = by_identifier(conv, "MedicationRequest", "ORD-9003")
-    assert mr["status"] == "completed"  # ORC-5 CM
-    assert codes(by_ref(conv, mr["medicationReference"])["code"]) == {(RXNORM, "313782")}
+    order, encoded = order_and_encoded(conv, "ORD-9003")
+    assert order["status"] == encoded["status"] == "completed"  # ORC-5 CM
+    assert codes(by_ref(conv, order["medicationReference"])["code"]) == {(RXNORM, "313782")}
+    # no ORC-3: the encoded order keeps no placer number (it would take the order's id)
+    assert "identifier" not in encoded
 
 
 def test_rde_each_order_has_its_own_medication():
     conv = convert("rde_o11.hl7")
     meds = resources(conv, "Medication")
     mrs = resources(conv, "MedicationRequest")
-    assert len(mrs) == 3 and len(meds) == 3
+    assert len(mrs) == 6 and len(meds) == 3
+    assert sorted(mr["intent"] for mr in mrs) == ["filler-order"] * 3 + ["order"] * 3
     assert {mr["medicationReference"]["reference"] for mr in mrs} == {
         f"Medication/{m['id']}" for m in meds
     }
+
+
+def test_rde_requested_order_is_original_order_with_its_own_drug():
+    conv = convert("rde_o11_rxo.hl7")
+    order, encoded = order_and_encoded(conv, "ORD-9101")
+    # IG RXO[MedicationRequest]: intent original-order
+    assert order["intent"] == "original-order"
+    assert encoded["intent"] == "filler-order"
+    # RXO-1/5 → the order's Medication; RXE-2 → the encoded order's (a different drug)
+    requested = by_ref(conv, order["medicationReference"])
+    encoded_med = by_ref(conv, encoded["medicationReference"])
+    assert requested["id"] != encoded_med["id"]
+    assert codes(requested["code"]) == {(RXNORM, "310965")}
+    assert codes(encoded_med["code"]) == {(RXNORM, "197805")}
+    # IG: RXO-2/3/4 → doseRange low/high (type ordered)
+    (dosage,) = order["dosageInstruction"]
+    (dose,) = dosage["doseAndRate"]
+    assert dose["type"]["coding"][0]["code"] == "ordered"
+    low = {"value": 200, "unit": "milligram", "code": "mg", "system": UCUM}
+    assert dose["doseRange"]["low"] == low
+    assert dose["doseRange"]["high"]["value"] == 400
+    # IG: RXO-9 → substitution (table 0161), RXO-11/12 dispense quantity, RXO-13 refills
+    assert codes(order["substitution"]["allowedCodeableConcept"]) == {
+        ("http://terminology.hl7.org/CodeSystem/v2-0161", "N")
+    }
+    assert order["dispenseRequest"]["quantity"]["value"] == 30
+    assert order["dispenseRequest"]["numberOfRepeatsAllowed"] == 1
+    # each TQ1 and RXR goes with the segment it follows: the order's before RXE,
+    # the encoded order's after it
+    assert dosage["timing"]["repeat"]["boundsPeriod"]["start"] == "2024-06-12T09:00:00+02:00"
+    (enc_dosage,) = encoded["dosageInstruction"]
+    assert enc_dosage["timing"]["repeat"]["boundsPeriod"]["start"] == "2024-06-12T12:00:00+02:00"
+    assert codes(enc_dosage["route"]) == codes(dosage["route"]) == {(V3_ROUTE, "PO")}
+    (enc_dose,) = enc_dosage["doseAndRate"]
+    assert enc_dose["doseQuantity"]["value"] == 1
+    assert encoded["dispenseRequest"]["quantity"]["value"] == 20
+    # the NTE after the encoded group's RXR → the encoded order's note
+    assert encoded["note"] == [{"text": "Patient prefers to take it with milk"}]
+    assert "note" not in order
+    assert unmapped_segments(conv) == set()
 
 
 def test_rde_o25_uses_the_same_rules():
     data = (FIXTURES / "rde_o11.hl7").read_bytes().replace(b"RDE^O11^RDE_O11", b"RDE^O25^RDE_O25")
     conv = convert_bytes(data)
     assert conv.report["message"]["rules"] == "messages/RDE_O25.yaml"
-    assert len(resources(conv, "MedicationRequest")) == 3
+    assert len(resources(conv, "MedicationRequest")) == 6
 
 
 # ------------------------------------------------------------------ RDS^O13
@@ -272,11 +359,12 @@ def test_rde_o25_uses_the_same_rules():
 def test_rds_dispense_maps_to_medication_dispense():
     conv = convert("rds_o13.hl7")
     md = one(conv, "MedicationDispense")
-    mr = one(conv, "MedicationRequest")
+    order, encoded = order_and_encoded(conv, "ORD-9001")
     assert md["status"] == "completed"
     assert md["subject"]["reference"] == f"Patient/{one(conv, 'Patient')['id']}"
+    # the pharmacy dispenses against its encoded order
     (auth,) = md["authorizingPrescription"]
-    assert auth["reference"] == f"MedicationRequest/{mr['id']}"
+    assert auth["reference"] == f"MedicationRequest/{encoded['id']}"
     assert auth["identifier"]["value"] == "RX-0042"  # RXD-7 prescription number
     assert md["whenHandedOver"] == "2024-06-11T13:30:00+02:00"  # RXD-3
     assert md["quantity"]["value"] == 14 and md["quantity"]["code"] == "TAB"  # RXD-4/5
@@ -287,15 +375,38 @@ def test_rds_dispense_maps_to_medication_dispense():
     med = by_ref(conv, md["medicationReference"])
     assert codes(med["code"]) == {("http://hl7.org/fhir/sid/ndc", "00069152001")}
     assert med["batch"] == {"lotNumber": "B2024-17", "expirationDate": "2026-01-31"}
-    assert md["medicationReference"] != mr["medicationReference"]
+    assert md["medicationReference"] != encoded["medicationReference"]
+    assert order["intent"] == "order"
+
+
+def test_rds_refers_to_the_same_orders_as_the_rde():
+    # ids come from the business identifiers: ORC-2 for the order, ORC-3 for the
+    # encoded order, so the dispense message updates what the order message made
+    rde = order_and_encoded(convert("rde_o11.hl7"), "ORD-9001")
+    rds = order_and_encoded(convert("rds_o13.hl7"), "ORD-9001")
+    assert [mr["id"] for mr in rde] == [mr["id"] for mr in rds]
+
+
+def test_rds_supplementary_code_is_another_coding_of_the_product():
+    data = (FIXTURES / "rds_o13.hl7").read_bytes()
+    old = b"|B2024-17|20260131"
+    assert old in data
+    data = data.replace(old, old + b"||||||197361^Amlodipine 5 MG Oral Tablet^RXNORM")
+    conv = convert_bytes(data)
+    med = by_ref(conv, one(conv, "MedicationDispense")["medicationReference"])
+    # RXD-25 supplementary code: the same product in another code system
+    assert codes(med["code"]) == {
+        ("http://hl7.org/fhir/sid/ndc", "00069152001"),
+        (RXNORM, "197361"),
+    }
 
 
 def test_rds_rxr_after_rxd_goes_to_the_dispense():
     conv = convert("rds_o13.hl7")
     md = one(conv, "MedicationDispense")
-    mr = one(conv, "MedicationRequest")
-    # the RXR after RXE (PO) belongs to the order, the one after RXD (SL) to the dispense
-    assert codes(mr["dosageInstruction"][0]["route"]) == {(V3_ROUTE, "PO")}
+    _, encoded = order_and_encoded(conv, "ORD-9001")
+    # the RXR after RXE (PO) belongs to the encoded order, the one after RXD (SL) to the dispense
+    assert codes(encoded["dosageInstruction"][0]["route"]) == {(V3_ROUTE, "PO")}
     assert md["dosageInstruction"][0]["route"]["coding"][0]["code"] == "SL"
     assert unmapped_segments(conv) == set()
 

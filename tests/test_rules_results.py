@@ -150,7 +150,9 @@ def test_oru_diagnostic_report_links_results_order_and_specimen():
     assert order["status"] == "completed"  # ORC-5 CM
     assert order["intent"] == "order"
     assert by_ref(conv, order["requester"])["resourceType"] == "Practitioner"
-    specimen = by_ref(conv, report["specimen"][0])
+    # IG ORU_R01: the OBR makes a Specimen (OBR[Specimen]: OBR-7 → collection time), the SPM another
+    from_obr, specimen = (by_ref(conv, r) for r in report["specimen"])
+    assert from_obr["collection"] == {"collectedDateTime": "2024-01-05T07:00:00-05:00"}
     assert specimen["resourceType"] == "Specimen"
     assert codes(specimen["type"]) == {("http://terminology.hl7.org/CodeSystem/v2-0487", "BLD")}
     assert specimen["identifier"][0]["value"] == "SPC01"
@@ -205,6 +207,45 @@ def test_oru_value_types_pick_value_x():
     }
     assert any(p.get("name") == "GOODLAB" for p in performers)
 
+
+
+def test_oru_specimen_from_obr_and_spm_with_parents():
+    conv = convert("oru_r01_specimen.hl7")
+    report = one(conv, "DiagnosticReport")
+    from_obr, from_spm = (by_ref(conv, r) for r in report["specimen"])
+    # OBR carries specimen data (OBR-9/10/14/15/39): IG OBR[Specimen], OBR-8 empty → collectedDateTime
+    assert from_obr["collection"]["collectedDateTime"] == "2024-01-14T07:00:00+00:00"  # OBR-7
+    assert from_obr["collection"]["quantity"] == {"value": 20, "unit": "milliliter"}  # OBR-9 CQ: unit only
+    assert by_ref(conv, from_obr["collection"]["collector"])["name"][0]["family"] == "Collector"
+    assert from_obr["receivedTime"] == "2024-01-14T07:30:00+00:00"  # OBR-14
+    assert codes(from_obr["type"]) == {("http://terminology.hl7.org/CodeSystem/v2-0070", "UR")}  # OBR-15.1
+    assert from_obr["note"] == [{"text": "Midstream, clean catch"}]  # OBR-39
+    assert "identifier" not in from_obr  # OBR-2 → accessionIdentifier only if known to be one (IG)
+    # SPM-2 EIP: placer → PGN, filler → FGN; SPM-32 shipment id → SHIP (IG SPM[Specimen])
+    assert {type_code(i): i["value"] for i in from_spm["identifier"]} == {
+        "PGN": "SPM77", "FGN": "SPMF77", "SHIP": "SHIP-9",
+    }
+    # SPM-3: each parent id is a Specimen of its own (IG parent(Specimen.identifier))
+    parents = [by_ref(conv, p) for p in from_spm["parent"]]
+    assert [(type_code(p["identifier"][0]), p["identifier"][0]["value"]) for p in parents] == [
+        ("PGN", "PAR1"), ("PGN", "PAR2"),
+    ]
+    assert len(resources(conv, "Specimen")) == 4
+    assert conv.report["unmapped_segments"] == []
+    assert_references_resolve(conv)
+
+
+def test_oru_interpretation_placeholder_system_and_note_author():
+    conv = convert("oru_r01_specimen.hl7")
+    obs = obs_by_loinc(conv, "630-4")
+    # OBX-8 "H^High^HL7nnnn": the v2 placeholder for "this field's HL7 table" → table 0078, translated
+    v3 = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+    assert [codes(i) for i in obs["interpretation"]] == [{(v3, "H")}, {(v3, "A")}]
+    # NTE-5 entered by and NTE-6 entered date/time join the note of NTE-3 (IG NTE[Observation])
+    (note,) = obs["note"]
+    assert note["text"] == "Greater than 100,000 CFU/mL"
+    assert note["time"] == "2024-01-15T08:55:00+00:00"
+    assert by_ref(conv, note["authorReference"])["name"][0]["family"] == "Micro"
 
 # ---------------------------------------------------------------------- OUL^R22
 
@@ -272,6 +313,25 @@ def test_orm_cancel_status_and_old_style_timing():
     assert codes(order["reasonCode"][0]) == {("http://hl7.org/fhir/sid/icd-10", "R51")}
     assert "authoredOn" not in order  # ORC-9 only for NW (IG)
 
+
+
+def test_omg_v28_placer_group_eip_alternate_placer_number_and_no_specimen_for_imaging():
+    conv = convert("omg_o19_v28.hl7")
+    order = one(conv, "ServiceRequest")
+    # ORC-4 is an EIP from v2.7: its placer EI (EIP-1) is the requisition
+    assert order["requisition"]["value"] == "GRP910"
+    assert type_code(order["requisition"]) == "PGN"
+    # OBR-53 alternate placer order number: type PLAC is assigned (IG), not CX-5 "MR"
+    alt = next(i for i in order["identifier"] if i["value"] == "ALT910")
+    assert codes(alt["type"]) == {(V2_0203, "PLAC")}
+    assert order["authoredOn"] == "2024-01-16T07:55:00+00:00"  # ORC-9, ORC-1 NW
+    # TQ1-5 relative time in minutes → offset; TQ1-6 service duration, no TQ1-7/8 → boundsDuration
+    assert order["occurrenceTiming"]["repeat"] == {
+        "period": 6, "periodUnit": "h", "offset": 30, "boundsDuration": {"value": 45, "unit": "min"},
+    }
+    # a CT order has no specimen data in its OBR (only OBR-7): no Specimen
+    assert resources(conv, "Specimen") == []
+    assert conv.report["unmapped_segments"] == []
 
 # ------------------------------------------------------------------ MDM^T01/T02
 
@@ -365,6 +425,16 @@ def test_ref_referral_service_request_with_providers_and_reasons():
     assert conv.report["unmapped_segments"] == []
     assert_references_resolve(conv)
 
+
+
+def test_ref_cancel_revokes_the_referral():
+    conv = convert("ref_i14.hl7")
+    referral = one(conv, "ServiceRequest")
+    # REF^I14 cancels the referral: revoked, even though RF1-1 still says P (pending)
+    assert referral["status"] == "revoked"
+    assert referral["authoredOn"] == "2024-01-11"  # RF1-9 process date
+    # same RF1-6 referral id as the REF^I12 that made it → the same resource
+    assert referral["id"] == one(convert("ref_i12.hl7"), "ServiceRequest")["id"]
 
 # ------------------------------------------------------------ corpus messages
 
