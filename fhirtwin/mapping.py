@@ -904,8 +904,24 @@ class Engine:
             )
         res: dict[str, Any] = {"resourceType": comp.rule.resource}
         comp.apply(seg, res, st)
-        res["id"] = _make_id(res, comp.rule.id, st, f"{seg.index}:{e.rule}")
+        scope = f"{seg.index}:{e.rule}"
+        res["id"] = _make_id(res, comp.rule.id, st, scope)
         res = {"resourceType": res.pop("resourceType"), "id": res.pop("id"), **res}
+        same = st.resources.get(f"{res['resourceType']}/{res['id']}")
+        if same is not None and _content(same) != _content(res):
+            # Another segment of this message made a different resource with the same
+            # business identifier (a sender reusing OBX-21, two visits sharing a number):
+            # keep both, the second under a position-based id, and say so.
+            first = _lineage_of(same)
+            res["id"] = _make_id(res, "message", st, scope)
+            st.report.assumptions.append(
+                {
+                    "field": f"{seg.name}[{seg.index + 1}]",
+                    "what": f"same identifier as the {res['resourceType']} from {first} but "
+                    "different content: kept as a separate resource with an id from its "
+                    "position in the message",
+                }
+            )
         _lineage(res, seg)
         res = st.add_resource(res)
         if e.as_:
@@ -1269,6 +1285,24 @@ def _make_id(res: dict[str, Any], mode: str, st: _State, scope: str) -> str:
     elif mode == "content":
         return _uuid(rt + "|" + orjson.dumps(res, option=orjson.OPT_SORT_KEYS).decode())
     return _uuid(f"{rt}|{st.message_key}|{scope}")
+
+
+def _content(res: dict[str, Any]) -> dict[str, Any]:
+    """A resource without its lineage, to tell a repeat from a different resource."""
+    out = dict(res)
+    exts = [x for x in res.get("extension", ()) if x.get("url") != LINEAGE_EXTENSION]
+    if exts:
+        out["extension"] = exts
+    else:
+        out.pop("extension", None)
+    return out
+
+
+def _lineage_of(res: dict[str, Any]) -> str:
+    for ext in res.get("extension", ()):
+        if ext.get("url") == LINEAGE_EXTENSION:
+            return str(ext.get("valueString"))
+    return "an earlier segment"
 
 
 def _lineage(res: dict[str, Any], seg: Segment) -> None:

@@ -232,3 +232,21 @@ def test_sender_profile_forces_a_charset_over_msh18(tmp_path: Path) -> None:
     conv = convert_hl7v2(msg)
     assert _by_type(conv.bundle, "Patient")[0]["name"][0]["given"][0] == "Adaëze"
     assert any("windows-1252" in n for n in conv.report["notes"])
+
+
+def test_two_results_sharing_an_identifier_are_both_kept_and_reported() -> None:
+    # A sender reusing OBX-21 for two different results must not lose the second one.
+    msg = (EXAMPLES / "oru-r01-cmp.hl7").read_bytes()
+    lines = msg.split(b"\r")
+    for i, line in enumerate(lines):
+        if line.startswith((b"OBX|1|", b"OBX|2|")):
+            lines[i] = line + b"|||||||OBXID-1^LABSYS"
+    conv = convert_hl7v2(b"\r".join(lines), validate=True)
+    values = sorted(
+        o["valueQuantity"]["value"]
+        for o in _by_type(conv.bundle, "Observation")
+        if "valueQuantity" in o
+    )
+    assert values == [1.4, 4.1, 182]
+    assert any("same identifier" in a["what"] for a in conv.report["assumptions"])
+    assert conv.report["validation"] == []
