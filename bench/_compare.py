@@ -157,7 +157,11 @@ class Deliberate:
     path: str  # fnmatch pattern over the path inside the resource; "" = the whole resource
     reason: str
     ig_ref: str
-    when: Callable[[Any], bool]  # predicate on the raw EXPECTED value (resource dict if path "")
+    when: Callable[..., bool]  # predicate on the raw EXPECTED value (resource dict if path "")
+    # With context=True, `when(value, ctx)` also sees ctx.resource (the expected resource),
+    # ctx.element (the repeating element, e.g. the identifier, the value sits in) and
+    # ctx.bundle (the expected Bundle): still only the oracle's side, never our output.
+    context: bool = False
 
 
 def _is_example_uri(value: Any) -> bool:
@@ -173,6 +177,90 @@ def _has_code_system(suffix: str) -> Callable[[Any], bool]:
         return any(c.get("system") == EXAMPLE_PREFIX + suffix for c in codings)
 
     return check
+
+
+def _parse_source(source: bytes | None) -> Any:
+    """The input message parsed with our tokenizer, or None (no source, or unreadable)."""
+    if not source:
+        return None
+    try:
+        from fhirtwin.hl7v2 import parse
+
+        return parse(source)
+    except Exception:  # a message we cannot parse simply gives rules nothing to read
+        return None
+
+
+def _source_has(ctx: Any, segment: str, field: int) -> bool:
+    """True when some `segment` of the input message has field `field` valued."""
+    msg = getattr(ctx, "source", None)
+    if msg is None:
+        return True  # unknown: assume valued, so the rule (which needs it empty) stays off
+    return any(s.has(field) for s in msg.segments if s.name == segment)
+
+
+def _event(ctx: Any) -> str:
+    """MSH-9.1 of the input message ('' when unknown)."""
+    msg = getattr(ctx, "source", None)
+    return msg.message_code if msg is not None else ""
+
+
+def _coding_is(system: str, code: str | None = None) -> Callable[[Any], bool]:
+    """Predicate on a raw expected Coding: this system (and code)."""
+
+    def check(coding: Any) -> bool:
+        return (
+            isinstance(coding, dict)
+            and coding.get("system") == system
+            and (code is None or coding.get("code") == code)
+        )
+
+    return check
+
+
+def _identifier_values(bundle: Any, rtype: str) -> set[str]:
+    """Every identifier value of the expected resources of one type."""
+    out: set[str] = set()
+    for res in bundle_resources(bundle):
+        if res.get("resourceType") == rtype:
+            out.update(i.get("value") for i in res.get("identifier") or [] if i.get("value"))
+    return out
+
+
+def _copied_from_in2(value: Any, ctx: Any) -> bool:
+    """The identifier element's value sits on both Patient and Coverage (IN2 ids copied)."""
+    el = ctx.element if isinstance(ctx.element, dict) else {}
+    v = el.get("value")
+    return bool(v) and v in _identifier_values(ctx.bundle, "Patient") and v in _identifier_values(
+        ctx.bundle, "Coverage"
+    )
+
+
+def _segments(ctx: Any, name: str) -> list[Any]:
+    """Segments of the input message with this name ([] when the message is unknown)."""
+    msg = getattr(ctx, "source", None)
+    return [s for s in msg.segments if s.name == name] if msg is not None else []
+
+
+def _element_typed(*codes: str) -> Callable[[Any, Any], bool]:
+    """Predicate: the repeating element (an identifier) has a v2-0203 type among codes."""
+
+    def check(value: Any, ctx: Any) -> bool:
+        el = ctx.element if isinstance(ctx.element, dict) else {}
+        codings = ((el.get("type") or {}).get("coding") or []) if isinstance(el, dict) else []
+        return any(c.get("code") in codes for c in codings if isinstance(c, dict))
+
+    return check
+
+
+def _parent_order_only(res: Any, ctx: Any) -> bool:
+    """A ServiceRequest with no code whose identifiers all come from ORC-8 / OBR-29."""
+    parents: set[str] = set()
+    for name, field_no in (("ORC", 8), ("OBR", 29)):
+        for seg in _segments(ctx, name):
+            parents.update(v for c in (1, 2) if (v := seg.value(field_no, 0, c)))
+    values = [i.get("value") for i in res.get("identifier") or [] if i.get("value")]
+    return not res.get("code") and bool(values) and all(v in parents for v in values)
 
 
 DELIBERATE: tuple[Deliberate, ...] = (
@@ -222,11 +310,217 @@ DELIBERATE: tuple[Deliberate, ...] = (
         "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 81 (PDA); ADT_A02 line 43",
         _has_code_system("CodeSystem/procedure-code"),
     ),
+    Deliberate(
+        "D6", "Patient", "identifier.type",
+        "PID-19 (SSN) typed SB; the IG types it SS in the US (SB only outside it), and the "
+        "system us-ssn says this is the US.",
+        "segments/HL7 Segment - FHIR R4_ PID[Patient] - PID.csv lines 32-33 (PID-19)",
+        _coding_is("http://terminology.hl7.org/CodeSystem/v2-0203", "SB"),
+    ),
+    Deliberate(
+        "D7", "Encounter", "status",
+        "Encounter.status 'in-progress' for a pre-admission (class PRENC, PV1-2 = P); the IG's "
+        "PatientClass → EncounterStatus map gives P → planned, and only the ADT_A11 message "
+        "map takes the status from the event.",
+        "codesystems/HL7 Concept Map_ PatientClass[EncounterStatus] - Sheet1.csv row P; "
+        "segments/HL7 Segment - FHIR R4_ PV1[Encounter] - PV1.csv line 6",
+        lambda v, ctx: v == "in-progress"
+        and ((ctx.resource or {}).get("class") or {}).get("code") == "PRENC",
+        context=True,
+    ),
+    Deliberate(
+        "D8", "AllergyIntolerance", "reaction.onset",
+        "AL1-6 (identification date) put in reaction.onset; the IG maps it to "
+        "AllergyIntolerance.onsetDateTime, which the oracle leaves empty.",
+        "segments/HL7 Segment - FHIR R4_ AL1[AllergyIntolerance] - AL1.csv line 29 (AL1-6)",
+        lambda v, ctx: not any(k.startswith("onset") for k in (ctx.resource or {})),
+        context=True,
+    ),
+    Deliberate(
+        "D9", "*", "*.system",
+        "http://terminology.hl7.org/CodeSystem/icd-o is not an HL7 terminology system; the "
+        "IG takes the system from the vocabulary table (ICD-O-3 is .../icd-o-3). The code is "
+        "still compared.",
+        "datatypes/HL7 Data Type - FHIR R4_ CWE[CodeableConcept] - Sheet1.csv line 6 (CWE.3)",
+        lambda v: v == "http://terminology.hl7.org/CodeSystem/icd-o",
+    ),
+    Deliberate(
+        "D10", "Coverage", "identifier.type",
+        "Coverage identifier typed PLN in an invented system for IN1-36; the IG gives IN1-36 "
+        "no target and table 0203 has no policy-number code.",
+        "segments/HL7 Segment - FHIR R4_ IN1[Coverage] - Sheet1.csv line 42 (IN1-36)",
+        _coding_is("http://example.com/CodeSystem/additional-identifier", "PLN"),
+    ),
+    Deliberate(
+        "D11", "Patient", "identifier.*",
+        "Identifiers from IN2 (Medicare/Medicaid numbers) copied onto the Patient and the "
+        "Coverage alike; the IG message maps leave IN2 unmapped.",
+        "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 65 (IN2)",
+        _copied_from_in2,
+        context=True,
+    ),
+    Deliberate(
+        "D12", "Coverage", "identifier.*",
+        "The same IN2 identifiers seen from the Coverage side (also on Patient.identifier); "
+        "the IG maps Coverage.identifier from IN1-2 only.",
+        "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 65 (IN2); "
+        "segments/HL7 Segment - FHIR R4_ IN1[Coverage] - Sheet1.csv (IN1-2)",
+        _copied_from_in2,
+        context=True,
+    ),
+    Deliberate(
+        "D13", "Procedure", "",
+        "Procedure stub with an identifier and no code (PR1-25 parent procedure); the IG "
+        "maps PR1-25 to partOf, and a stub with the parent's id would overwrite the parent.",
+        "segments/HL7 Segment - FHIR R4_ PR1[Procedure] - PR1[Procedure].csv line 36",
+        lambda r: bool(r.get("identifier")) and not r.get("code"),
+    ),
+    Deliberate(
+        "D14", "Procedure", "",
+        "Procedure made from FT1-25 (a charge's procedure code: no identifier, no "
+        "performed[x]); no IG segment or message map covers FT1.",
+        "v2-to-FHIR Map Inventory - Segment.csv (FT1: no map)",
+        lambda r: bool(r.get("code")) and not r.get("identifier")
+        and not any(k.startswith("performed") for k in r),
+    ),
+    Deliberate(
+        "D15", "ServiceRequest", "",
+        "ServiceRequest made from RF1 in an ADT message; the IG's ADT message maps leave RF1 "
+        "unmapped.",
+        "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 74 (RF1)",
+        lambda r, ctx: _event(ctx) in ("ADT", "BAR", "DFT")
+        and any(s.name == "RF1" for s in ctx.source.segments),
+        context=True,
+    ),
+    Deliberate(
+        "D16", "ServiceRequest", "",
+        "ServiceRequest in SIU when SCH-26 and SCH-27 are empty; the IG creates it only "
+        "'IF SCH-26 or SCH-27 VALUED'.",
+        "messages/HL7 Message - FHIR R4_ SIU_S12 - Sheet1.csv lines 8 and 29",
+        lambda r, ctx: _event(ctx) == "SIU"
+        and not _source_has(ctx, "SCH", 26) and not _source_has(ctx, "SCH", 27),
+        context=True,
+    ),
+    Deliberate(
+        "D17", "ServiceRequest", "",
+        "ServiceRequest from ORC in VXU; the IG makes it 'only if the system wants to know "
+        "about the order', and ORC-2/3/12 are already on the Immunization.",
+        "messages/HL7 Message - FHIR R4_ VXU_V04 - Sheet1.csv line 43 (ORC)",
+        lambda r, ctx: _event(ctx) == "VXU",
+        context=True,
+    ),
+    Deliberate(
+        "D18", "Appointment", "appointmentType",
+        "SCH-7 coded from table 0276 put in appointmentType; the IG maps SCH-7 with 0276 to "
+        "reasonCode (appointmentType takes 0277).",
+        "segments/HL7 Segment - FHIR R4_ SCH[Appointment] - Sheet1.csv lines 10-11 (SCH-7)",
+        _coding_is("http://terminology.hl7.org/CodeSystem/v2-0276"),
+    ),
+    Deliberate(
+        "D19", "MedicationDispense", "",
+        "MedicationDispense made from FT1 (a charge line: medicationCodeableConcept from "
+        "FT1-29); FT1 is in no IG map, and a charge is not a dispense.",
+        "v2-to-FHIR Map Inventory - Segment.csv (FT1: no map)",
+        lambda r, ctx: "medicationCodeableConcept" in r
+        and not any(s.name == "RXD" for s in ctx.source.segments),
+        context=True,
+    ),
+    Deliberate(
+        "D20", "DiagnosticReport", "",
+        "DiagnosticReport made for an ED/RP OBX (presentedForm); the IG maps every OBX of an "
+        "order group to an Observation, and leaves ORDER_DOCUMENT to FHIR R5.",
+        "messages/HL7 Message - FHIR R4_ ORU_R01 - Sheet1.csv lines 47-51, 67, 71",
+        lambda r: bool(r.get("presentedForm")),
+    ),
+    Deliberate(
+        "D21", "Specimen", "identifier.*",
+        "OBR-2/OBR-3 placer/filler order numbers put on the Specimen as PLAC/FILL "
+        "identifiers; the IG maps OBR-2 to accessionIdentifier only when it is also the "
+        "accession number, and OBR-3 to nothing on the Specimen.",
+        "segments/HL7 Segment - FHIR R4_ OBR[Specimen] - Sheet1.csv lines 5-6",
+        _element_typed("PLAC", "FILL"),
+        context=True,
+    ),
+    Deliberate(
+        "D22", "DocumentReference", "docStatus",
+        "docStatus 'preliminary' for TXA-17 = AU; table 0271 AU is 'authenticated', a "
+        "signed, complete document: final.",
+        "segments/HL7 Segment - FHIR R4_ TXA[DocumentReference] - Sheet1.csv line 23 (TXA-17)",
+        lambda v, ctx: v == "preliminary"
+        and any(s.value(17) == "AU" for s in _segments(ctx, "TXA")),
+        context=True,
+    ),
+    Deliberate(
+        "D23", "ServiceRequest", "identifier.*",
+        "ORC-4 placer group number as a PGN identifier; the IG maps ORC-4 to "
+        "ServiceRequest.requisition.",
+        "segments/HL7 Segment - FHIR R4_ ORC[ServiceRequest] - ORC.csv lines 16-21 (ORC-4)",
+        _element_typed("PGN"),
+        context=True,
+    ),
+    Deliberate(
+        "D24", "ServiceRequest", "",
+        "ServiceRequest made for the parent order named in ORC-8 / OBR-29; the IG gives "
+        "those only as basedOn.identifier.",
+        "segments/HL7 Segment - FHIR R4_ ORC[ServiceRequest] - ORC.csv line 28 (ORC-8); "
+        "segments/HL7 Segment - FHIR R4_ OBR[ServiceRequest] - OBR.csv lines 43-47 (OBR-29)",
+        _parent_order_only,
+        context=True,
+    ),
+    Deliberate(
+        "D25", "ServiceRequest", "",
+        "ServiceRequest in an ORU with no ORC; the IG's ORU map makes it 'IF ORC VALUED'.",
+        "messages/HL7 Message - FHIR R4_ ORU_R01 - Sheet1.csv line 55",
+        lambda r, ctx: _event(ctx) == "ORU" and not _segments(ctx, "ORC"),
+        context=True,
+    ),
+    Deliberate(
+        "D26", "Specimen", "",
+        "Specimen made from OBR in MDM; the IG's MDM map makes only a ServiceRequest of OBR.",
+        "messages/HL7 Message - FHIR R4_ MDM_T02 - Sheet1.csv line 26",
+        lambda r, ctx: _event(ctx) == "MDM",
+        context=True,
+    ),
+    Deliberate(
+        "D27", "DiagnosticReport", "",
+        "DiagnosticReport in an order or document message (MDM, OML, ORM, OMG); the IG's "
+        "ORM/OML/MDM maps make none (OMG has no map; OML is the closest).",
+        "messages/HL7 Message - FHIR R4_ ORM_O01 - Sheet1.csv line 35; ..._OML_O21 - "
+        "Sheet1.csv lines 49-50; ..._MDM_T02 - Sheet1.csv line 26",
+        lambda r, ctx: _event(ctx) in ("MDM", "OML", "ORM", "OMG"),
+        context=True,
+    ),
+    Deliberate(
+        "D28", "DocumentReference", "",
+        "DocumentReference from TXA in ORU/OUL; the IG's ORU map leaves ORDER_DOCUMENT "
+        "unmapped ('will be addressed with FHIR R5'); OUL has no map.",
+        "messages/HL7 Message - FHIR R4_ ORU_R01 - Sheet1.csv lines 47-51",
+        lambda r, ctx: _event(ctx) in ("ORU", "OUL"),
+        context=True,
+    ),
+    Deliberate(
+        "D29", "*", "*identifier.value",
+        "An identifier value holding '&': the oracle left an EI/EIP sub-component unparsed; "
+        "the IG takes the entity identifier from the first sub-component.",
+        "datatypes/HL7 Data Type - FHIR R4_ EIP[Identifier-PlacerAssignedIdentifier] - "
+        "Sheet1.csv line 4",
+        lambda v: isinstance(v, str) and "&" in v,
+    ),
+    Deliberate(
+        "D30", "Specimen", "type",
+        "A SNOMED CT code (all digits) labelled with table 0487's system; SPM-4 says SCT, "
+        "and the IG takes the system from CWE-3.",
+        "segments/HL7 Segment - FHIR R4_ SPM[Specimen] - SPM.csv line 9; CWE[CodeableConcept] "
+        "line 6",
+        lambda v: isinstance(v, dict)
+        and v.get("system") == "http://terminology.hl7.org/CodeSystem/v2-0487"
+        and str(v.get("code", "")).isdigit(),
+    ),
 )
 
 
 def _rule_for(
-    rules: Sequence[Deliberate], rtype: str, rel_path: str, value: Any
+    rules: Sequence[Deliberate], rtype: str, rel_path: str, value: Any, ctx: Any = None
 ) -> Deliberate | None:
     """First DELIBERATE rule covering this expected value, if any."""
     for rule in rules:
@@ -236,7 +530,10 @@ def _rule_for(
             continue
         if rule.path != "" and not fnmatchcase(rel_path, rule.path):
             continue
-        if rule.when(value):
+        if rule.context:
+            if ctx is not None and rule.when(value, ctx):
+                return rule
+        elif rule.when(value):
             return rule
     return None
 
@@ -473,6 +770,10 @@ class Ctx:
     rtype: str
     rules: Sequence[Deliberate]
     where: str = ""
+    resource: Any = None  # the expected resource being compared
+    element: Any = None  # the expected element of a repeating group being compared
+    bundle: Any = None  # the expected Bundle
+    source: Any = None  # the input message, parsed (fhirtwin.hl7v2.Message), when known
 
 
 def pluck(obj: Any, path: str) -> list[Any]:
@@ -535,7 +836,13 @@ def _codings(
         if code is None:
             continue
         system = _norm_uri(coding.get("system"))
-        rule = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx) + ".system", system)
+        whole = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx), coding, ctx) if expected else None
+        if whole is not None:
+            excluded.append(
+                Outcome(path, "excluded", f"{system}|{code}", where=ctx.where, rule=whole.rule_id)
+            )
+            continue
+        rule = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx) + ".system", system, ctx)
         if expected and rule is not None:
             excluded.append(
                 Outcome(f"{path}.system", "excluded", str(system), where=ctx.where,
@@ -599,7 +906,7 @@ def extract(
         leaf = normalise(raw)
         if leaf is None:
             continue
-        rule = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx), raw) if expected else None
+        rule = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx), raw, ctx) if expected else None
         if rule is not None:
             excluded.append(
                 Outcome(path, "excluded", str(leaf), where=ctx.where, rule=rule.rule_id)
@@ -688,7 +995,7 @@ def _compare_group(
     sub = prefix + spec.path + "."
     exps = [e for e in pluck(exp, spec.path) if isinstance(e, dict)]
     acts = [a for a in pluck(act, spec.path) if isinstance(a, dict)] if act is not None else []
-    return compare_objects_paired(exps, acts, spec.fields, ctx, sub)
+    return compare_objects_paired(exps, acts, spec.fields, ctx, sub, element=True)
 
 
 def compare_object(
@@ -709,14 +1016,20 @@ def compare_object(
 
 def compare_objects_paired(
     exps: Sequence[Any], acts: Sequence[Any], specs: Sequence[Spec], ctx: Ctx, prefix: str,
-    where: Callable[[int], str] | None = None,
+    where: Callable[[int], str] | None = None, element: bool = False,
 ) -> tuple[list[Outcome], int]:
     """Pair expected and actual objects greedily by agreement, then compare the pairs."""
     cache: dict[tuple[int, int], tuple[list[Outcome], int]] = {}
 
     def run(i: int, j: int | None) -> tuple[list[Outcome], int]:
         """Compare expected i with actual j (memoised)."""
-        c = ctx if where is None else Ctx(ctx.rtype, ctx.rules, where(i))
+        c = Ctx(
+            ctx.rtype, ctx.rules, ctx.where if where is None else where(i),
+            resource=ctx.resource if element else exps[i],
+            element=exps[i] if element else None,
+            bundle=ctx.bundle,
+            source=ctx.source,
+        )
         if j is None:
             return compare_object(exps[i], None, specs, c, prefix)
         if (i, j) not in cache:
@@ -827,13 +1140,16 @@ def _excluded_resource(
 
 
 def _split(
-    resources: list[dict[str, Any]], rtype: str, rules: Sequence[Deliberate]
+    resources: list[dict[str, Any]], rtype: str, rules: Sequence[Deliberate], bundle: Any = None,
+    source: Any = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], Deliberate]]]:
     """Separate resources excluded by a whole-resource DELIBERATE rule."""
     kept: list[dict[str, Any]] = []
     dropped: list[tuple[dict[str, Any], Deliberate]] = []
     for res in resources:
-        rule = _rule_for(rules, rtype, "", res)
+        rule = _rule_for(
+            rules, rtype, "", res, Ctx(rtype, rules, resource=res, bundle=bundle, source=source)
+        )
         if rule is None:
             kept.append(res)
         else:
@@ -843,12 +1159,13 @@ def _split(
 
 def _compare_type(
     rtype: str, exps: list[dict[str, Any]], acts: list[dict[str, Any]],
-    rules: Sequence[Deliberate], result: CompareResult,
+    rules: Sequence[Deliberate], result: CompareResult, expected_bundle: Any = None,
+    actual_bundle: Any = None, source: Any = None,
 ) -> None:
     """Compare all resources of one type and add the outcomes to `result`."""
-    ctx = Ctx(rtype, rules)
-    exps, dropped = _split(exps, rtype, rules)
-    acts, _ = _split(acts, rtype, rules)
+    ctx = Ctx(rtype, rules, bundle=expected_bundle, source=source)
+    exps, dropped = _split(exps, rtype, rules, expected_bundle, source)
+    acts, _ = _split(acts, rtype, rules, actual_bundle, source)
     for n, (res, rule) in enumerate(dropped, 1):
         result.outcomes.extend(_excluded_resource(res, ctx, rule, f"{rtype}(excluded)#{n}"))
     if not exps:
@@ -871,12 +1188,21 @@ def _compare_type(
 
 
 def compare_bundles(
-    expected: Any, actual: Any, rules: Sequence[Deliberate] = DELIBERATE
+    expected: Any, actual: Any, rules: Sequence[Deliberate] = DELIBERATE,
+    source: bytes | None = None,
 ) -> CompareResult:
-    """Compare two Bundles by meaning (see module docstring and docs/conformance.md)."""
+    """Compare two Bundles by meaning (see module docstring and docs/conformance.md).
+
+    ``source`` (the input message) lets DELIBERATE rules that depend on what the
+    message holds (e.g. "SCH-26 is empty") decide; they never look at ``actual``.
+    """
     result = CompareResult()
+    parsed = _parse_source(source)
     exp_by_type = _by_type(expected)
     act_by_type = _by_type(actual)
     for rtype in SPECS:
-        _compare_type(rtype, exp_by_type[rtype], act_by_type[rtype], rules, result)
+        _compare_type(
+            rtype, exp_by_type[rtype], act_by_type[rtype], rules, result, expected, actual,
+            parsed,
+        )
     return result

@@ -58,6 +58,8 @@ class PairResult:
     result: _compare.CompareResult
     error: str | None = None
     detail: list[str] = field(default_factory=list)
+    # The same comparison with no DELIBERATE rule at all: the oracle taken at its word.
+    raw: _compare.CompareResult | None = None
 
     def row(self) -> dict[str, Any]:
         """JSON form of this pair's result."""
@@ -222,12 +224,20 @@ def score_pair(pair: Pair, root: Path, convert: Converter, timeout: int) -> Pair
             actual = convert(data, expected)
     except Exception as exc:
         detail = traceback.format_exception_only(type(exc), exc)
-        failed = _compare.compare_bundles(expected, {"resourceType": "Bundle", "entry": []})
+        failed = _compare.compare_bundles(
+            expected, {"resourceType": "Bundle", "entry": []}, source=data
+        )
         return PairResult(pair, failed, f"{type(exc).__name__}: {exc}", detail)
     try:
-        return PairResult(pair, _compare.compare_bundles(expected, actual))
+        return PairResult(
+            pair,
+            _compare.compare_bundles(expected, actual, source=data),
+            raw=_compare.compare_bundles(expected, actual, rules=(), source=data),
+        )
     except Exception as exc:
-        failed = _compare.compare_bundles(expected, {"resourceType": "Bundle", "entry": []})
+        failed = _compare.compare_bundles(
+            expected, {"resourceType": "Bundle", "entry": []}, source=data
+        )
         return PairResult(pair, failed, f"comparison failed: {type(exc).__name__}: {exc}")
 
 
@@ -245,6 +255,10 @@ def overall(results: list[PairResult]) -> dict[str, Any]:
         "errors": errors,
         "extra": sum(r.result.extra for r in results),
         "excluded": sum(r.result.excluded for r in results),
+        "raw_agreed": sum((r.raw or r.result).agreed for r in results),
+        "raw_compared": sum(
+            (r.raw.compared if r.raw else r.result.compared + r.result.excluded) for r in results
+        ),
     }
 
 
@@ -310,6 +324,10 @@ def print_summary(totals: dict[str, Any], worst: list[dict[str, Any]],
     score = "n/a" if totals["score"] is None else f"{totals['score']:.2f}%"
     print(f"overall: {totals['agreed']} agreed / {totals['compared']} compared = {score}"
           f"  (extra leaves in actual: {totals['extra']}, excluded: {totals['excluded']})")
+    if totals.get("raw_compared"):
+        raw = 100.0 * totals["raw_agreed"] / totals["raw_compared"]
+        print(f"without any DELIBERATE exclusion: {totals['raw_agreed']} agreed / "
+              f"{totals['raw_compared']} compared = {raw:.2f}%")
     print(f"\nworst {len(worst)} disagreeing fields (count over all pairs, #pairs):")
     for w in worst:
         print(f"  {w['path']}: {w['count']}  ({w['pairs']} pairs)")

@@ -16,8 +16,6 @@ import pytest
 from fhirtwin.conversion import convert_hl7v2
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hl7v2" / "pharmacy"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-MS_SAMPLES = CORPUS / "microsoft-fhir-converter" / "data" / "SampleData" / "Hl7v2"
 
 UCUM = "http://unitsofmeasure.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
@@ -507,7 +505,6 @@ def test_siu_untranslatable_filler_status_is_reported():
 # ------------------------------------------------------------------ corpus
 
 
-@pytest.mark.skipif(not MS_SAMPLES.is_dir(), reason="shared corpus not present")
 @pytest.mark.parametrize(
     "name",
     [
@@ -516,8 +513,9 @@ def test_siu_untranslatable_filler_status_is_reported():
         "SIU-S16-02", "SIU-S17-01", "SIU-S17-02", "SIU-S26-02",
     ],
 )  # fmt: skip
-def test_corpus_messages_convert_cleanly(name):
-    conv = convert_bytes((MS_SAMPLES / f"{name}.hl7").read_bytes())
+def test_corpus_messages_convert_cleanly(name, corpus):
+    samples = corpus / "microsoft-fhir-converter" / "data" / "SampleData" / "Hl7v2"
+    conv = convert_bytes((samples / f"{name}.hl7").read_bytes())
     family = {
         "RDE": "MedicationRequest",
         "RDS": "MedicationDispense",

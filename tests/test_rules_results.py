@@ -14,7 +14,6 @@ import pytest
 from fhirtwin.conversion import convert_hl7v2
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hl7v2" / "results"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 UCUM = "http://unitsofmeasure.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
@@ -457,10 +456,9 @@ _CORPUS_MESSAGES = [
 
 
 @pytest.mark.parametrize("rel", _CORPUS_MESSAGES)
-def test_corpus_message_is_valid_r4(rel):
-    path = CORPUS / rel
-    if not path.exists():
-        pytest.skip(f"corpus not available: {rel}")
+def test_corpus_message_is_valid_r4(rel, corpus):
+    path = corpus / rel
+    assert path.exists(), f"{rel} is missing from the corpus at {corpus}"
     conv = convert_hl7v2(path.read_bytes(), validate=True)
     assert conv.report["validation"] == []
     assert_references_resolve(conv)
