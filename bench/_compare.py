@@ -263,6 +263,57 @@ def _parent_order_only(res: Any, ctx: Any) -> bool:
     return not res.get("code") and bool(values) and all(v in parents for v in values)
 
 
+def _strings(obj: Any) -> list[str]:
+    """Every string leaf of a JSON value."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _strings(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _strings(v)]
+    return []
+
+
+_PATIENT_SEGMENTS = ("PID", "PD1", "NK1", "MRG", "PV1", "PV2")
+_OTHER_PARTY_SEGMENTS = ("GT1", "IN1", "IN2", "IN3", "DB1")
+
+
+def _from_other_parties(value: Any, ctx: Any) -> bool:
+    """The element's text appears in the input only in guarantor/insurance/disability segments.
+
+    Microsoft merges GT1/IN1/IN2/DB1 people and numbers into the Patient; the IG maps none
+    of those segments to Patient. Codes and systems are ignored: only the element's own
+    words (value, family, given, line, city …) decide.
+    """
+    msg = getattr(ctx, "source", None)
+    el = ctx.element if isinstance(ctx.element, dict) else None
+    if msg is None or el is None:
+        return False
+    words = [
+        w for k, v in el.items() if k not in ("type", "system", "use", "period", "assigner")
+        for w in _strings(v) if len(w) > 2
+    ]
+    if not words:
+        return False
+    text = {name: "|".join(
+        "|".join(seg.fields) for seg in msg.segments if seg.name == name
+    ) for name in (*_PATIENT_SEGMENTS, *_OTHER_PARTY_SEGMENTS)}
+    patient = "|".join(text[n] for n in _PATIENT_SEGMENTS)
+    others = "|".join(text[n] for n in _OTHER_PARTY_SEGMENTS)
+    return all(w in others and w not in patient for w in words)
+
+
+def _has_prior_temporary_location(values: Any, ctx: Any) -> bool:
+    """The expected Encounter lists a completed temporary location (PV1-43)."""
+    res = ctx.resource if isinstance(ctx.resource, dict) else {}
+    for loc in res.get("location") or []:
+        exts = loc.get("extension") or []
+        temporary = any(str(e.get("url", "")).endswith("/temporary-location") for e in exts)
+        if temporary and loc.get("status") == "completed":
+            return True
+    return False
+
+
 DELIBERATE: tuple[Deliberate, ...] = (
     Deliberate(
         "D1", "*", "*identifier.system",
@@ -515,6 +566,25 @@ DELIBERATE: tuple[Deliberate, ...] = (
         lambda v: isinstance(v, dict)
         and v.get("system") == "http://terminology.hl7.org/CodeSystem/v2-0487"
         and str(v.get("code", "")).isdigit(),
+    ),
+    Deliberate(
+        "D31", "Patient", "*",
+        "A Patient identifier, name, address or telecom whose words appear in the message only "
+        "in GT1, IN1, IN2, IN3 or DB1 (guarantor, insured, disability), not in PID/PD1/NK1; "
+        "the IG maps none of those segments to the Patient.",
+        "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv lines 44 (DB1), 62 (GT1), "
+        "64-66 (IN1-IN3: Coverage only)",
+        _from_other_parties,
+        context=True,
+    ),
+    Deliberate(
+        "D32", "Encounter", "location",
+        "Encounter location count when the oracle lists PV1-43 (prior temporary location) as "
+        "a completed temporary location; the IG maps PV1-43 to Basic (EncounterHistory), not "
+        "to Encounter.location.",
+        "segments/HL7 Segment - FHIR R4_ PV1[Encounter] - PV1.csv line 70 (PV1-43)",
+        _has_prior_temporary_location,
+        context=True,
     ),
 )
 
@@ -866,6 +936,8 @@ def _concepts(
         excluded.extend(excl)
         if got:
             leaves.extend(got)
+        elif excl:
+            continue  # its codings were excluded: the text is not a stand-in to compare
         elif (text := _norm_str(cc.get("text"))) is not None:
             leaves.append(Text(text))
     return leaves, excluded
@@ -894,7 +966,14 @@ def extract(
         return [], []
     values = pluck(obj, spec.path)
     if spec.kind == "count":
-        return ([Decimal(len(values))] if values else []), []
+        if not values:
+            return [], []
+        rule = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx), values, ctx) if expected else None
+        if rule is not None:
+            return [], [
+                Outcome(path, "excluded", str(len(values)), where=ctx.where, rule=rule.rule_id)
+            ]
+        return [Decimal(len(values))], []
     if spec.kind == "concept":
         return _concepts(values, path, ctx, expected)
     if spec.kind == "coding":
