@@ -46,6 +46,7 @@ class Leaf:
     call: Callable[..., None] | None = None  # a whole-line closure (cases)
     const: Any = None
     has_const: bool = False
+    inline: bool = True  # False: always store through `setter` (e.g. if_empty)
 
 
 @dataclass
@@ -68,6 +69,9 @@ class FunctionWriter:
     def store(self, indent: int, leaf: Leaf, target: str, value: str = "v") -> None:
         """Put ``value`` at the leaf's path in ``target``, inline where the path is simple."""
         to = leaf.to or ""
+        if not leaf.inline:
+            self.emit(indent, f"{self.ref(leaf.setter, 'S')}({target}, {value})")
+            return
         if leaf.with_ is None and _SIMPLE_KEY.match(to):
             self.emit(indent, f"{target}[{to!r}] = {value}")
             return

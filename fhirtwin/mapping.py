@@ -212,6 +212,16 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
     return setter
 
 
+def _only_if_empty(setter: Setter, path: str) -> Setter:
+    """`if_empty: true`: a later line fills the element only when nothing did before."""
+
+    def put(target: dict[str, Any], value: Any) -> None:
+        if _empty(_path_get(target, path)):
+            setter(target, value)
+
+    return put
+
+
 def _copy(v: Any) -> Any:
     return orjson.loads(orjson.dumps(v))
 
@@ -584,7 +594,11 @@ class Engine:
     def _leaf(self, rule: FieldRule, datatype: bool) -> codegen.Leaf:
         """What the code generator needs to know of one rule line."""
         setter = compile_path(rule.to, rule.with_, rule.source) if rule.to else None
-        leaf = codegen.Leaf(to=rule.to, setter=setter, with_=rule.with_, when=rule.when)
+        if setter is not None and rule.if_empty:
+            setter = _only_if_empty(setter, rule.to or "")
+        leaf = codegen.Leaf(
+            to=rule.to, setter=setter, with_=rule.with_, when=rule.when, inline=not rule.if_empty
+        )
         if rule.when:
             _compile_when(rule.when, rule.source)  # checks the condition's shape
         if rule.value is not None:
@@ -884,6 +898,8 @@ class Engine:
         if e.into:
             target = self._into_target(e.into, seg, st)
             if target is None:
+                if e.optional:
+                    return
                 st.report.unmapped_segments.append(
                     {
                         "segment": seg.name,

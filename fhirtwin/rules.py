@@ -39,7 +39,7 @@ FIELD_KEYS = frozenset(
     {
         "field", "comp", "sub", "width", "to", "type", "map", "system", "rep", "when",
         "value", "default", "ref", "link", "switch", "cases", "with", "note", "required",
-        "unmapped", "format", "msh",
+        "unmapped", "format", "msh", "if_empty",
     }
 )  # fmt: skip
 
@@ -69,6 +69,7 @@ class FieldRule:
     unmapped: str = "keep"
     format: str | None = None
     msh: int | None = None
+    if_empty: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,7 @@ class MessageEntry:
     as_: str | None = None
     into: tuple[str, ...] = ()
     when: dict[str, Any] | None = None
+    optional: bool = False  # with into: no target is fine (the field report still counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +253,7 @@ def _field_rule(raw: Any, where: str) -> FieldRule:
         unmapped=str(raw.get("unmapped", "keep")),
         format=raw.get("format"),
         msh=raw.get("msh"),
+        if_empty=bool(raw.get("if_empty", False)),
     )
 
 
@@ -319,6 +322,7 @@ def _load_message(path: Path, raw_all: dict[str, Any], seen: tuple[str, ...] = (
                 as_=e.get("as"),
                 into=tuple(into),
                 when=e.get("when"),
+                optional=bool(e.get("optional", False)),
             )
         )
     drop = set(raw.get("drop", ()))

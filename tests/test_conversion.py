@@ -250,3 +250,35 @@ def test_two_results_sharing_an_identifier_are_both_kept_and_reported() -> None:
     assert values == [1.4, 4.1, 182]
     assert any("same identifier" in a["what"] for a in conv.report["assumptions"])
     assert conv.report["validation"] == []
+
+
+def test_rule_options_if_empty_and_optional_into(tmp_path: Path) -> None:
+    rules = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", rules)
+    (rules / "hl7v2" / "segments" / "ZXA-Observation.yaml").write_text(
+        "segment: ZXA\nresource: Observation\nid: message\nfields:\n"
+        "  - {to: status, value: final}\n"
+        "  - {field: 1, to: code.text}\n"
+        "  - {field: 2, to: code.text, if_empty: true}\n"
+        "  - {field: 3, to: valueString}\n"
+    )
+    (rules / "hl7v2" / "messages" / "ZXA_Z01.yaml").write_text(
+        "segments:\n"
+        "  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
+        "  - {segment: ZXA, rule: ZXA-Observation}\n"
+        "  - {segment: ZXA, rule: ZXA-Observation, into: report, optional: true}\n"
+        "  - {segment: ZXA, rule: ZXA-Observation, into: order}\n"
+    )
+    head = b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ZXA^Z01|Z1|P|2.5\r"
+
+    def obs(line: bytes) -> tuple[dict, dict]:
+        conv = convert_hl7v2(head + line + b"\r", mappings=rules)
+        return _by_type(conv.bundle, "Observation")[0], conv.report
+
+    first, report = obs(b"ZXA|first|second|v")
+    assert first["code"]["text"] == "first"  # if_empty: the second line did not overwrite it
+    second, _ = obs(b"ZXA||second|v")
+    assert second["code"]["text"] == "second"  # …but fills it when the first left it empty
+    reasons = [u["reason"] for u in report["unmapped_segments"]]
+    assert any("no order before it" in r for r in reasons)  # a plain into: is reported
+    assert not any("report" in r for r in reasons)  # an optional one is not
