@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bundles import by_ref as _resolve
+from bundles import one as _one
+from bundles import resources as _all
 
 from fhirtwin.conversion import convert_hl7v2
 
@@ -25,25 +28,6 @@ def _convert(name: str) -> Any:
 
 def _msg(*segments: str) -> Any:
     return convert_hl7v2(("\r".join(segments) + "\r").encode(), validate=True)
-
-
-def _all(conv: Any, rtype: str) -> list[dict[str, Any]]:
-    return [e["resource"] for e in conv.bundle["entry"] if e["resource"]["resourceType"] == rtype]
-
-
-def _one(conv: Any, rtype: str) -> dict[str, Any]:
-    found = _all(conv, rtype)
-    assert len(found) == 1, f"expected one {rtype}, got {len(found)}"
-    return found[0]
-
-
-def _resolve(conv: Any, ref: dict[str, str]) -> dict[str, Any]:
-    rtype, rid = ref["reference"].split("/")
-    for e in conv.bundle["entry"]:
-        r = e["resource"]
-        if r["resourceType"] == rtype and r["id"] == rid:
-            return r
-    raise AssertionError(f"{ref['reference']} is not in the bundle")
 
 
 def _codes(concept: dict[str, Any]) -> set[tuple[str | None, str]]:

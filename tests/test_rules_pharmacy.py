@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bundles import assert_references_resolve, by_ref, one, resources
 
 from fhirtwin.conversion import convert_hl7v2
 
@@ -35,22 +36,10 @@ def convert(name: str):
     return convert_bytes((FIXTURES / name).read_bytes())
 
 
-def resources(conv, rtype: str) -> list[dict]:
-    return [e["resource"] for e in conv.bundle["entry"] if e["resource"]["resourceType"] == rtype]
 
 
-def one(conv, rtype: str) -> dict:
-    found = resources(conv, rtype)
-    assert len(found) == 1, f"{len(found)} {rtype} resources"
-    return found[0]
 
 
-def by_ref(conv, ref: dict) -> dict:
-    rtype, rid = ref["reference"].split("/")
-    for res in resources(conv, rtype):
-        if res["id"] == rid:
-            return res
-    raise AssertionError(f"{ref['reference']} is not in the bundle")
 
 
 def by_identifier(conv, rtype: str, value: str) -> dict:
@@ -64,23 +53,6 @@ def codes(concept: dict) -> set[tuple[str | None, str]]:
     return {(c.get("system"), c["code"]) for c in concept.get("coding", [])}
 
 
-def assert_references_resolve(conv) -> None:
-    present = {
-        f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in conv.bundle["entry"]
-    }
-
-    def walk(node):
-        if isinstance(node, dict):
-            ref = node.get("reference")
-            if isinstance(ref, str) and "/" in ref:
-                assert ref in present, f"dangling reference {ref}"
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(conv.bundle)
 
 
 def unmapped_segments(conv) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bundles import assert_references_resolve, by_ref, one, resources
 
 from fhirtwin.conversion import convert_hl7v2
 
@@ -25,22 +26,10 @@ def convert(name: str):
     return conv
 
 
-def resources(conv, rtype: str) -> list[dict]:
-    return [e["resource"] for e in conv.bundle["entry"] if e["resource"]["resourceType"] == rtype]
 
 
-def one(conv, rtype: str) -> dict:
-    found = resources(conv, rtype)
-    assert len(found) == 1, f"{len(found)} {rtype} resources"
-    return found[0]
 
 
-def by_ref(conv, ref: dict) -> dict:
-    rtype, rid = ref["reference"].split("/")
-    for res in resources(conv, rtype):
-        if res["id"] == rid:
-            return res
-    raise AssertionError(f"{ref['reference']} is not in the bundle")
 
 
 def obs_by_loinc(conv, code: str) -> dict:
@@ -58,21 +47,6 @@ def type_code(ident: dict) -> str:
     return ident["type"]["coding"][0]["code"]
 
 
-def assert_references_resolve(conv) -> None:
-    present = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in conv.bundle["entry"]}
-
-    def walk(node):
-        if isinstance(node, dict):
-            ref = node.get("reference")
-            if isinstance(ref, str) and "/" in ref and not ref.startswith("Bundle"):
-                assert ref in present, f"dangling reference {ref}"
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(conv.bundle)
 
 
 # --------------------------------------------------------------------- ORU^R01
