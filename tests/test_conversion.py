@@ -282,3 +282,26 @@ def test_rule_options_if_empty_and_optional_into(tmp_path: Path) -> None:
     reasons = [u["reason"] for u in report["unmapped_segments"]]
     assert any("no order before it" in r for r in reasons)  # a plain into: is reported
     assert not any("report" in r for r in reasons)  # an optional one is not
+
+
+def test_pharmacy_administration_becomes_medication_administration() -> None:
+    conv = convert_hl7v2((EXAMPLES / "ras-o17-administration.hl7").read_bytes(), validate=True)
+    assert conv.report["validation"] == []
+    given, refused = _by_type(conv.bundle, "MedicationAdministration")
+    assert given["status"] == "completed"
+    assert given["medicationCodeableConcept"]["coding"][0] == {
+        "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+        "code": "310798",
+        "display": "Furosemide 40 MG Oral Tablet",
+    }
+    assert given["effectivePeriod"] == {
+        "start": "2026-11-04T08:00:00-05:00",
+        "end": "2026-11-04T08:05:00-05:00",
+    }
+    assert given["dosage"]["dose"]["value"] == 40
+    assert given["dosage"]["dose"]["code"] == "mg"
+    assert given["dosage"]["route"]["coding"][0]["code"] == "PO"
+    assert given["note"][0]["text"] == "Given with breakfast."
+    assert refused["status"] == "not-done"
+    pat = _by_type(conv.bundle, "Patient")[0]
+    assert given["subject"]["reference"] == f"Patient/{pat['id']}"
