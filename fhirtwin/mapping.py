@@ -49,17 +49,38 @@ Setter = Callable[[dict[str, Any], Any], None]
 class ConversionError(ValueError):
     """A message that the rules cannot turn into FHIR (reject policy, unknown type)."""
 
-    def __init__(self, what: str, *, hint: str, field: str | None = None, control_id: str = ""):
+    def __init__(
+        self,
+        what: str,
+        *,
+        hint: str,
+        field: str | None = None,
+        control_id: str = "",
+        segment: str | None = None,
+        segment_index: int | None = None,
+        byte_offset: int | None = None,
+    ):
         self.what, self.hint, self.field, self.control_id = what, hint, field, control_id
-        where = ", ".join(x for x in (field, f"message {control_id}" if control_id else "") if x)
+        self.segment, self.segment_index, self.byte_offset = segment, segment_index, byte_offset
+        parts = [
+            field,
+            f"message {control_id}" if control_id else "",
+            f"segment {segment_index} ({segment})" if segment_index else "",
+            f"byte {byte_offset}" if byte_offset is not None else "",
+        ]
+        where = ", ".join(x for x in parts if x)
         super().__init__(f"{what}{f' [{where}]' if where else ''}: {hint}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The error as JSON-ready data (dead letters, ACK ERR segments, reports)."""
         return {
             "error": self.what,
             "hint": self.hint,
             "field": self.field,
             "control_id": self.control_id,
+            "segment": self.segment,
+            "segment_index": self.segment_index,
+            "byte_offset": self.byte_offset,
         }
 
 
@@ -103,9 +124,21 @@ class _State:
     created: dict[tuple[str, str, str | None, int], Any] = field(default_factory=dict)
 
     def error(self, loc: str, what: str, hint: str) -> None:
+        seg = self.seg
+        where: dict[str, Any] = {}
+        if seg is not None:
+            where = {
+                "segment": seg.name,
+                "segment_index": seg.index + 1,
+                "byte_offset": self.msg.byte_offset(seg.offset),
+            }
         if self.profile.invalid_values == "reject":
-            raise ConversionError(what, hint=hint, field=loc, control_id=self.msg.control_id)
-        self.report.errors.append({"field": loc, "error": what, "hint": hint, "action": "dropped"})
+            raise ConversionError(
+                what, hint=hint, field=loc, control_id=self.msg.control_id, **where
+            )
+        self.report.errors.append(
+            {"field": loc, **where, "error": what, "hint": hint, "action": "dropped"}
+        )
 
     def add_resource(self, res: dict[str, Any]) -> dict[str, Any]:
         key = f"{res['resourceType']}/{res['id']}"
@@ -973,6 +1006,9 @@ class Engine:
                 hint="the sender profile says zsegments: reject; set keep or ignore to accept it",
                 field=z.name,
                 control_id=st.msg.control_id,
+                segment=z.name,
+                segment_index=z.index + 1,
+                byte_offset=st.msg.byte_offset(z.offset),
             )
         header = st.slots.get("header")
         for z in zsegs:

@@ -119,6 +119,9 @@ def test_invalid_date_is_dropped_and_reported_with_its_field() -> None:
     assert "birthDate" not in pat
     err = conv.report["errors"][0]
     assert err["field"] == "PID-7"
+    # …and where: the segment, its position and the byte it starts at in the input.
+    assert (err["segment"], err["segment_index"]) == ("PID", 3)
+    assert err["byte_offset"] == msg.index(b"PID|")
     assert "19580230" in err["error"] and err["hint"]
     assert conv.report["validation"] == []
 
@@ -135,6 +138,7 @@ def test_sender_profile_can_reject_invalid_values(tmp_path: Path) -> None:
         convert_hl7v2(msg, mappings=rules)
     assert exc.value.field == "PID-7"
     assert "19580230" in str(exc.value)
+    assert "segment 3 (PID)" in str(exc.value) and exc.value.to_dict()["byte_offset"] > 0
 
 
 def test_sender_profile_timezone_applies_when_message_has_none(tmp_path: Path) -> None:
