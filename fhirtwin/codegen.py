@@ -42,7 +42,6 @@ class Leaf:
     plain_text: bool = False  # string type, no map/format: store the component as is
     value: Callable[..., Any] | None = None  # (components, state, location) → value
     when: dict[str, Any] | None = None
-    cond: Callable[..., bool] | None = None  # when `when` cannot be written inline
     call: Callable[..., None] | None = None  # a whole-line closure (cases)
     const: Any = None
     has_const: bool = False
