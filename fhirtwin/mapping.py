@@ -1327,13 +1327,21 @@ def _uuid(key: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _make_id(res: dict[str, Any], mode: str, st: _State, scope: str) -> str:
-    """Deterministic id: from the business identifier, the content, or the message position."""
+def _make_id(res: dict[str, Any], mode: str | dict[str, Any], st: _State, scope: str) -> str:
+    """Deterministic id: from the business identifier, chosen fields, the content, or the
+    message position (the fallback when the others give nothing)."""
     rt = res["resourceType"]
-    if mode == "identifier":
+    by_identifier = mode == "identifier" or (isinstance(mode, dict) and mode["identifier"])
+    if by_identifier:
         for ident in res.get("identifier") or ():
             if isinstance(ident, dict) and ident.get("value"):
                 return _uuid(f"{rt}|{ident.get('system', '')}|{ident['value']}")
+    if isinstance(mode, dict):
+        # e.g. an allergy is the same allergy for the same patient and substance,
+        # in whichever message it is sent again.
+        parts = [_path_get(res, p) for p in mode["keys"]]
+        if any(not _empty(p) for p in parts):
+            return _uuid(rt + "|keys|" + orjson.dumps(parts, option=orjson.OPT_SORT_KEYS).decode())
     elif mode == "content":
         return _uuid(rt + "|" + orjson.dumps(res, option=orjson.OPT_SORT_KEYS).decode())
     return _uuid(f"{rt}|{st.message_key}|{scope}")

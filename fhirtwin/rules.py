@@ -82,7 +82,7 @@ class DatatypeRule:
     source: str
     required: tuple[str, ...] = ()
     creates: str | None = None
-    id: str = "identifier"
+    id: str | dict[str, Any] = "identifier"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +94,7 @@ class SegmentRule:
     resource: str | None
     fields: tuple[FieldRule, ...]
     source: str
-    id: str = "identifier"
+    id: str | dict[str, Any] = "identifier"
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +257,19 @@ def _field_rule(raw: Any, where: str) -> FieldRule:
     )
 
 
+def _id_mode(raw: Any, where: str) -> str | dict[str, Any]:
+    """`id:` is identifier | content | message, or {keys: [paths], identifier: true|false}."""
+    if isinstance(raw, str) and raw in ("identifier", "content", "message"):
+        return raw
+    if isinstance(raw, dict) and isinstance(raw.get("keys"), list) and raw["keys"]:
+        if set(raw) - {"keys", "identifier"}:
+            raise MappingError(f"{where}: id: takes only 'keys' and 'identifier'")
+        return {"keys": [str(k) for k in raw["keys"]], "identifier": bool(raw.get("identifier", True))}
+    raise MappingError(
+        f"{where}: id must be identifier, content, message or {{keys: [path, ...]}}, not {raw!r}"
+    )
+
+
 def _load_datatype(path: Path) -> DatatypeRule:
     raw = _read(path)
     where = str(path)
@@ -273,7 +286,7 @@ def _load_datatype(path: Path) -> DatatypeRule:
         source=where,
         required=tuple(raw.get("required", ())),
         creates=raw.get("creates"),
-        id=raw.get("id", "identifier"),
+        id=_id_mode(raw.get("id", "identifier"), where),
     )
 
 
@@ -291,7 +304,7 @@ def _load_segment(path: Path) -> SegmentRule:
         resource=raw.get("resource"),
         fields=fields,
         source=where,
-        id=raw.get("id", "identifier"),
+        id=_id_mode(raw.get("id", "identifier"), where),
     )
 
 

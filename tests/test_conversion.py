@@ -309,3 +309,17 @@ def test_pharmacy_administration_becomes_medication_administration() -> None:
     assert refused["status"] == "not-done"
     pat = _by_type(conv.bundle, "Patient")[0]
     assert given["subject"]["reference"] == f"Patient/{pat['id']}"
+
+
+def test_an_allergy_resent_in_a_later_message_keeps_its_id() -> None:
+    # AL1 carries no identifier: the id comes from patient + substance (id: keys), so an
+    # update (here a new severity) replaces the allergy in the twin instead of adding one.
+    admit = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
+    update = admit.replace(b"ADT^A01^ADT_A01|ADT0001", b"ADT^A08^ADT_A01|ADT0009").replace(
+        b"|SV|Hives", b"|MO|Hives"
+    )
+    first = _by_type(convert_hl7v2(admit).bundle, "AllergyIntolerance")[0]
+    again = _by_type(convert_hl7v2(update, validate=True).bundle, "AllergyIntolerance")[0]
+    assert first["id"] == again["id"]
+    assert first["criticality"] == "high"  # SV (severe), IG AllergySeverity map
+    assert "criticality" not in again  # MO (moderate) has no criticality in that map
