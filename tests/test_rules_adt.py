@@ -518,3 +518,41 @@ def test_al1_icdo_coding_system_uri() -> None:
     conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|I", "AL1|1|DA|P^PENICILLIN^ICDO")
     al = _one(conv, "AllergyIntolerance")
     assert _codes(al["code"]) == {("http://terminology.hl7.org/CodeSystem/icd-o-3", "P")}
+
+
+def test_the_same_allergy_and_insured_in_two_visit_groups_are_one_resource() -> None:
+    # BAR^P01 with two VISIT groups repeating the same AL1 and IN1: one allergy
+    # (same patient, allergen, reaction) and one insured spouse (IN1-16..19, 43),
+    # not two copies of each; both Coverages point at that one RelatedPerson.
+    al1 = "AL1|1|DA|P^PENICILLIN^ICDO|SV|HIVES|20200101"
+    in1a = "IN1|1|P1|INS^^^NAIC|Payer Inc" + "|" * 12 + "Doe^Jon|SPO^Spouse|19790101|1 Main St^^Town^ST^12345"
+    in1b = "IN1|2|P2|INS^^^NAIC|Payer Inc" + "|" * 12 + "Doe^Jon|SPO^Spouse|19790101|1 Main St^^Town^ST^12345"
+    conv = _msg(
+        MSH.format(type="BAR^P01^BAR_P01"),
+        "EVN|P01|20240305081500+0100",
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "PV1|1|I|||||||||||||||||V1^^^H^VN",
+        al1,
+        in1a,
+        "PV1|2|O|||||||||||||||||V2^^^H^VN",
+        al1,
+        in1b,
+    )
+    assert len(_all(conv, "AllergyIntolerance")) == 1
+    rp = _one(conv, "RelatedPerson")
+    assert rp["name"] == [{"family": "Doe", "given": ["Jon"]}]
+    covs = _all(conv, "Coverage")
+    assert sorted(i["value"] for c in covs for i in c["identifier"]) == ["P1", "P2"]
+    assert all(_resolve(conv, c["subscriber"]) is rp for c in covs)
+    assert conv.report["validation"] == []
+
+
+def test_a_different_reaction_is_a_different_allergy() -> None:
+    conv = _msg(
+        MSH.format(type="ADT^A08^ADT_A01"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "PV1|1|I",
+        "AL1|1|DA|P^PENICILLIN^ICDO|SV|HIVES",
+        "AL1|2|DA|P^PENICILLIN^ICDO|MI|RASH",
+    )
+    assert len(_all(conv, "AllergyIntolerance")) == 2
