@@ -282,6 +282,7 @@ class Engine:
         self._datatypes: dict[str, ValueFn] = {}
         self._footprints: dict[str, frozenset[int] | None] = {}
         self._segments: dict[str, _CompiledSegment] = {}
+        self._plans: dict[str, dict[str, list[tuple[Any, Any]]]] = {}
         for name in rules.segments:
             self._segments[name] = self._compile_segment(rules.segments[name])
 
@@ -893,9 +894,7 @@ class Engine:
             report=_Report(),
             message_key=f"{sender}|{msg.control_id}",
         )
-        by_segment: dict[str, list[Any]] = {}
-        for e in mrule.entries:
-            by_segment.setdefault(e.segment, []).append(e)
+        by_segment = self._plan(mrule)
         zsegs: list[Segment] = []
         for seg in msg.segments:
             entries = by_segment.get(seg.name)
@@ -913,8 +912,8 @@ class Engine:
                 continue
             st.seg = seg
             assigned: list[str] = []
-            for e in entries:
-                if e.when is not None and not _when_segment(e.when, seg, st):
+            for e, when in entries:
+                if when is not None and not when(seg, st):
                     continue
                 self._run_entry(e, seg, st, assigned)
             st.seg_slots[seg.index] = assigned
@@ -925,6 +924,17 @@ class Engine:
         bundle = self._bundle(msg, mrule, st, sender)
         report = self._report(msg, mrule, st, sender)
         return bundle, report
+
+    def _plan(self, mrule: MessageRule) -> dict[str, list[tuple[Any, Any]]]:
+        """Entries of a message rule by segment name, with their conditions compiled (cached)."""
+        plan = self._plans.get(mrule.name)
+        if plan is None:
+            plan = {}
+            for e in mrule.entries:
+                when = _predicate(e.when, mrule.source) if e.when is not None else None
+                plan.setdefault(e.segment, []).append((e, when))
+            self._plans[mrule.name] = plan
+        return plan
 
     def _run_entry(self, e: Any, seg: Segment, st: _State, assigned: list[str]) -> None:
         comp = self._segments[e.rule]
@@ -1309,10 +1319,6 @@ def _mentions(when: dict[str, Any], keys: tuple[str, ...]) -> bool:
     if any(k in when for k in keys):
         return True
     return any(_mentions(p, keys) for p in when.get("all", when.get("any", ())))
-
-
-def _when_segment(when: dict[str, Any], seg: Segment, st: _State) -> bool:
-    return _predicate(when)(seg, st)
 
 
 _NS_BYTES = _ID_NAMESPACE.bytes
