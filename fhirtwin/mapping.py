@@ -822,6 +822,7 @@ class Engine:
                 if fn is None:
                     return  # left unmapped: the loss report names the field
                 _mark(st, seg.index, n, footprint, all_reps)
+                _mark(st, seg.index, sw, _FIRST_COMPONENT, False)  # the switch was read too
                 fn(seg, target, st, loc_base)
 
             return put_switch
@@ -1142,6 +1143,7 @@ class Engine:
 
 
 _pending: ValueFn = lambda comps, st, loc: None  # noqa: E731
+_FIRST_COMPONENT = frozenset({1})
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 _EMPTY_PARENS = re.compile(r"\(\s*\)")
 _SPACES = re.compile(r"\s+")
@@ -1189,6 +1191,9 @@ class _CompiledSegment:
 
     def apply(self, seg: Segment, target: dict[str, Any], st: _State) -> None:
         self.run(seg, target, st)
+        for n in self.rule.ignore:
+            if seg.has(n):
+                _mark(st, seg.index, n, None, True)
         for path, setter, value in self.defaults:
             if _empty(_path_get(target, path)):
                 setter(target, _copy(value) if isinstance(value, dict | list) else value)

@@ -95,6 +95,9 @@ class SegmentRule:
     fields: tuple[FieldRule, ...]
     source: str
     id: str | dict[str, Any] = "identifier"
+    # Fields that carry nothing for FHIR (set ids, the IG's "no target" rows): read on
+    # purpose, so the loss report does not list them in every message.
+    ignore: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +301,9 @@ def _load_segment(path: Path) -> SegmentRule:
     fields = tuple(
         _field_rule(f, f"{where} fields[{i}]") for i, f in enumerate(raw.get("fields", []))
     )
+    ignore = raw.get("ignore", []) or []
+    if not isinstance(ignore, list) or not all(isinstance(n, int) for n in ignore):
+        raise MappingError(f"{where}: ignore must be a list of field numbers, e.g. [1]")
     return SegmentRule(
         name=path.stem,
         segment=raw["segment"],
@@ -305,6 +311,7 @@ def _load_segment(path: Path) -> SegmentRule:
         fields=fields,
         source=where,
         id=_id_mode(raw.get("id", "identifier"), where),
+        ignore=tuple(ignore),
     )
 
 

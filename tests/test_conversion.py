@@ -90,14 +90,18 @@ def test_loss_report_names_what_no_rule_used() -> None:
         (EXAMPLES / "adt-a03-discharge.hl7")
         .read_bytes()
         .replace(b"EVN|A03|", b"ZPX|private|site data\rEVN|A03|")
+        # PID-38 (production class code): no rule maps it.
+        .replace(b"19580214|F", b"19580214|F" + b"|" * 30 + b"XX")
     )
     conv = convert_hl7v2(msg)
     rep = conv.report
     # The Z-segment is kept (default policy) on the MessageHeader, not lost.
     header = _by_type(conv.bundle, "MessageHeader")[0]
     assert any(x.get("valueString") == "ZPX|private|site data" for x in header["extension"])
-    # PID-1 (set id) is present and not mapped by any rule: reported by field.
-    assert {"segment": "PID", "index": 4, "field": "PID-1"} in rep["unmapped_fields"]
+    # A present field that no rule reads is reported by field…
+    assert {"segment": "PID", "index": 4, "field": "PID-38"} in rep["unmapped_fields"]
+    # …but not the set id, which the rules read on purpose (ignore: [1]).
+    assert not any(u["field"] == "PID-1" for u in rep["unmapped_fields"])
 
 
 def test_time_without_offset_uses_msh7_and_says_so() -> None:
