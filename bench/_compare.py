@@ -231,8 +231,10 @@ def _copied_from_in2(value: Any, ctx: Any) -> bool:
     """The identifier element's value sits on both Patient and Coverage (IN2 ids copied)."""
     el = ctx.element if isinstance(ctx.element, dict) else {}
     v = el.get("value")
-    return bool(v) and v in _identifier_values(ctx.bundle, "Patient") and v in _identifier_values(
-        ctx.bundle, "Coverage"
+    return (
+        bool(v)
+        and v in _identifier_values(ctx.bundle, "Patient")
+        and v in _identifier_values(ctx.bundle, "Coverage")
     )
 
 
@@ -290,14 +292,18 @@ def _from_other_parties(value: Any, ctx: Any) -> bool:
     if msg is None or el is None:
         return False
     words = [
-        w for k, v in el.items() if k not in ("type", "system", "use", "period", "assigner")
-        for w in _strings(v) if len(w) > 2
+        w
+        for k, v in el.items()
+        if k not in ("type", "system", "use", "period", "assigner")
+        for w in _strings(v)
+        if len(w) > 2
     ]
     if not words:
         return False
-    text = {name: "|".join(
-        "|".join(seg.fields) for seg in msg.segments if seg.name == name
-    ) for name in (*_PATIENT_SEGMENTS, *_OTHER_PARTY_SEGMENTS)}
+    text = {
+        name: "|".join("|".join(seg.fields) for seg in msg.segments if seg.name == name)
+        for name in (*_PATIENT_SEGMENTS, *_OTHER_PARTY_SEGMENTS)
+    }
     patient = "|".join(text[n] for n in _PATIENT_SEGMENTS)
     others = "|".join(text[n] for n in _OTHER_PARTY_SEGMENTS)
     return all(w in others and w not in patient for w in words)
@@ -316,7 +322,9 @@ def _has_prior_temporary_location(values: Any, ctx: Any) -> bool:
 
 DELIBERATE: tuple[Deliberate, ...] = (
     Deliberate(
-        "D1", "*", "*identifier.system",
+        "D1",
+        "*",
+        "*identifier.system",
         "Identifier.system invented under http://example.com/ "
         "(.../v2-to-fhir-converter/Identifier/<AA>, .../sid/...); the IG maps "
         "CX.4 to assigner(Organization), or to system only for registered authorities, and "
@@ -326,7 +334,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         _is_example_uri,
     ),
     Deliberate(
-        "D2", "*", "*.system",
+        "D2",
+        "*",
+        "*.system",
         "Coding.system invented under http://example.com/ for local / unknown coding systems "
         "(.../v2-to-fhir-converter/CodeSystem/<CWE.3>, .../CodeSystem/additional-identifier); "
         "the IG says the system "
@@ -337,7 +347,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         _is_example_uri,
     ),
     Deliberate(
-        "D3", "ServiceRequest", "intent",
+        "D3",
+        "ServiceRequest",
+        "intent",
         "ServiceRequest.intent = 'filler-order' (ORU without ORC, SIU); the IG always assigns "
         "'order' (or 'reflex-order' for OBR-11 = G).",
         "segments/HL7 Segment - FHIR R4_ OBR[ServiceRequest] - OBR.csv lines 4 and 20-22; "
@@ -345,7 +357,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         lambda v: v == "filler-order",
     ),
     Deliberate(
-        "D4", "Observation", "",
+        "D4",
+        "Observation",
+        "",
         "Observation synthesised from PDA/ACC with an invented code "
         "(.../CodeSystem/observation-code: death-certificate, autopsy, coroner, "
         "injury-incident); the IG message maps leave ACC and PDA unmapped.",
@@ -354,7 +368,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         _has_code_system("CodeSystem/observation-code"),
     ),
     Deliberate(
-        "D5", "Procedure", "",
+        "D5",
+        "Procedure",
+        "",
         "Procedure synthesised from PDA with an invented code "
         "(.../CodeSystem/procedure-code: death-certification, autopsy-performed); the IG "
         "message maps leave PDA unmapped.",
@@ -362,25 +378,32 @@ DELIBERATE: tuple[Deliberate, ...] = (
         _has_code_system("CodeSystem/procedure-code"),
     ),
     Deliberate(
-        "D6", "Patient", "identifier.type",
+        "D6",
+        "Patient",
+        "identifier.type",
         "PID-19 (SSN) typed SB; the IG types it SS in the US (SB only outside it), and the "
         "system us-ssn says this is the US.",
         "segments/HL7 Segment - FHIR R4_ PID[Patient] - PID.csv lines 32-33 (PID-19)",
         _coding_is("http://terminology.hl7.org/CodeSystem/v2-0203", "SB"),
     ),
     Deliberate(
-        "D7", "Encounter", "status",
+        "D7",
+        "Encounter",
+        "status",
         "Encounter.status 'in-progress' for a pre-admission (class PRENC, PV1-2 = P); the IG's "
         "PatientClass → EncounterStatus map gives P → planned, and only the ADT_A11 message "
         "map takes the status from the event.",
         "codesystems/HL7 Concept Map_ PatientClass[EncounterStatus] - Sheet1.csv row P; "
         "segments/HL7 Segment - FHIR R4_ PV1[Encounter] - PV1.csv line 6",
-        lambda v, ctx: v == "in-progress"
-        and ((ctx.resource or {}).get("class") or {}).get("code") == "PRENC",
+        lambda v, ctx: (
+            v == "in-progress" and ((ctx.resource or {}).get("class") or {}).get("code") == "PRENC"
+        ),
         context=True,
     ),
     Deliberate(
-        "D8", "AllergyIntolerance", "reaction.onset",
+        "D8",
+        "AllergyIntolerance",
+        "reaction.onset",
         "AL1-6 (identification date) put in reaction.onset; the IG maps it to "
         "AllergyIntolerance.onsetDateTime, which the oracle leaves empty.",
         "segments/HL7 Segment - FHIR R4_ AL1[AllergyIntolerance] - AL1.csv line 29 (AL1-6)",
@@ -388,7 +411,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D9", "*", "*.system",
+        "D9",
+        "*",
+        "*.system",
         "http://terminology.hl7.org/CodeSystem/icd-o is not an HL7 terminology system; the "
         "IG takes the system from the vocabulary table (ICD-O-3 is .../icd-o-3). The code is "
         "still compared.",
@@ -396,14 +421,18 @@ DELIBERATE: tuple[Deliberate, ...] = (
         lambda v: v == "http://terminology.hl7.org/CodeSystem/icd-o",
     ),
     Deliberate(
-        "D10", "Coverage", "identifier.type",
+        "D10",
+        "Coverage",
+        "identifier.type",
         "Coverage identifier typed PLN in an invented system for IN1-36; the IG gives IN1-36 "
         "no target and table 0203 has no policy-number code.",
         "segments/HL7 Segment - FHIR R4_ IN1[Coverage] - Sheet1.csv line 42 (IN1-36)",
         _coding_is("http://example.com/CodeSystem/additional-identifier", "PLN"),
     ),
     Deliberate(
-        "D11", "Patient", "identifier.*",
+        "D11",
+        "Patient",
+        "identifier.*",
         "Identifiers from IN2 (Medicare/Medicaid numbers) copied onto the Patient and the "
         "Coverage alike; the IG message maps leave IN2 unmapped.",
         "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 65 (IN2)",
@@ -411,7 +440,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D12", "Coverage", "identifier.*",
+        "D12",
+        "Coverage",
+        "identifier.*",
         "The same IN2 identifiers seen from the Coverage side (also on Patient.identifier); "
         "the IG maps Coverage.identifier from IN1-2 only.",
         "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 65 (IN2); "
@@ -420,40 +451,58 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D13", "Procedure", "",
+        "D13",
+        "Procedure",
+        "",
         "Procedure stub with an identifier and no code (PR1-25 parent procedure); the IG "
         "maps PR1-25 to partOf, and a stub with the parent's id would overwrite the parent.",
         "segments/HL7 Segment - FHIR R4_ PR1[Procedure] - PR1[Procedure].csv line 36",
         lambda r: bool(r.get("identifier")) and not r.get("code"),
     ),
     Deliberate(
-        "D14", "Procedure", "",
+        "D14",
+        "Procedure",
+        "",
         "Procedure made from FT1-25 (a charge's procedure code: no identifier, no "
         "performed[x]); no IG segment or message map covers FT1.",
         "v2-to-FHIR Map Inventory - Segment.csv (FT1: no map)",
-        lambda r: bool(r.get("code")) and not r.get("identifier")
-        and not any(k.startswith("performed") for k in r),
+        lambda r: (
+            bool(r.get("code"))
+            and not r.get("identifier")
+            and not any(k.startswith("performed") for k in r)
+        ),
     ),
     Deliberate(
-        "D15", "ServiceRequest", "",
+        "D15",
+        "ServiceRequest",
+        "",
         "ServiceRequest made from RF1 in an ADT message; the IG's ADT message maps leave RF1 "
         "unmapped.",
         "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 74 (RF1)",
-        lambda r, ctx: _event(ctx) in ("ADT", "BAR", "DFT")
-        and any(s.name == "RF1" for s in ctx.source.segments),
+        lambda r, ctx: (
+            _event(ctx) in ("ADT", "BAR", "DFT")
+            and any(s.name == "RF1" for s in ctx.source.segments)
+        ),
         context=True,
     ),
     Deliberate(
-        "D16", "ServiceRequest", "",
+        "D16",
+        "ServiceRequest",
+        "",
         "ServiceRequest in SIU when SCH-26 and SCH-27 are empty; the IG creates it only "
         "'IF SCH-26 or SCH-27 VALUED'.",
         "messages/HL7 Message - FHIR R4_ SIU_S12 - Sheet1.csv lines 8 and 29",
-        lambda r, ctx: _event(ctx) == "SIU"
-        and not _source_has(ctx, "SCH", 26) and not _source_has(ctx, "SCH", 27),
+        lambda r, ctx: (
+            _event(ctx) == "SIU"
+            and not _source_has(ctx, "SCH", 26)
+            and not _source_has(ctx, "SCH", 27)
+        ),
         context=True,
     ),
     Deliberate(
-        "D17", "ServiceRequest", "",
+        "D17",
+        "ServiceRequest",
+        "",
         "ServiceRequest from ORC in VXU; the IG makes it 'only if the system wants to know "
         "about the order', and ORC-2/3/12 are already on the Immunization.",
         "messages/HL7 Message - FHIR R4_ VXU_V04 - Sheet1.csv line 43 (ORC)",
@@ -461,30 +510,40 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D18", "Appointment", "appointmentType",
+        "D18",
+        "Appointment",
+        "appointmentType",
         "SCH-7 coded from table 0276 put in appointmentType; the IG maps SCH-7 with 0276 to "
         "reasonCode (appointmentType takes 0277).",
         "segments/HL7 Segment - FHIR R4_ SCH[Appointment] - Sheet1.csv lines 10-11 (SCH-7)",
         _coding_is("http://terminology.hl7.org/CodeSystem/v2-0276"),
     ),
     Deliberate(
-        "D19", "MedicationDispense", "",
+        "D19",
+        "MedicationDispense",
+        "",
         "MedicationDispense made from FT1 (a charge line: medicationCodeableConcept from "
         "FT1-29); FT1 is in no IG map, and a charge is not a dispense.",
         "v2-to-FHIR Map Inventory - Segment.csv (FT1: no map)",
-        lambda r, ctx: "medicationCodeableConcept" in r
-        and not any(s.name == "RXD" for s in ctx.source.segments),
+        lambda r, ctx: (
+            "medicationCodeableConcept" in r
+            and not any(s.name == "RXD" for s in ctx.source.segments)
+        ),
         context=True,
     ),
     Deliberate(
-        "D20", "DiagnosticReport", "",
+        "D20",
+        "DiagnosticReport",
+        "",
         "DiagnosticReport made for an ED/RP OBX (presentedForm); the IG maps every OBX of an "
         "order group to an Observation, and leaves ORDER_DOCUMENT to FHIR R5.",
         "messages/HL7 Message - FHIR R4_ ORU_R01 - Sheet1.csv lines 47-51, 67, 71",
         lambda r: bool(r.get("presentedForm")),
     ),
     Deliberate(
-        "D21", "Specimen", "identifier.*",
+        "D21",
+        "Specimen",
+        "identifier.*",
         "OBR-2/OBR-3 placer/filler order numbers put on the Specimen as PLAC/FILL "
         "identifiers; the IG maps OBR-2 to accessionIdentifier only when it is also the "
         "accession number, and OBR-3 to nothing on the Specimen.",
@@ -493,16 +552,21 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D22", "DocumentReference", "docStatus",
+        "D22",
+        "DocumentReference",
+        "docStatus",
         "docStatus 'preliminary' for TXA-17 = AU; table 0271 AU is 'authenticated', a "
         "signed, complete document: final.",
         "segments/HL7 Segment - FHIR R4_ TXA[DocumentReference] - Sheet1.csv line 23 (TXA-17)",
-        lambda v, ctx: v == "preliminary"
-        and any(s.value(17) == "AU" for s in _segments(ctx, "TXA")),
+        lambda v, ctx: (
+            v == "preliminary" and any(s.value(17) == "AU" for s in _segments(ctx, "TXA"))
+        ),
         context=True,
     ),
     Deliberate(
-        "D23", "ServiceRequest", "identifier.*",
+        "D23",
+        "ServiceRequest",
+        "identifier.*",
         "ORC-4 placer group number as a PGN identifier; the IG maps ORC-4 to "
         "ServiceRequest.requisition.",
         "segments/HL7 Segment - FHIR R4_ ORC[ServiceRequest] - ORC.csv lines 16-21 (ORC-4)",
@@ -510,7 +574,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D24", "ServiceRequest", "",
+        "D24",
+        "ServiceRequest",
+        "",
         "ServiceRequest made for the parent order named in ORC-8 / OBR-29; the IG gives "
         "those only as basedOn.identifier.",
         "segments/HL7 Segment - FHIR R4_ ORC[ServiceRequest] - ORC.csv line 28 (ORC-8); "
@@ -519,21 +585,27 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D25", "ServiceRequest", "",
+        "D25",
+        "ServiceRequest",
+        "",
         "ServiceRequest in an ORU with no ORC; the IG's ORU map makes it 'IF ORC VALUED'.",
         "messages/HL7 Message - FHIR R4_ ORU_R01 - Sheet1.csv line 55",
         lambda r, ctx: _event(ctx) == "ORU" and not _segments(ctx, "ORC"),
         context=True,
     ),
     Deliberate(
-        "D26", "Specimen", "",
+        "D26",
+        "Specimen",
+        "",
         "Specimen made from OBR in MDM; the IG's MDM map makes only a ServiceRequest of OBR.",
         "messages/HL7 Message - FHIR R4_ MDM_T02 - Sheet1.csv line 26",
         lambda r, ctx: _event(ctx) == "MDM",
         context=True,
     ),
     Deliberate(
-        "D27", "DiagnosticReport", "",
+        "D27",
+        "DiagnosticReport",
+        "",
         "DiagnosticReport in an order or document message (MDM, OML, ORM, OMG); the IG's "
         "ORM/OML/MDM maps make none (OMG has no map; OML is the closest).",
         "messages/HL7 Message - FHIR R4_ ORM_O01 - Sheet1.csv line 35; ..._OML_O21 - "
@@ -542,7 +614,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D28", "DocumentReference", "",
+        "D28",
+        "DocumentReference",
+        "",
         "DocumentReference from TXA in ORU/OUL; the IG's ORU map leaves ORDER_DOCUMENT "
         "unmapped ('will be addressed with FHIR R5'); OUL has no map.",
         "messages/HL7 Message - FHIR R4_ ORU_R01 - Sheet1.csv lines 47-51",
@@ -550,7 +624,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D29", "*", "*identifier.value",
+        "D29",
+        "*",
+        "*identifier.value",
         "An identifier value holding '&': the oracle left an EI/EIP sub-component unparsed; "
         "the IG takes the entity identifier from the first sub-component.",
         "datatypes/HL7 Data Type - FHIR R4_ EIP[Identifier-PlacerAssignedIdentifier] - "
@@ -558,17 +634,23 @@ DELIBERATE: tuple[Deliberate, ...] = (
         lambda v: isinstance(v, str) and "&" in v,
     ),
     Deliberate(
-        "D30", "Specimen", "type",
+        "D30",
+        "Specimen",
+        "type",
         "A SNOMED CT code (all digits) labelled with table 0487's system; SPM-4 says SCT, "
         "and the IG takes the system from CWE-3.",
         "segments/HL7 Segment - FHIR R4_ SPM[Specimen] - SPM.csv line 9; CWE[CodeableConcept] "
         "line 6",
-        lambda v: isinstance(v, dict)
-        and v.get("system") == "http://terminology.hl7.org/CodeSystem/v2-0487"
-        and str(v.get("code", "")).isdigit(),
+        lambda v: (
+            isinstance(v, dict)
+            and v.get("system") == "http://terminology.hl7.org/CodeSystem/v2-0487"
+            and str(v.get("code", "")).isdigit()
+        ),
     ),
     Deliberate(
-        "D31", "Patient", "*",
+        "D31",
+        "Patient",
+        "*",
         "A Patient identifier, name, address or telecom whose words appear in the message only "
         "in GT1, IN1, IN2, IN3 or DB1 (guarantor, insured, disability), not in PID/PD1/NK1; "
         "the IG maps none of those segments to the Patient.",
@@ -578,7 +660,9 @@ DELIBERATE: tuple[Deliberate, ...] = (
         context=True,
     ),
     Deliberate(
-        "D32", "Encounter", "location",
+        "D32",
+        "Encounter",
+        "location",
         "Encounter location count when the oracle lists PV1-43 (prior temporary location) as "
         "a completed temporary location; the IG maps PV1-43 to Basic (EncounterHistory), not "
         "to Encounter.location.",
@@ -677,95 +761,169 @@ OBS_VALUES: tuple[F, ...] = (
 
 SPECS: dict[str, tuple[Spec, ...]] = {
     "Patient": (
-        IDENTIFIER, HUMAN_NAME, F("birthDate", "dt"), F("gender"), ADDRESS, TELECOM,
-        F("maritalStatus", "concept"), F("communication.language", "concept"),
-        F("deceasedBoolean", "bool"), F("deceasedDateTime", "dt"),
-        F("multipleBirthBoolean", "bool"), F("multipleBirthInteger", "num"),
-        F("_race", "coding", label="race"), F("_ethnicity", "coding", label="ethnicity"),
+        IDENTIFIER,
+        HUMAN_NAME,
+        F("birthDate", "dt"),
+        F("gender"),
+        ADDRESS,
+        TELECOM,
+        F("maritalStatus", "concept"),
+        F("communication.language", "concept"),
+        F("deceasedBoolean", "bool"),
+        F("deceasedDateTime", "dt"),
+        F("multipleBirthBoolean", "bool"),
+        F("multipleBirthInteger", "num"),
+        F("_race", "coding", label="race"),
+        F("_ethnicity", "coding", label="ethnicity"),
     ),
     "Encounter": (
-        F("class", "coding"), F("status"), F("period.start", "dt"), F("period.end", "dt"),
-        F("type", "concept"), F("location", "count"),
+        F("class", "coding"),
+        F("status"),
+        F("period.start", "dt"),
+        F("period.end", "dt"),
+        F("type", "concept"),
+        F("location", "count"),
         F("hospitalization.admitSource", "concept"),
-        F("hospitalization.dischargeDisposition", "concept"), IDENTIFIER,
+        F("hospitalization.dischargeDisposition", "concept"),
+        IDENTIFIER,
         F("serviceType", "concept"),
     ),
     "Observation": (
-        F("code", "concept", key=True), *OBS_VALUES, F("interpretation", "concept"),
-        F("effectiveDateTime", "dt", key=True), F("effectivePeriod.start", "dt", key=True),
-        F("effectivePeriod.end", "dt"), F("effectiveInstant", "dt"),
+        F("code", "concept", key=True),
+        *OBS_VALUES,
+        F("interpretation", "concept"),
+        F("effectiveDateTime", "dt", key=True),
+        F("effectivePeriod.start", "dt", key=True),
+        F("effectivePeriod.end", "dt"),
+        F("effectiveInstant", "dt"),
         G("referenceRange", (F("low.value", "num"), F("high.value", "num"), F("text"))),
-        F("status"), F("category", "concept"), F("note.text"),
+        F("status"),
+        F("category", "concept"),
+        F("note.text"),
     ),
     "DiagnosticReport": (
-        F("code", "concept", key=True), F("status"), F("effectiveDateTime", "dt"),
-        F("effectivePeriod.start", "dt"), F("effectivePeriod.end", "dt"), F("issued", "dt"),
-        F("category", "concept"), IDENTIFIER,
+        F("code", "concept", key=True),
+        F("status"),
+        F("effectiveDateTime", "dt"),
+        F("effectivePeriod.start", "dt"),
+        F("effectivePeriod.end", "dt"),
+        F("issued", "dt"),
+        F("category", "concept"),
+        IDENTIFIER,
     ),
     "ServiceRequest": (
-        F("code", "concept", key=True), F("status"), F("intent"), IDENTIFIER, F("priority"),
-        F("occurrenceDateTime", "dt"), F("occurrencePeriod.start", "dt"),
-        F("occurrencePeriod.end", "dt"), F("authoredOn", "dt"),
+        F("code", "concept", key=True),
+        F("status"),
+        F("intent"),
+        IDENTIFIER,
+        F("priority"),
+        F("occurrenceDateTime", "dt"),
+        F("occurrencePeriod.start", "dt"),
+        F("occurrencePeriod.end", "dt"),
+        F("authoredOn", "dt"),
     ),
     "Condition": (
-        F("code", "concept", key=True), F("clinicalStatus", "concept"),
-        F("verificationStatus", "concept"), F("category", "concept"),
-        F("onsetDateTime", "dt"), F("onsetString"), F("recordedDate", "dt"),
+        F("code", "concept", key=True),
+        F("clinicalStatus", "concept"),
+        F("verificationStatus", "concept"),
+        F("category", "concept"),
+        F("onsetDateTime", "dt"),
+        F("onsetString"),
+        F("recordedDate", "dt"),
     ),
     "AllergyIntolerance": (
-        F("code", "concept", key=True), F("type"), F("category"), F("criticality"),
+        F("code", "concept", key=True),
+        F("type"),
+        F("category"),
+        F("criticality"),
         F("clinicalStatus", "concept"),
         G("reaction", (F("manifestation", "concept"), F("onset", "dt"), F("severity"))),
         F("onsetDateTime", "dt"),
     ),
     "Procedure": (
-        F("code", "concept", key=True), F("status"), F("performedDateTime", "dt"),
-        F("performedPeriod.start", "dt"), F("performedPeriod.end", "dt"), IDENTIFIER,
+        F("code", "concept", key=True),
+        F("status"),
+        F("performedDateTime", "dt"),
+        F("performedPeriod.start", "dt"),
+        F("performedPeriod.end", "dt"),
+        IDENTIFIER,
     ),
     "Immunization": (
-        F("vaccineCode", "concept", key=True), F("status"), F("occurrenceDateTime", "dt"),
-        F("lotNumber"), *_qty("doseQuantity"),
+        F("vaccineCode", "concept", key=True),
+        F("status"),
+        F("occurrenceDateTime", "dt"),
+        F("lotNumber"),
+        *_qty("doseQuantity"),
     ),
     "MedicationRequest": (
-        F("_medication", "concept", key=True, label="medication"), F("status"), F("intent"),
-        F("authoredOn", "dt"), IDENTIFIER,
+        F("_medication", "concept", key=True, label="medication"),
+        F("status"),
+        F("intent"),
+        F("authoredOn", "dt"),
+        IDENTIFIER,
         *_qty("dosageInstruction.doseAndRate.doseQuantity"),
         F("dosageInstruction.doseAndRate.doseRange.low.value", "num"),
         F("dosageInstruction.doseAndRate.doseRange.high.value", "num"),
         *_qty("dispenseRequest.quantity"),
     ),
     "MedicationAdministration": (
-        F("_medication", "concept", key=True, label="medication"), F("status"),
-        F("effectiveDateTime", "dt"), F("effectivePeriod.start", "dt"),
-        F("effectivePeriod.end", "dt"), *_qty("dosage.dose"),
+        F("_medication", "concept", key=True, label="medication"),
+        F("status"),
+        F("effectiveDateTime", "dt"),
+        F("effectivePeriod.start", "dt"),
+        F("effectivePeriod.end", "dt"),
+        *_qty("dosage.dose"),
     ),
     "MedicationDispense": (
-        F("_medication", "concept", key=True, label="medication"), F("status"),
-        *_qty("quantity"), F("whenPrepared", "dt"), F("whenHandedOver", "dt"),
+        F("_medication", "concept", key=True, label="medication"),
+        F("status"),
+        *_qty("quantity"),
+        F("whenPrepared", "dt"),
+        F("whenHandedOver", "dt"),
     ),
     "Medication": (F("code", "concept", key=True),),
     "Coverage": (
-        IDENTIFIER, F("status"), F("period.start", "dt"), F("period.end", "dt"),
-        F("payor", "count"), F("type", "concept"), F("relationship", "concept"),
+        IDENTIFIER,
+        F("status"),
+        F("period.start", "dt"),
+        F("period.end", "dt"),
+        F("payor", "count"),
+        F("type", "concept"),
+        F("relationship", "concept"),
         F("subscriberId"),
     ),
     "RelatedPerson": (
-        HUMAN_NAME, F("relationship", "concept", key=True), TELECOM, ADDRESS, F("gender"),
+        HUMAN_NAME,
+        F("relationship", "concept", key=True),
+        TELECOM,
+        ADDRESS,
+        F("gender"),
         F("birthDate", "dt"),
     ),
     "Appointment": (
-        F("status"), F("start", "dt"), F("end", "dt"), F("serviceType", "concept"),
-        F("appointmentType", "concept"), F("participant", "count"), IDENTIFIER,
+        F("status"),
+        F("start", "dt"),
+        F("end", "dt"),
+        F("serviceType", "concept"),
+        F("appointmentType", "concept"),
+        F("participant", "count"),
+        IDENTIFIER,
     ),
     "DocumentReference": (
-        F("type", "concept", key=True), F("status"), F("docStatus"), F("date", "dt"),
+        F("type", "concept", key=True),
+        F("status"),
+        F("docStatus"),
+        F("date", "dt"),
         F("content.attachment.contentType"),
-        F("_hasData", "flag", label="content.attachment.data(present)"), IDENTIFIER,
+        F("_hasData", "flag", label="content.attachment.data(present)"),
+        IDENTIFIER,
         F("masterIdentifier.value", key=True),
     ),
     "Specimen": (
-        F("type", "concept", key=True), F("collection.collectedDateTime", "dt"),
-        F("collection.collectedPeriod.start", "dt"), IDENTIFIER,
+        F("type", "concept", key=True),
+        F("collection.collectedDateTime", "dt"),
+        F("collection.collectedPeriod.start", "dt"),
+        IDENTIFIER,
     ),
 }
 
@@ -915,8 +1073,9 @@ def _codings(
         rule = _rule_for(ctx.rules, ctx.rtype, _rel(path, ctx) + ".system", system, ctx)
         if expected and rule is not None:
             excluded.append(
-                Outcome(f"{path}.system", "excluded", str(system), where=ctx.where,
-                        rule=rule.rule_id)
+                Outcome(
+                    f"{path}.system", "excluded", str(system), where=ctx.where, rule=rule.rule_id
+                )
             )
             system = None
         leaves.append(Coding(system, code))
@@ -945,7 +1104,7 @@ def _concepts(
 
 def _rel(path: str, ctx: Ctx) -> str:
     """Path relative to the resource (without the leading type name)."""
-    return path[len(ctx.rtype) + 1:] if path.startswith(ctx.rtype + ".") else path
+    return path[len(ctx.rtype) + 1 :] if path.startswith(ctx.rtype + ".") else path
 
 
 _SCALAR_NORMALISERS: dict[str, Callable[[Any], Any]] = {
@@ -1005,9 +1164,7 @@ def _show(leaves: Sequence[Leaf]) -> str | None:
     return " ; ".join(str(v) for v in leaves) if leaves else None
 
 
-def _compare_field(
-    exp: Any, act: Any, spec: F, ctx: Ctx, prefix: str
-) -> tuple[list[Outcome], int]:
+def _compare_field(exp: Any, act: Any, spec: F, ctx: Ctx, prefix: str) -> tuple[list[Outcome], int]:
     """Compare one leaf field as a multiset: each expected leaf needs an unused equal leaf."""
     path = prefix + spec.name
     exp_leaves, outcomes = extract(exp, spec, path, ctx, expected=True)
@@ -1021,9 +1178,12 @@ def _compare_field(
             used[hit] = True
         outcomes.append(
             Outcome(
-                path, "agree" if hit is not None else "disagree", str(leaf),
+                path,
+                "agree" if hit is not None else "disagree",
+                str(leaf),
                 str(act_leaves[hit]) if hit is not None else _show(act_leaves),
-                ctx.where, key=spec.key,
+                ctx.where,
+                key=spec.key,
             )
         )
     excluded_here = any(o.status == "excluded" and o.path == path for o in outcomes)
@@ -1036,13 +1196,9 @@ def _similarity(outcomes: Iterable[Outcome]) -> int:
     return sum(KEY_WEIGHT if o.key else 1 for o in outcomes if o.status == "agree")
 
 
-def _pair(
-    n_exp: int, n_act: int, score: Callable[[int, int], int]
-) -> list[int | None]:
+def _pair(n_exp: int, n_act: int, score: Callable[[int, int], int]) -> list[int | None]:
     """Greedy best pairing by score; leftovers paired in order."""
-    cands = sorted(
-        (-s, i, j) for i in range(n_exp) for j in range(n_act) if (s := score(i, j)) > 0
-    )
+    cands = sorted((-s, i, j) for i in range(n_exp) for j in range(n_act) if (s := score(i, j)) > 0)
     match: list[int | None] = [None] * n_exp
     used: set[int] = set()
     for _, i, j in cands:
@@ -1067,9 +1223,7 @@ def count_leaves(obj: Any, specs: Sequence[Spec], ctx: Ctx) -> int:
     return total
 
 
-def _compare_group(
-    exp: Any, act: Any, spec: G, ctx: Ctx, prefix: str
-) -> tuple[list[Outcome], int]:
+def _compare_group(exp: Any, act: Any, spec: G, ctx: Ctx, prefix: str) -> tuple[list[Outcome], int]:
     """Pair the elements of a repeating group, then compare each pair field by field."""
     sub = prefix + spec.path + "."
     exps = [e for e in pluck(exp, spec.path) if isinstance(e, dict)]
@@ -1094,8 +1248,13 @@ def compare_object(
 
 
 def compare_objects_paired(
-    exps: Sequence[Any], acts: Sequence[Any], specs: Sequence[Spec], ctx: Ctx, prefix: str,
-    where: Callable[[int], str] | None = None, element: bool = False,
+    exps: Sequence[Any],
+    acts: Sequence[Any],
+    specs: Sequence[Spec],
+    ctx: Ctx,
+    prefix: str,
+    where: Callable[[int], str] | None = None,
+    element: bool = False,
 ) -> tuple[list[Outcome], int]:
     """Pair expected and actual objects greedily by agreement, then compare the pairs."""
     cache: dict[tuple[int, int], tuple[list[Outcome], int]] = {}
@@ -1103,7 +1262,9 @@ def compare_objects_paired(
     def run(i: int, j: int | None) -> tuple[list[Outcome], int]:
         """Compare expected i with actual j (memoised)."""
         c = Ctx(
-            ctx.rtype, ctx.rules, ctx.where if where is None else where(i),
+            ctx.rtype,
+            ctx.rules,
+            ctx.where if where is None else where(i),
             resource=ctx.resource if element else exps[i],
             element=exps[i] if element else None,
             bundle=ctx.bundle,
@@ -1138,8 +1299,10 @@ def bundle_resources(bundle: Any) -> list[dict[str, Any]]:
         return []
     entries = bundle.get("entry") or []
     return [
-        e["resource"] for e in entries
-        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        e["resource"]
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("resource"), dict)
         and isinstance(e["resource"].get("resourceType"), str)
     ]
 
@@ -1213,13 +1376,14 @@ def _excluded_resource(
 ) -> list[Outcome]:
     """Every leaf of an expected resource excluded by a whole-resource rule."""
     got, _ = compare_object(res, None, SPECS[ctx.rtype], Ctx(ctx.rtype, (), where), ctx.rtype + ".")
-    return [
-        Outcome(o.path, "excluded", o.expected, where=where, rule=rule.rule_id) for o in got
-    ]
+    return [Outcome(o.path, "excluded", o.expected, where=where, rule=rule.rule_id) for o in got]
 
 
 def _split(
-    resources: list[dict[str, Any]], rtype: str, rules: Sequence[Deliberate], bundle: Any = None,
+    resources: list[dict[str, Any]],
+    rtype: str,
+    rules: Sequence[Deliberate],
+    bundle: Any = None,
     source: Any = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], Deliberate]]]:
     """Separate resources excluded by a whole-resource DELIBERATE rule."""
@@ -1237,9 +1401,14 @@ def _split(
 
 
 def _compare_type(
-    rtype: str, exps: list[dict[str, Any]], acts: list[dict[str, Any]],
-    rules: Sequence[Deliberate], result: CompareResult, expected_bundle: Any = None,
-    actual_bundle: Any = None, source: Any = None,
+    rtype: str,
+    exps: list[dict[str, Any]],
+    acts: list[dict[str, Any]],
+    rules: Sequence[Deliberate],
+    result: CompareResult,
+    expected_bundle: Any = None,
+    actual_bundle: Any = None,
+    source: Any = None,
 ) -> None:
     """Compare all resources of one type and add the outcomes to `result`."""
     ctx = Ctx(rtype, rules, bundle=expected_bundle, source=source)
@@ -1254,8 +1423,14 @@ def _compare_type(
         return
     same = len(exps) == len(acts)
     result.outcomes.append(
-        Outcome(f"count:{rtype}", "agree" if same else "disagree", str(len(exps)),
-                str(len(acts)), rtype, key=False)
+        Outcome(
+            f"count:{rtype}",
+            "agree" if same else "disagree",
+            str(len(exps)),
+            str(len(acts)),
+            rtype,
+            key=False,
+        )
     )
     if len(acts) > len(exps):
         result.extra_resources[rtype] += len(acts) - len(exps)
@@ -1267,7 +1442,9 @@ def _compare_type(
 
 
 def compare_bundles(
-    expected: Any, actual: Any, rules: Sequence[Deliberate] = DELIBERATE,
+    expected: Any,
+    actual: Any,
+    rules: Sequence[Deliberate] = DELIBERATE,
     source: bytes | None = None,
 ) -> CompareResult:
     """Compare two Bundles by meaning (see module docstring and docs/conformance.md).
@@ -1281,7 +1458,13 @@ def compare_bundles(
     act_by_type = _by_type(actual)
     for rtype in SPECS:
         _compare_type(
-            rtype, exp_by_type[rtype], act_by_type[rtype], rules, result, expected, actual,
+            rtype,
+            exp_by_type[rtype],
+            act_by_type[rtype],
+            rules,
+            result,
+            expected,
+            actual,
             parsed,
         )
     return result

@@ -270,9 +270,7 @@ def worst_fields(results: list[PairResult], n: int = WORST_N) -> list[dict[str, 
         for o in r.result.disagreements():
             counts[o.path] += 1
             pairs_with.setdefault(o.path, set()).add(r.pair.name)
-    return [
-        {"path": p, "count": c, "pairs": len(pairs_with[p])} for p, c in counts.most_common(n)
-    ]
+    return [{"path": p, "count": c, "pairs": len(pairs_with[p])} for p, c in counts.most_common(n)]
 
 
 def excluded_summary(results: list[PairResult]) -> list[dict[str, Any]]:
@@ -282,8 +280,12 @@ def excluded_summary(results: list[PairResult]) -> list[dict[str, Any]]:
         counts.update(r.result.excluded_by_rule())
     return [
         {
-            "rule": d.rule_id, "resource": d.resource, "path": d.path or "(whole resource)",
-            "reason": d.reason, "ig_ref": d.ig_ref, "fields_excluded": counts.get(d.rule_id, 0),
+            "rule": d.rule_id,
+            "resource": d.resource,
+            "path": d.path or "(whole resource)",
+            "reason": d.reason,
+            "ig_ref": d.ig_ref,
+            "fields_excluded": counts.get(d.rule_id, 0),
         }
         for d in DELIBERATE
     ]
@@ -315,19 +317,26 @@ def print_table(results: list[PairResult]) -> None:
         )
 
 
-def print_summary(totals: dict[str, Any], worst: list[dict[str, Any]],
-                  excluded: list[dict[str, Any]]) -> None:
+def print_summary(
+    totals: dict[str, Any], worst: list[dict[str, Any]], excluded: list[dict[str, Any]]
+) -> None:
     """Overall numbers, worst fields and DELIBERATE exclusions."""
     print()
-    print(f"pairs converted: {totals['pairs_converted']} / {totals['pairs_total']}"
-          f"  (errors: {totals['errors']})")
+    print(
+        f"pairs converted: {totals['pairs_converted']} / {totals['pairs_total']}"
+        f"  (errors: {totals['errors']})"
+    )
     score = "n/a" if totals["score"] is None else f"{totals['score']:.2f}%"
-    print(f"overall: {totals['agreed']} agreed / {totals['compared']} compared = {score}"
-          f"  (extra leaves in actual: {totals['extra']}, excluded: {totals['excluded']})")
+    print(
+        f"overall: {totals['agreed']} agreed / {totals['compared']} compared = {score}"
+        f"  (extra leaves in actual: {totals['extra']}, excluded: {totals['excluded']})"
+    )
     if totals.get("raw_compared"):
         raw = 100.0 * totals["raw_agreed"] / totals["raw_compared"]
-        print(f"without any DELIBERATE exclusion: {totals['raw_agreed']} agreed / "
-              f"{totals['raw_compared']} compared = {raw:.2f}%")
+        print(
+            f"without any DELIBERATE exclusion: {totals['raw_agreed']} agreed / "
+            f"{totals['raw_compared']} compared = {raw:.2f}%"
+        )
     print(f"\nworst {len(worst)} disagreeing fields (count over all pairs, #pairs):")
     for w in worst:
         print(f"  {w['path']}: {w['count']}  ({w['pairs']} pairs)")
@@ -348,8 +357,10 @@ def show_pair(results: list[PairResult], name: str) -> bool:
     r = hits[0]
     res = r.result
     print(f"\n== {r.pair.name}  ({r.pair.input})")
-    print(f"compared {res.compared}, agreed {res.agreed}, score {_fmt_score(res.score).strip()}%,"
-          f" extra {res.extra}, excluded {res.excluded}")
+    print(
+        f"compared {res.compared}, agreed {res.agreed}, score {_fmt_score(res.score).strip()}%,"
+        f" extra {res.extra}, excluded {res.excluded}"
+    )
     if r.error:
         print(f"error: {r.error}")
     for o in res.disagreements():
@@ -377,8 +388,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--show", metavar="PAIRNAME", help="print one pair's disagreeing fields")
     ap.add_argument("--min-score", type=float, help="exit 1 if overall score %% is below this")
     ap.add_argument("--timeout", type=int, default=60, help="seconds per conversion (0=none)")
-    ap.add_argument("--against-expected", action="store_true",
-                    help="sanity check: score the (shuffled, renamed) expected bundles")
+    ap.add_argument(
+        "--against-expected",
+        action="store_true",
+        help="sanity check: score the (shuffled, renamed) expected bundles",
+    )
     return ap.parse_args(argv)
 
 

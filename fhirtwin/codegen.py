@@ -21,7 +21,14 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FunctionWriter", "Leaf"]
+__all__ = [
+    "FieldStep",
+    "FunctionWriter",
+    "Leaf",
+    "datatype_function",
+    "predicate",
+    "segment_function",
+]
 
 _SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NESTED_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\Z")

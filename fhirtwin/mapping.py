@@ -1,10 +1,11 @@
 """The HL7 v2 → FHIR mapping engine.
 
 It knows no message type, segment or datatype by name: everything comes from
-the rule files (``fhirtwin.rules``). Rules are compiled once into small
-closures, so converting a message is a walk over its segments calling
-precompiled functions. Everything here is pure: a message and rules in, a
-Bundle and a loss report out.
+the rule files (``fhirtwin.rules``). Each rule file is compiled once, when the
+rules load, into a generated Python function (``fhirtwin.codegen``) that calls
+small closures for the values it converts; converting a message is a walk over
+its segments calling those functions. Everything here is pure: a message and
+rules in, a Bundle and a loss report out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import orjson
 
 from fhirtwin import codegen
 from fhirtwin import datatypes as dt
-from fhirtwin.hl7v2 import HL7ParseError, Message, Segment
+from fhirtwin.hl7v2 import Message, Segment
 from fhirtwin.rules import (
     CodeMap,
     DatatypeRule,
@@ -1484,6 +1485,3 @@ def _provenance(msg: Message, resources: list[dict], st: _State, sender: str) ->
         }
     ]
     return prov
-
-
-__all__ += ["HL7ParseError"]

@@ -267,7 +267,10 @@ def _id_mode(raw: Any, where: str) -> str | dict[str, Any]:
     if isinstance(raw, dict) and isinstance(raw.get("keys"), list) and raw["keys"]:
         if set(raw) - {"keys", "identifier"}:
             raise MappingError(f"{where}: id: takes only 'keys' and 'identifier'")
-        return {"keys": [str(k) for k in raw["keys"]], "identifier": bool(raw.get("identifier", True))}
+        return {
+            "keys": [str(k) for k in raw["keys"]],
+            "identifier": bool(raw.get("identifier", True)),
+        }
     raise MappingError(
         f"{where}: id must be identifier, content, message or {{keys: [path, ...]}}, not {raw!r}"
     )

@@ -28,7 +28,9 @@ def by_ref(conv: Any, ref: dict[str, str]) -> dict[str, Any]:
 
 def assert_references_resolve(conv: Any) -> None:
     """Every relative reference in the Bundle points at one of its entries."""
-    present = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in conv.bundle["entry"]}
+    present = {
+        f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in conv.bundle["entry"]
+    }
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):

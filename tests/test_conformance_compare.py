@@ -37,8 +37,11 @@ def bundle(*resources: dict[str, Any]) -> dict[str, Any]:
         "resourceType": "Bundle",
         "type": "batch",
         "entry": [
-            {"fullUrl": f"urn:uuid:{r.get('id', n)}", "resource": r,
-             "request": {"method": "PUT", "url": f"{r['resourceType']}/{r.get('id', n)}"}}
+            {
+                "fullUrl": f"urn:uuid:{r.get('id', n)}",
+                "resource": r,
+                "request": {"method": "PUT", "url": f"{r['resourceType']}/{r.get('id', n)}"},
+            }
             for n, r in enumerate(resources)
         ],
     }
@@ -47,22 +50,47 @@ def bundle(*resources: dict[str, Any]) -> dict[str, Any]:
 def patient() -> dict[str, Any]:
     """A Patient with identifiers, name, address, telecom and race."""
     return {
-        "resourceType": "Patient", "id": "p1",
+        "resourceType": "Patient",
+        "id": "p1",
         "identifier": [
-            {"value": "MRN1", "system": "urn:oid:1.2.3",
-             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                                  "code": "MR"}]}},
+            {
+                "value": "MRN1",
+                "system": "urn:oid:1.2.3",
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}
+                    ]
+                },
+            },
             {"value": "123-45-6789", "system": "http://hl7.org/fhir/sid/us-ssn"},
         ],
         "name": [{"family": "Everyman", "given": ["Adam", "A"], "use": "official"}],
         "birthDate": "1988-08-18",
         "gender": "male",
-        "address": [{"line": ["1000 Hospital Lane"], "city": "Ann Arbor ", "state": "MI",
-                     "postalCode": "99999", "country": "USA"}],
+        "address": [
+            {
+                "line": ["1000 Hospital Lane"],
+                "city": "Ann Arbor ",
+                "state": "MI",
+                "postalCode": "99999",
+                "country": "USA",
+            }
+        ],
         "telecom": [{"system": "phone", "value": "555-1234", "use": "home"}],
-        "extension": [{"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
-                       "extension": [{"url": "ombCategory", "valueCoding": {
-                           "system": "urn:oid:2.16.840.1.113883.6.238", "code": "2106-3"}}]}],
+        "extension": [
+            {
+                "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+                "extension": [
+                    {
+                        "url": "ombCategory",
+                        "valueCoding": {
+                            "system": "urn:oid:2.16.840.1.113883.6.238",
+                            "code": "2106-3",
+                        },
+                    }
+                ],
+            }
+        ],
         "meta": {"lastUpdated": "2020-01-01T00:00:00Z"},
         "text": {"status": "generated", "div": "<div/>"},
     }
@@ -71,7 +99,9 @@ def patient() -> dict[str, Any]:
 def observation(oid: str, code: str, value: float, unit: str) -> dict[str, Any]:
     """A lab Observation."""
     return {
-        "resourceType": "Observation", "id": oid, "status": "final",
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
         "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
         "valueQuantity": {"value": value, "unit": unit},
         "effectiveDateTime": "2011-01-04T04:04:28+05:30",
@@ -179,7 +209,9 @@ def test_group_elements_compared_component_by_component() -> None:
     act_pat["telecom"] = []
     res = C.compare_bundles(bundle(patient()), bundle(act_pat))
     assert sorted(o.path for o in res.disagreements()) == [
-        "Patient.address.city", "Patient.telecom.system", "Patient.telecom.use",
+        "Patient.address.city",
+        "Patient.telecom.system",
+        "Patient.telecom.use",
         "Patient.telecom.value",
     ]
 
@@ -214,12 +246,18 @@ def test_deliberate_coding_system_matches_code_only() -> None:
 
 def test_deliberate_value_and_whole_resource_rules() -> None:
     """ServiceRequest intent filler-order and PDA Observations are excluded, never agreed."""
-    sr = {"resourceType": "ServiceRequest", "status": "active", "intent": "filler-order",
-          "code": {"coding": [{"system": "http://loinc.org", "code": "15545"}]}}
-    pda = {"resourceType": "Observation", "status": "final",
-           "code": {"coding": [{"system": EX + "CodeSystem/observation-code",
-                                "code": "autopsy"}]},
-           "valueCodeableConcept": {"coding": [{"code": "Y"}]}}
+    sr = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "filler-order",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "15545"}]},
+    }
+    pda = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": EX + "CodeSystem/observation-code", "code": "autopsy"}]},
+        "valueCodeableConcept": {"coding": [{"code": "Y"}]},
+    }
     exp = bundle(sr, pda)
     act = bundle(dict(sr, intent="order"))
     res = C.compare_bundles(exp, act)
@@ -243,13 +281,22 @@ def test_medication_reference_resolved_within_bundle() -> None:
     code = {"coding": [{"system": "http://hl7.org/fhir/sid/ndc", "code": "0182-1061-05"}]}
     exp = bundle(
         {"resourceType": "Medication", "id": "m1", "code": code},
-        {"resourceType": "MedicationRequest", "id": "r1", "status": "active",
-         "intent": "order", "medicationReference": {"reference": "Medication/m1"}},
+        {
+            "resourceType": "MedicationRequest",
+            "id": "r1",
+            "status": "active",
+            "intent": "order",
+            "medicationReference": {"reference": "Medication/m1"},
+        },
     )
     act = bundle(
         {"resourceType": "Medication", "id": "zz", "code": code},
-        {"resourceType": "MedicationRequest", "status": "active", "intent": "order",
-         "medicationCodeableConcept": code},
+        {
+            "resourceType": "MedicationRequest",
+            "status": "active",
+            "intent": "order",
+            "medicationCodeableConcept": code,
+        },
     )
     assert C.compare_bundles(exp, act).score == 100.0
 
@@ -289,16 +336,29 @@ def test_script_reads_pairs_and_skips_non_json(tmp_path: Path) -> None:
     (tmp_path / "m.hl7").write_bytes(b"MSH|^~\\&|A\r")
     (tmp_path / "e.json").write_text(
         '{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient",'
-        '"gender":"male"}}]}', encoding="utf-8")
+        '"gender":"male"}}]}',
+        encoding="utf-8",
+    )
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(
         "kind,input,expected_output,produced_by,root_template_or_label\n"
         "hl7v2,m.hl7,e.json,x,ADT_A01\n"
         "hl7v2,m.hl7,e.xml,x,MDM_T02\n"
-        "ccda,m.hl7,e.json,x,CCD\n", encoding="utf-8")
+        "ccda,m.hl7,e.json,x,CCD\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "out.json"
-    args = ["--pairs", str(pairs), "--root", str(tmp_path), "--json", str(out),
-            "--against-expected", "--min-score", "100"]
+    args = [
+        "--pairs",
+        str(pairs),
+        "--root",
+        str(tmp_path),
+        "--json",
+        str(out),
+        "--against-expected",
+        "--min-score",
+        "100",
+    ]
     assert conformance.main(args) == 0
     data = json.loads(out.read_text(encoding="utf-8"))
     assert data["overall"]["pairs_total"] == 1

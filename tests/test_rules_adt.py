@@ -80,13 +80,20 @@ def test_pid_identifiers_name_and_demographics() -> None:
     assert pat["birthDate"] == "1980-02-15"
     assert pat["gender"] == "female"
     # PID-16 via the IG's MaritalStatus concept map → v3 MaritalStatus.
-    assert _codes(pat["maritalStatus"]) == {("http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "M")}
+    assert _codes(pat["maritalStatus"]) == {
+        ("http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "M")
+    }
     # PID-30 "N" with no PID-29 → deceasedBoolean false.
     assert pat["deceasedBoolean"] is False
     # XAD: line from XAD-1 and XAD-2, XAD-7 H → use home.
     addr = pat["address"][0]
     assert addr["line"] == ["12 Elm Street", "Apt 4"]
-    assert (addr["city"], addr["state"], addr["postalCode"], addr["use"]) == ("Springfield", "IL", "62701", "home")
+    assert (addr["city"], addr["state"], addr["postalCode"], addr["use"]) == (
+        "Springfield",
+        "IL",
+        "62701",
+        "home",
+    )
 
 
 def test_xtn_value_follows_the_ig_number_format() -> None:
@@ -96,7 +103,10 @@ def test_xtn_value_follows_the_ig_number_format() -> None:
     assert (home["system"], home["use"], home["value"]) == ("phone", "home", "+1 217 5550101")
     assert (email["system"], email["value"]) == ("email", "ada@example.org")
     assert (work["system"], work["use"], work["value"]) == ("phone", "work", "217 5550199 X12")
-    assert {"url": "http://hl7.org/fhir/StructureDefinition/contactpoint-extension", "valueString": "12"} in work["extension"]
+    assert {
+        "url": "http://hl7.org/fhir/StructureDefinition/contactpoint-extension",
+        "valueString": "12",
+    } in work["extension"]
 
 
 def test_pd1_primary_facility_and_provider_are_general_practitioners() -> None:
@@ -114,7 +124,9 @@ def test_nk1_is_a_related_person_and_a_patient_contact() -> None:
     assert _resolve(conv, rp["patient"]) is pat
     assert rp["name"][0] == {"family": "Okafor", "given": ["Chidi"]}
     # NK1-3 SPO via the IG's Relationship map → v3 RoleCode SPS.
-    assert ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "SPS") in _codes(rp["relationship"][0])
+    assert ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "SPS") in _codes(
+        rp["relationship"][0]
+    )
     contact = pat["contact"][0]
     assert contact["name"]["family"] == "Okafor"
     assert contact["telecom"][0]["value"] == "217 5550102"
@@ -127,11 +139,16 @@ def test_nk1_is_a_related_person_and_a_patient_contact() -> None:
 def test_pv1_encounter_class_status_period_and_visit_number() -> None:
     conv = _convert("adt_a01_admit.hl7")
     enc = _one(conv, "Encounter")
-    assert enc["class"] == {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}
+    assert enc["class"] == {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+        "code": "IMP",
+    }
     assert enc["status"] == "in-progress"
     assert enc["period"] == {"start": "2024-03-05T08:00:00+01:00"}
     assert enc["identifier"][0]["value"] == "V1001"
-    assert ("http://terminology.hl7.org/CodeSystem/v2-0203", "VN") in _codes(enc["identifier"][0]["type"])
+    assert ("http://terminology.hl7.org/CodeSystem/v2-0203", "VN") in _codes(
+        enc["identifier"][0]["type"]
+    )
     assert _resolve(conv, enc["subject"]) is _one(conv, "Patient")
     assert enc["reasonCode"][0]["coding"][0]["code"] == "CHEST"
 
@@ -148,13 +165,23 @@ def test_pv1_location_is_the_bed_with_its_parents() -> None:
             break
         node = _resolve(conv, node["partOf"])
     # PL: bed B1 ⊂ room R301 ⊂ point of care WARD3 ⊂ floor 3 ⊂ building MAIN ⊂ facility.
-    assert chain == [("B1", "bd"), ("R301", "ro"), ("WARD3", "wa"), ("3", "lvl"), ("MAIN", "bu"), ("CITYHOSP", "si")]
+    assert chain == [
+        ("B1", "bd"),
+        ("R301", "ro"),
+        ("WARD3", "wa"),
+        ("3", "lvl"),
+        ("MAIN", "bu"),
+        ("CITYHOSP", "si"),
+    ]
     assert all(n["physicalType"]["coding"][0]["system"] == PHYS for n in _all(conv, "Location"))
 
 
 def test_pv1_doctors_are_typed_participants() -> None:
     conv = _convert("adt_a01_admit.hl7")
-    parts = {p["type"][0]["coding"][0]["code"]: _resolve(conv, p["individual"]) for p in _one(conv, "Encounter")["participant"]}
+    parts = {
+        p["type"][0]["coding"][0]["code"]: _resolve(conv, p["individual"])
+        for p in _one(conv, "Encounter")["participant"]
+    }
     assert parts["ATND"]["identifier"][0]["value"] == "DOC1"
     assert parts["ATND"]["name"][0] == {"family": "Attending", "given": ["Alice"], "prefix": ["Dr"]}
     assert parts["REF"]["name"][0]["family"] == "Referrer"
@@ -166,7 +193,11 @@ def test_pv1_doctors_are_typed_participants() -> None:
 def test_obx_is_an_observation_of_the_patient() -> None:
     conv = _convert("adt_a01_admit.hl7")
     obs = _one(conv, "Observation")
-    assert obs["code"]["coding"][0] == {"system": "http://loinc.org", "code": "8302-2", "display": "Body height"}
+    assert obs["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "8302-2",
+        "display": "Body height",
+    }
     assert obs["valueQuantity"]["value"] == 170
     assert obs["valueQuantity"]["code"] == "cm"
     assert _resolve(conv, obs["subject"]) is _one(conv, "Patient")
@@ -182,7 +213,9 @@ def test_al1_allergy() -> None:
     assert al["code"]["coding"][0]["code"] == "70618"
     assert al["reaction"][0]["manifestation"] == [{"text": "Hives"}, {"text": "Wheezing"}]
     assert al["onsetDateTime"] == "2010-01-01"
-    assert _codes(al["clinicalStatus"]) == {("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "active")}
+    assert _codes(al["clinicalStatus"]) == {
+        ("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "active")
+    }
 
 
 def test_dg1_condition_is_an_encounter_diagnosis() -> None:
@@ -256,7 +289,10 @@ def test_msh_message_header() -> None:
     sender = _resolve(conv, mh["sender"])
     # IG HD[Organization]: HD-1 and the ISO OID of HD-2 as identifiers.
     assert {"value": "CITYHOSP"} in sender["identifier"]
-    assert any(i["value"] == "urn:oid:2.16.840.1.113883.19.5" and i["system"] == "urn:ietf:rfc:3986" for i in sender["identifier"])
+    assert any(
+        i["value"] == "urn:oid:2.16.840.1.113883.19.5" and i["system"] == "urn:ietf:rfc:3986"
+        for i in sender["identifier"]
+    )
 
 
 # ---------------------------------------------------------------- trigger events
@@ -266,8 +302,13 @@ def test_a03_discharge_finishes_the_encounter() -> None:
     conv = _convert("adt_a03_discharge.hl7")
     enc = _one(conv, "Encounter")
     assert enc["status"] == "finished"
-    assert enc["period"] == {"start": "2024-03-05T08:00:00+01:00", "end": "2024-03-08T11:30:00+01:00"}
-    assert ("http://terminology.hl7.org/CodeSystem/v2-0112", "01") in _codes(enc["hospitalization"]["dischargeDisposition"])
+    assert enc["period"] == {
+        "start": "2024-03-05T08:00:00+01:00",
+        "end": "2024-03-08T11:30:00+01:00",
+    }
+    assert ("http://terminology.hl7.org/CodeSystem/v2-0112", "01") in _codes(
+        enc["hospitalization"]["dischargeDisposition"]
+    )
 
 
 def test_a03_without_discharge_time_is_still_finished() -> None:
@@ -285,8 +326,10 @@ def test_a05_preadmit_is_planned_with_planned_location() -> None:
     assert enc["status"] == "planned"
     assert enc["class"]["code"] == "PRENC"  # PV1-2 P
     assert enc["location"][0]["status"] == "planned"  # IG: PV1-2 P → planned
-    planned_start = {"url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedStartDate",
-                     "valueDateTime": "2024-03-10T08:00:00+01:00"}
+    planned_start = {
+        "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedStartDate",
+        "valueDateTime": "2024-03-10T08:00:00+01:00",
+    }
     assert planned_start in enc["extension"]
 
 
@@ -301,8 +344,12 @@ def test_a40_merge_links_the_two_patient_records() -> None:
     conv = _convert("adt_a40_merge.hl7")
     pats = {p["identifier"][0]["value"]: p for p in _all(conv, "Patient")}
     survivor, old = pats["MRN4711"], pats["MRN0815"]
-    assert survivor["link"] == [{"type": "replaces", "other": {"reference": f"Patient/{old['id']}"}}]
-    assert old["link"] == [{"type": "replaced-by", "other": {"reference": f"Patient/{survivor['id']}"}}]
+    assert survivor["link"] == [
+        {"type": "replaces", "other": {"reference": f"Patient/{old['id']}"}}
+    ]
+    assert old["link"] == [
+        {"type": "replaced-by", "other": {"reference": f"Patient/{survivor['id']}"}}
+    ]
     assert old["active"] is False
 
 
@@ -344,7 +391,12 @@ def test_bar_p02_purged_account_is_inactive() -> None:
 
 
 def test_bar_p01_account_is_active() -> None:
-    conv = _msg(MSH.format(type="BAR^P01^BAR_P01"), "EVN|P01|20240305", "PID|1||M1^^^H^MR||Doe^Jan|||||||||||||ACC1^^^H^AN", "PV1|1|O")
+    conv = _msg(
+        MSH.format(type="BAR^P01^BAR_P01"),
+        "EVN|P01|20240305",
+        "PID|1||M1^^^H^MR||Doe^Jan|||||||||||||ACC1^^^H^AN",
+        "PV1|1|O",
+    )
     assert conv.report["validation"] == []
     assert _one(conv, "Account")["status"] == "active"
 
@@ -353,7 +405,12 @@ def test_bar_p01_account_is_active() -> None:
 
 
 def test_nk1_without_name_or_organization_adds_no_empty_contact() -> None:
-    conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "NK1|1" + "|" * 11 + "NK9^^^H", "PV1|1|I")
+    conv = _msg(
+        MSH.format(type="ADT^A01^ADT_A01"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "NK1|1" + "|" * 11 + "NK9^^^H",
+        "PV1|1|I",
+    )
     assert "contact" not in _one(conv, "Patient")
     rp = _one(conv, "RelatedPerson")  # still the associated party, by its NK1-12 identifier
     assert rp["identifier"][0]["value"] == "NK9"
@@ -361,7 +418,12 @@ def test_nk1_without_name_or_organization_adds_no_empty_contact() -> None:
 
 def test_nk1_employer_is_only_a_patient_contact() -> None:
     # IG: NK1-3 EMR (employer) → Patient.contact, not a RelatedPerson.
-    conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "NK1|1|Boss^Bob|EMR^Employer^HL70063", "PV1|1|I")
+    conv = _msg(
+        MSH.format(type="ADT^A01^ADT_A01"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "NK1|1|Boss^Bob|EMR^Employer^HL70063",
+        "PV1|1|I",
+    )
     assert _all(conv, "RelatedPerson") == []
     assert _one(conv, "Patient")["contact"][0]["name"]["family"] == "Boss"
 
@@ -376,15 +438,27 @@ def test_rol_primary_care_provider_is_general_practitioner() -> None:
     )
     roles = {r["code"][0]["coding"][0]["code"]: r for r in _all(conv, "PractitionerRole")}
     gp = _one(conv, "Patient")["generalPractitioner"]
-    assert [_resolve(conv, g) for g in gp] == [roles["446050000"]]  # IG ProviderRole map: PP → SNOMED PCP
+    assert [_resolve(conv, g) for g in gp] == [
+        roles["446050000"]
+    ]  # IG ProviderRole map: PP → SNOMED PCP
     assert _resolve(conv, roles["446050000"]["practitioner"])["name"][0]["family"] == "Family"
     # The ROL after PV1 is a participant of the encounter.
-    parts = [_resolve(conv, p["individual"]) for p in _one(conv, "Encounter").get("participant", [])]
-    assert any(p["resourceType"] == "PractitionerRole" and _resolve(conv, p["practitioner"])["name"][0]["family"] == "Ward" for p in parts)
+    parts = [
+        _resolve(conv, p["individual"]) for p in _one(conv, "Encounter").get("participant", [])
+    ]
+    assert any(
+        p["resourceType"] == "PractitionerRole"
+        and _resolve(conv, p["practitioner"])["name"][0]["family"] == "Ward"
+        for p in parts
+    )
 
 
 def test_pl_without_bed_points_at_the_room() -> None:
-    conv = _msg(MSH.format(type="ADT^A02^ADT_A02"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|I|ICU^12^^CITYHOSP^^^^^Intensive care 12")
+    conv = _msg(
+        MSH.format(type="ADT^A02^ADT_A02"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "PV1|1|I|ICU^12^^CITYHOSP^^^^^Intensive care 12",
+    )
     room = _resolve(conv, _one(conv, "Encounter")["location"][0]["location"])
     assert (room["name"], room["physicalType"]["coding"][0]["code"]) == ("12", "ro")
     assert room["description"] == "Intensive care 12"  # PL-9 on the most granular Location only
@@ -411,7 +485,9 @@ def test_iam_allergy_reported_by_a_relative_with_a_reaction() -> None:
     reporter = _resolve(conv, al["recorder"])
     assert reporter["resourceType"] == "RelatedPerson"
     assert reporter["name"][0]["given"] == ["Mary"]
-    assert ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "MTH") in _codes(reporter["relationship"][0])
+    assert ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "MTH") in _codes(
+        reporter["relationship"][0]
+    )
     assert al["reaction"][0]["manifestation"] == [{"text": "Hives"}]
     anaphylaxis = al["reaction"][1]
     assert _codes(anaphylaxis["manifestation"][0]) == {("http://snomed.info/sct", "39579001")}
@@ -421,11 +497,18 @@ def test_iam_allergy_reported_by_a_relative_with_a_reaction() -> None:
 
 
 def test_pid_race_and_ethnicity_use_us_core_cdc_codes() -> None:
-    pid = "PID|1||M1^^^H^MR||Doe^Jan||19700101|M||2106-3^White^HL70005" + "|" * 12 + "H^Hispanic or Latino^HL70189"
+    pid = (
+        "PID|1||M1^^^H^MR||Doe^Jan||19700101|M||2106-3^White^HL70005"
+        + "|" * 12
+        + "H^Hispanic or Latino^HL70189"
+    )
     pat = _one(_msg(MSH.format(type="ADT^A28^ADT_A05"), pid, "PV1|1|N"), "Patient")
     ext = {e["url"].rsplit("-", 1)[-1]: e for e in pat["extension"] if "us-core" in e["url"]}
     cdc = "urn:oid:2.16.840.1.113883.6.238"
-    assert {"url": "ombCategory", "valueCoding": {"system": cdc, "code": "2106-3", "display": "White"}} in ext["race"]["extension"]
+    assert {
+        "url": "ombCategory",
+        "valueCoding": {"system": cdc, "code": "2106-3", "display": "White"},
+    } in ext["race"]["extension"]
     assert {"url": "text", "valueString": "White"} in ext["race"]["extension"]
     omb = next(x for x in ext["ethnicity"]["extension"] if x["url"] == "ombCategory")
     assert (omb["valueCoding"]["system"], omb["valueCoding"]["code"]) == (cdc, "2135-2")
@@ -437,7 +520,13 @@ def test_pid_race_and_ethnicity_use_us_core_cdc_codes() -> None:
 def test_pid13_cell_phone_without_use_code_is_home_and_pid40_cell_is_mobile() -> None:
     # IG PID[Patient]: PID-13 use "home" / PID-14 use "work" when XTN-2 is not valued;
     # XTN-2 wins when sent. PID-40 has no segment-level use: XTN-3 CP → mobile.
-    pid = "PID|1||M1^^^H^MR||Doe^Jan" + "|" * 8 + "5551001^^CP~5551002^WPN^CP|5551003^^CP~5551004^PRN^PH" + "|" * 26 + "5551005^^CP"
+    pid = (
+        "PID|1||M1^^^H^MR||Doe^Jan"
+        + "|" * 8
+        + "5551001^^CP~5551002^WPN^CP|5551003^^CP~5551004^PRN^PH"
+        + "|" * 26
+        + "5551005^^CP"
+    )
     pat = _one(_msg(MSH.format(type="ADT^A04^ADT_A01"), pid, "PV1|1|O"), "Patient")
     uses = {t["value"]: (t["system"], t.get("use")) for t in pat["telecom"]}
     assert uses == {
@@ -457,7 +546,10 @@ def test_pid15_language_is_bcp47() -> None:
     (comm,) = pat["communication"]
     assert _codes(comm["language"]) == {("urn:ietf:bcp:47", "ar"), ("urn:ietf:bcp:47", "de")}
     nk1 = "NK1|1|Doe^Jon|SPO^Spouse^HL70063" + "|" * 17 + "fre"
-    rp = _one(_msg(MSH.format(type="ADT^A04^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", nk1, "PV1|1|O"), "RelatedPerson")
+    rp = _one(
+        _msg(MSH.format(type="ADT^A04^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", nk1, "PV1|1|O"),
+        "RelatedPerson",
+    )
     assert _codes(rp["communication"][0]["language"]) == {("urn:ietf:bcp:47", "fr")}
 
 
@@ -478,11 +570,20 @@ def test_race_omb_code_gets_the_cdc_system_whatever_cwe3_says() -> None:
     pat = _one(_msg(MSH.format(type="ADT^A28^ADT_A05"), pid, "PV1|1|N"), "Patient")
     race = next(e for e in pat["extension"] if e["url"].endswith("us-core-race"))
     omb = next(x for x in race["extension"] if x["url"] == "ombCategory")
-    assert (omb["valueCoding"]["system"], omb["valueCoding"]["code"]) == ("urn:oid:2.16.840.1.113883.6.238", "2106-3")
+    assert (omb["valueCoding"]["system"], omb["valueCoding"]["code"]) == (
+        "urn:oid:2.16.840.1.113883.6.238",
+        "2106-3",
+    )
 
 
 def test_in1_plan_type_relationship_and_policy_number() -> None:
-    in1 = "IN1|1|P1|INS^^^NAIC|Payer Inc" + "|" * 11 + "HMO^health maintenance organization policy|Doe^Jon|SPO^Spouse" + "|" * 19 + "POL-42"
+    in1 = (
+        "IN1|1|P1|INS^^^NAIC|Payer Inc"
+        + "|" * 11
+        + "HMO^health maintenance organization policy|Doe^Jon|SPO^Spouse"
+        + "|" * 19
+        + "POL-42"
+    )
     conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|O", in1)
     cov = _one(conv, "Coverage")
     # IN1-15 through the IG's PlanId map → v3 ActCode, R4's preferred Coverage.type system.
@@ -509,13 +610,22 @@ def test_parent_procedure_and_parent_diagnosis_are_references_by_identifier() ->
     proc = _one(conv, "Procedure")
     assert proc["partOf"] == [{"identifier": {"value": "PR1"}, "type": "Procedure"}]
     cond = _one(conv, "Condition")
-    due = next(e for e in cond["extension"] if e["url"] == "http://hl7.org/fhir/StructureDefinition/condition-dueTo")
+    due = next(
+        e
+        for e in cond["extension"]
+        if e["url"] == "http://hl7.org/fhir/StructureDefinition/condition-dueTo"
+    )
     assert due["valueReference"] == {"identifier": {"value": "DX1"}, "type": "Condition"}
     assert conv.report["validation"] == []
 
 
 def test_al1_icdo_coding_system_uri() -> None:
-    conv = _msg(MSH.format(type="ADT^A01^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", "PV1|1|I", "AL1|1|DA|P^PENICILLIN^ICDO")
+    conv = _msg(
+        MSH.format(type="ADT^A01^ADT_A01"),
+        "PID|1||M1^^^H^MR||Doe^Jan",
+        "PV1|1|I",
+        "AL1|1|DA|P^PENICILLIN^ICDO",
+    )
     al = _one(conv, "AllergyIntolerance")
     assert _codes(al["code"]) == {("http://terminology.hl7.org/CodeSystem/icd-o-3", "P")}
 
@@ -525,8 +635,16 @@ def test_the_same_allergy_and_insured_in_two_visit_groups_are_one_resource() -> 
     # (same patient, allergen, reaction) and one insured spouse (IN1-16..19, 43),
     # not two copies of each; both Coverages point at that one RelatedPerson.
     al1 = "AL1|1|DA|P^PENICILLIN^ICDO|SV|HIVES|20200101"
-    in1a = "IN1|1|P1|INS^^^NAIC|Payer Inc" + "|" * 12 + "Doe^Jon|SPO^Spouse|19790101|1 Main St^^Town^ST^12345"
-    in1b = "IN1|2|P2|INS^^^NAIC|Payer Inc" + "|" * 12 + "Doe^Jon|SPO^Spouse|19790101|1 Main St^^Town^ST^12345"
+    in1a = (
+        "IN1|1|P1|INS^^^NAIC|Payer Inc"
+        + "|" * 12
+        + "Doe^Jon|SPO^Spouse|19790101|1 Main St^^Town^ST^12345"
+    )
+    in1b = (
+        "IN1|2|P2|INS^^^NAIC|Payer Inc"
+        + "|" * 12
+        + "Doe^Jon|SPO^Spouse|19790101|1 Main St^^Town^ST^12345"
+    )
     conv = _msg(
         MSH.format(type="BAR^P01^BAR_P01"),
         "EVN|P01|20240305081500+0100",

@@ -36,12 +36,6 @@ def convert(name: str):
     return convert_bytes((FIXTURES / name).read_bytes())
 
 
-
-
-
-
-
-
 def by_identifier(conv, rtype: str, value: str) -> dict:
     for res in resources(conv, rtype):
         if any(i.get("value") == value for i in res.get("identifier", [])):
@@ -51,8 +45,6 @@ def by_identifier(conv, rtype: str, value: str) -> dict:
 
 def codes(concept: dict) -> set[tuple[str | None, str]]:
     return {(c.get("system"), c["code"]) for c in concept.get("coding", [])}
-
-
 
 
 def unmapped_segments(conv) -> set[str]:

@@ -26,12 +26,6 @@ def convert(name: str):
     return conv
 
 
-
-
-
-
-
-
 def obs_by_loinc(conv, code: str) -> dict:
     for o in resources(conv, "Observation"):
         if any(c.get("code") == code for c in o["code"].get("coding", [])):
@@ -47,8 +41,6 @@ def type_code(ident: dict) -> str:
     return ident["type"]["coding"][0]["code"]
 
 
-
-
 # --------------------------------------------------------------------- ORU^R01
 
 
@@ -56,7 +48,10 @@ def test_oru_numeric_result_quantity_range_interpretation_status():
     conv = convert("oru_r01_chem.hl7")
     glucose = obs_by_loinc(conv, "2345-7")
     assert glucose["valueQuantity"] == {
-        "value": 95, "unit": "milligrams per deciliter", "code": "mg/dL", "system": UCUM,
+        "value": 95,
+        "unit": "milligrams per deciliter",
+        "code": "mg/dL",
+        "system": UCUM,
     }
     assert glucose["status"] == "final"
     assert glucose["referenceRange"] == [{"text": "70-99"}]
@@ -85,7 +80,12 @@ def test_oru_structured_numeric_variants():
     assert titer["valueRatio"]["denominator"]["value"] == 128
     assert "valueQuantity" not in titer
     rng = obs_by_loinc(conv, "1234-5")  # SN "^10^-^20" → Range, units on both ends
-    assert rng["valueRange"]["low"] == {"value": 10, "unit": "mg/dL", "code": "mg/dL", "system": UCUM}
+    assert rng["valueRange"]["low"] == {
+        "value": 10,
+        "unit": "mg/dL",
+        "code": "mg/dL",
+        "system": UCUM,
+    }
     assert rng["valueRange"]["high"]["value"] == 20
     assert "valueQuantity" not in rng
 
@@ -101,7 +101,9 @@ def test_oru_string_coded_and_cancelled_results():
     assert not any(k.startswith("value") for k in sodium)
     alt = sodium["_status"]["extension"][0]
     assert alt["url"] == "http://hl7.org/fhir/StructureDefinition/alternate-codes"
-    assert codes(alt["valueCodeableConcept"]) == {("http://terminology.hl7.org/CodeSystem/v2-0085", "X")}
+    assert codes(alt["valueCodeableConcept"]) == {
+        ("http://terminology.hl7.org/CodeSystem/v2-0085", "X")
+    }
 
 
 def test_oru_diagnostic_report_links_results_order_and_specimen():
@@ -112,11 +114,20 @@ def test_oru_diagnostic_report_links_results_order_and_specimen():
     assert codes(report["category"][0]) == {("http://terminology.hl7.org/CodeSystem/v2-0074", "CH")}
     assert report["effectiveDateTime"] == "2024-01-05T07:00:00-05:00"  # OBR-7
     assert report["issued"] == "2024-01-05T08:25:00-05:00"  # OBR-22
-    assert {type_code(i): i["value"] for i in report["identifier"]} == {"PLAC": "PLC1001", "FILL": "FIL2002"}
+    assert {type_code(i): i["value"] for i in report["identifier"]} == {
+        "PLAC": "PLC1001",
+        "FILL": "FIL2002",
+    }
     # result[] lists every OBX of the group, in message order
     results = [by_ref(conv, r) for r in report["result"]]
     assert [o["code"]["coding"][0]["code"] for o in results] == [
-        "2345-7", "2160-0", "5130-0", "1234-5", "8251-1", "600-7", "2951-2",
+        "2345-7",
+        "2160-0",
+        "5130-0",
+        "1234-5",
+        "8251-1",
+        "600-7",
+        "2951-2",
     ]
     order = by_ref(conv, report["basedOn"][0])
     assert order["resourceType"] == "ServiceRequest"
@@ -142,7 +153,10 @@ def test_oru_without_orc_each_obr_is_its_own_report():
     assert len(reports) == 2
     assert resources(conv, "ServiceRequest") == []  # IG: OBR[ServiceRequest] only if ORC
     first, second = reports
-    assert [by_ref(conv, r)["code"]["coding"][0]["code"] for r in first["result"]] == ["6690-2", "718-7"]
+    assert [by_ref(conv, r)["code"]["coding"][0]["code"] for r in first["result"]] == [
+        "6690-2",
+        "718-7",
+    ]
     assert [by_ref(conv, r)["code"]["coding"][0]["code"] for r in second["result"]] == ["2345-7"]
     assert first["status"] == "preliminary" and second["status"] == "final"
     glucose = obs_by_loinc(conv, "2345-7")
@@ -165,11 +179,17 @@ def test_oru_value_types_pick_value_x():
     assert obs_by_loinc(conv, "5130-0")["valueString"] == "5 +"
     # ED: R4 Observation has no valueAttachment → the IG's R5 backport extension
     pdf = obs_by_loinc(conv, "18842-5")
-    ext = [e for e in pdf.get("extension", []) if e["url"].endswith("extension-Observation.valueAttachment")]
-    assert ext == [{
-        "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.valueAttachment",
-        "valueAttachment": {"contentType": "application/pdf", "data": "JVBERi0xLjQK"},
-    }]
+    ext = [
+        e
+        for e in pdf.get("extension", [])
+        if e["url"].endswith("extension-Observation.valueAttachment")
+    ]
+    assert ext == [
+        {
+            "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.valueAttachment",
+            "valueAttachment": {"contentType": "application/pdf", "data": "JVBERi0xLjQK"},
+        }
+    ]
     abo = obs_by_loinc(conv, "883-9")  # CE, OBX-16 responsible observer, OBX-23 org
     assert abo["valueCodeableConcept"]["coding"][0]["code"] == "A"
     performers = [by_ref(conv, p) for p in abo["performer"]]
@@ -181,27 +201,34 @@ def test_oru_value_types_pick_value_x():
     assert any(p.get("name") == "GOODLAB" for p in performers)
 
 
-
 def test_oru_specimen_from_obr_and_spm_with_parents():
     conv = convert("oru_r01_specimen.hl7")
     report = one(conv, "DiagnosticReport")
     from_obr, from_spm = (by_ref(conv, r) for r in report["specimen"])
     # OBR carries specimen data (OBR-9/10/14/15/39): IG OBR[Specimen], OBR-8 empty → collectedDateTime
     assert from_obr["collection"]["collectedDateTime"] == "2024-01-14T07:00:00+00:00"  # OBR-7
-    assert from_obr["collection"]["quantity"] == {"value": 20, "unit": "milliliter"}  # OBR-9 CQ: unit only
+    assert from_obr["collection"]["quantity"] == {
+        "value": 20,
+        "unit": "milliliter",
+    }  # OBR-9 CQ: unit only
     assert by_ref(conv, from_obr["collection"]["collector"])["name"][0]["family"] == "Collector"
     assert from_obr["receivedTime"] == "2024-01-14T07:30:00+00:00"  # OBR-14
-    assert codes(from_obr["type"]) == {("http://terminology.hl7.org/CodeSystem/v2-0070", "UR")}  # OBR-15.1
+    assert codes(from_obr["type"]) == {
+        ("http://terminology.hl7.org/CodeSystem/v2-0070", "UR")
+    }  # OBR-15.1
     assert from_obr["note"] == [{"text": "Midstream, clean catch"}]  # OBR-39
     assert "identifier" not in from_obr  # OBR-2 → accessionIdentifier only if known to be one (IG)
     # SPM-2 EIP: placer → PGN, filler → FGN; SPM-32 shipment id → SHIP (IG SPM[Specimen])
     assert {type_code(i): i["value"] for i in from_spm["identifier"]} == {
-        "PGN": "SPM77", "FGN": "SPMF77", "SHIP": "SHIP-9",
+        "PGN": "SPM77",
+        "FGN": "SPMF77",
+        "SHIP": "SHIP-9",
     }
     # SPM-3: each parent id is a Specimen of its own (IG parent(Specimen.identifier))
     parents = [by_ref(conv, p) for p in from_spm["parent"]]
     assert [(type_code(p["identifier"][0]), p["identifier"][0]["value"]) for p in parents] == [
-        ("PGN", "PAR1"), ("PGN", "PAR2"),
+        ("PGN", "PAR1"),
+        ("PGN", "PAR2"),
     ]
     assert len(resources(conv, "Specimen")) == 4
     assert conv.report["unmapped_segments"] == []
@@ -220,6 +247,7 @@ def test_oru_interpretation_placeholder_system_and_note_author():
     assert note["time"] == "2024-01-15T08:55:00+00:00"
     assert by_ref(conv, note["authorReference"])["name"][0]["family"] == "Micro"
 
+
 # ---------------------------------------------------------------------- OUL^R22
 
 
@@ -227,8 +255,12 @@ def test_oul_specimen_first_then_report_then_order():
     conv = convert("oul_r22.hl7")
     first, second = resources(conv, "DiagnosticReport")
     # SPM comes before its OBR: each report lists its own specimen
-    assert codes(by_ref(conv, first["specimen"][0])["type"]) == {("http://snomed.info/sct", "119297000")}
-    assert codes(by_ref(conv, second["specimen"][0])["type"]) == {("http://snomed.info/sct", "122575003")}
+    assert codes(by_ref(conv, first["specimen"][0])["type"]) == {
+        ("http://snomed.info/sct", "119297000")
+    }
+    assert codes(by_ref(conv, second["specimen"][0])["type"]) == {
+        ("http://snomed.info/sct", "122575003")
+    }
     assert len(first["specimen"]) == len(second["specimen"]) == 1
     # ORC comes after its OBR: the first report is basedOn it; the second group has no ORC
     order = one(conv, "ServiceRequest")
@@ -257,15 +289,23 @@ def test_oml_order_gathers_orc_tq1_obr_nte_dg1_obx_spm():
     assert codes(order["code"]) == {("http://loinc.org", "24331-1")}
     assert order["priority"] == "stat"  # TQ1-9 S
     assert order["occurrenceTiming"]["repeat"]["boundsPeriod"] == {
-        "start": "2024-01-08T13:00:00+00:00", "end": "2024-01-08T14:00:00+00:00",
+        "start": "2024-01-08T13:00:00+00:00",
+        "end": "2024-01-08T14:00:00+00:00",
     }
     assert order["note"] == [{"text": "Patient fasting since midnight"}]
     assert by_ref(conv, order["requester"])["name"][0]["family"] == "House"
-    assert codes(order["locationCode"][0]) == {("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "HOSP")}
+    assert codes(order["locationCode"][0]) == {
+        ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "HOSP")
+    }
     condition = by_ref(conv, order["reasonReference"][0])
     assert codes(condition["code"]) == {("http://hl7.org/fhir/sid/icd-10", "E78.5")}
     weight = by_ref(conv, order["supportingInfo"][0])
-    assert weight["valueQuantity"] == {"value": 82, "unit": "kilogram", "code": "kg", "system": UCUM}
+    assert weight["valueQuantity"] == {
+        "value": 82,
+        "unit": "kilogram",
+        "code": "kg",
+        "system": UCUM,
+    }
     specimen = by_ref(conv, order["specimen"][0])
     assert codes(specimen["type"]) == {("http://snomed.info/sct", "122555007")}
     assert order["subject"] == {"reference": f"Patient/{one(conv, 'Patient')['id']}"}
@@ -277,15 +317,19 @@ def test_orm_cancel_status_and_old_style_timing():
     conv = convert("orm_o01.hl7")
     order = one(conv, "ServiceRequest")
     assert order["status"] == "revoked"  # ORC-5 CA (order status) → revoked
-    assert {type_code(i): i["value"] for i in order["identifier"]} == {"PLAC": "ORD555", "FILL": "FIL555"}
+    assert {type_code(i): i["value"] for i in order["identifier"]} == {
+        "PLAC": "ORD555",
+        "FILL": "FIL555",
+    }
     # ORC-7 TQ: quantity 1, start time, priority R
     assert order["quantityQuantity"] == {"value": 1}
-    assert order["occurrenceTiming"]["repeat"]["boundsPeriod"]["start"] == "2024-01-10T09:00:00+00:00"
+    assert (
+        order["occurrenceTiming"]["repeat"]["boundsPeriod"]["start"] == "2024-01-10T09:00:00+00:00"
+    )
     assert order["priority"] == "routine"
     assert codes(order["code"]) == {("http://www.ama-assn.org/go/cpt", "71045")}
     assert codes(order["reasonCode"][0]) == {("http://hl7.org/fhir/sid/icd-10", "R51")}
     assert "authoredOn" not in order  # ORC-9 only for NW (IG)
-
 
 
 def test_omg_v28_placer_group_eip_alternate_placer_number_and_no_specimen_for_imaging():
@@ -300,11 +344,15 @@ def test_omg_v28_placer_group_eip_alternate_placer_number_and_no_specimen_for_im
     assert order["authoredOn"] == "2024-01-16T07:55:00+00:00"  # ORC-9, ORC-1 NW
     # TQ1-5 relative time in minutes → offset; TQ1-6 service duration, no TQ1-7/8 → boundsDuration
     assert order["occurrenceTiming"]["repeat"] == {
-        "period": 6, "periodUnit": "h", "offset": 30, "boundsDuration": {"value": 45, "unit": "min"},
+        "period": 6,
+        "periodUnit": "h",
+        "offset": 30,
+        "boundsDuration": {"value": 45, "unit": "min"},
     }
     # a CT order has no specimen data in its OBR (only OBR-7): no Specimen
     assert resources(conv, "Specimen") == []
     assert conv.report["unmapped_segments"] == []
+
 
 # ------------------------------------------------------------------ MDM^T01/T02
 
@@ -322,9 +370,15 @@ def test_mdm_t02_document_reference_from_txa_and_obx():
     assert by_ref(conv, doc["author"][0])["name"][0]["family"] == "Welby"
     assert doc["subject"] == {"reference": f"Patient/{one(conv, 'Patient')['id']}"}
     # the ED OBX is the attachment, its subtype a MIME type
-    assert doc["content"] == [{"attachment": {
-        "contentType": "application/pdf", "data": "JVBERi0xLjQKJcfsj6IK", "title": "Discharge summary PDF",
-    }}]
+    assert doc["content"] == [
+        {
+            "attachment": {
+                "contentType": "application/pdf",
+                "data": "JVBERi0xLjQKJcfsj6IK",
+                "title": "Discharge summary PDF",
+            }
+        }
+    ]
     related = [by_ref(conv, r) for r in doc["context"]["related"]]
     assert [r["resourceType"] for r in related] == ["ServiceRequest", "Observation"]
     assert related[1]["valueString"] == "Patient admitted with pneumonia."
@@ -352,7 +406,9 @@ def test_mdm_t01_notification_without_content():
 def test_ppr_problem_add_is_an_active_problem_list_condition_with_goal():
     conv = convert("ppr_pc1.hl7")
     cond = one(conv, "Condition")
-    assert codes(cond["clinicalStatus"]) == {("http://terminology.hl7.org/CodeSystem/condition-clinical", "active")}
+    assert codes(cond["clinicalStatus"]) == {
+        ("http://terminology.hl7.org/CodeSystem/condition-clinical", "active")
+    }
     assert codes(cond["category"][0]) == {
         ("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item")
     }
@@ -389,15 +445,18 @@ def test_ref_referral_service_request_with_providers_and_reasons():
     # RF1 comes before PID, yet the referral's subject is the patient
     assert referral["subject"] == {"reference": f"Patient/{one(conv, 'Patient')['id']}"}
     assert by_ref(conv, referral["requester"])["name"][0]["family"] == "Welby"  # PRD RP
-    assert [by_ref(conv, p)["name"][0]["family"] for p in referral["performer"]] == ["Heart"]  # PRD RT
-    assert codes(by_ref(conv, referral["reasonReference"][0])["code"]) == {("http://hl7.org/fhir/sid/icd-10", "I48.91")}
+    assert [by_ref(conv, p)["name"][0]["family"] for p in referral["performer"]] == [
+        "Heart"
+    ]  # PRD RT
+    assert codes(by_ref(conv, referral["reasonReference"][0])["code"]) == {
+        ("http://hl7.org/fhir/sid/icd-10", "I48.91")
+    }
     hr = by_ref(conv, referral["supportingInfo"][0])
     assert hr["valueQuantity"]["value"] == 132
     assert hr["note"] == [{"text": "Irregularly irregular rhythm"}]
     assert one(conv, "DiagnosticReport")["result"] == [{"reference": f"Observation/{hr['id']}"}]
     assert conv.report["unmapped_segments"] == []
     assert_references_resolve(conv)
-
 
 
 def test_ref_cancel_revokes_the_referral():
@@ -409,19 +468,45 @@ def test_ref_cancel_revokes_the_referral():
     # same RF1-6 referral id as the REF^I12 that made it → the same resource
     assert referral["id"] == one(convert("ref_i12.hl7"), "ServiceRequest")["id"]
 
+
 # ------------------------------------------------------------ corpus messages
 
 
 _CORPUS_MESSAGES = [
     "microsoft-fhir-converter/data/SampleData/Hl7v2/" + n
     for n in (
-        "ORU-R01-01.hl7", "ORU-R01-RMGEAD.hl7", "LAB-ORU-1.hl7", "LAB-ORU-2.hl7", "LAB-ORM-1.hl7",
-        "ORM-O01-02.hl7", "ORM-O01-03.hl7", "OML-O21-01.hl7", "OML-O21-02.hl7", "OML-O21-03.hl7",
-        "MDHHS-OML-O21-2.hl7", "OMG-O19-01.hl7", "OUL-R22-02.hl7", "OUL-R23-01.hl7", "OUL-R23-02.hl7",
-        "OUL-R24-02.hl7", "MDM-T01-01.hl7", "MDM-T01-02.hl7", "MDM-T02-02.hl7", "MDM-T02-03.hl7",
-        "MDM-T05-01.hl7", "MDM-T06-01.hl7", "MDM-T06-02.hl7", "MDM-T09-01.hl7", "MDM-T10-01.hl7",
-        "MDM-T10-02.hl7", "REF-I12-02.hl7", "REF-I14-01.hl7", "REF-I14-02.hl7",
-        "PC1-Problem-Add-v2.3.1.hl7", "PC1-Problem-Update-v2.3.1.hl7", "PC1-Problem-Delete-v2.3.1.hl7",
+        "ORU-R01-01.hl7",
+        "ORU-R01-RMGEAD.hl7",
+        "LAB-ORU-1.hl7",
+        "LAB-ORU-2.hl7",
+        "LAB-ORM-1.hl7",
+        "ORM-O01-02.hl7",
+        "ORM-O01-03.hl7",
+        "OML-O21-01.hl7",
+        "OML-O21-02.hl7",
+        "OML-O21-03.hl7",
+        "MDHHS-OML-O21-2.hl7",
+        "OMG-O19-01.hl7",
+        "OUL-R22-02.hl7",
+        "OUL-R23-01.hl7",
+        "OUL-R23-02.hl7",
+        "OUL-R24-02.hl7",
+        "MDM-T01-01.hl7",
+        "MDM-T01-02.hl7",
+        "MDM-T02-02.hl7",
+        "MDM-T02-03.hl7",
+        "MDM-T05-01.hl7",
+        "MDM-T06-01.hl7",
+        "MDM-T06-02.hl7",
+        "MDM-T09-01.hl7",
+        "MDM-T10-01.hl7",
+        "MDM-T10-02.hl7",
+        "REF-I12-02.hl7",
+        "REF-I14-01.hl7",
+        "REF-I14-02.hl7",
+        "PC1-Problem-Add-v2.3.1.hl7",
+        "PC1-Problem-Update-v2.3.1.hl7",
+        "PC1-Problem-Delete-v2.3.1.hl7",
     )
 ] + [
     "linuxforhealth-hl7v2-fhir-converter/src/test/resources/ORU-multiline-short.hl7",
