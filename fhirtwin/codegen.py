@@ -53,6 +53,10 @@ class Leaf:
     const: Any = None
     has_const: bool = False
     inline: bool = True  # False: always store through `setter` (e.g. if_empty)
+    # Direct calls, skipping the generic value closure (set by the engine when it can):
+    prim: Callable[..., Any] | None = None  # conv([[text]], state, location) of a primitive
+    dt: Callable[..., Any] | None = None  # a datatype function (components, state, location)
+    dt_mode: str = ""  # "whole" (the components as they are), "width" (a slice), "sub"
 
 
 @dataclass
@@ -161,14 +165,50 @@ def _ident(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
+def _emit_value(
+    w: FunctionWriter, ind: int, leaf: Leaf, comps: str, loc: str, target: str, have_c: bool
+) -> None:
+    """Compute the leaf's value from `comps` (the variable `c` holds comps[comp-1] when
+    `have_c`) and store it: a direct call where the engine gave one, else the closure."""
+    ci = (leaf.comp or 1) - 1
+    if leaf.prim is not None and not leaf.width:
+        si = (leaf.sub or 1) - 1
+        if not have_c:
+            w.emit(ind, f"if len({comps}) > {ci}:")
+            ind += 1
+            w.emit(ind, f"c = {comps}[{ci}]")
+        w.emit(ind, f"if len(c) > {si}:")
+        w.emit(ind + 1, f"t = c[{si}]")
+        w.emit(ind + 1, "if t and t != '\"\"':")
+        where = f"{loc} + '.{ci + 1}'" if leaf.comp else loc
+        w.emit(ind + 2, f"v = {w.ref(leaf.prim, 'P')}([[t]], st, {where})")
+        w.emit(ind + 2, f"if {_NONEMPTY}:")
+        w.store(ind + 3, leaf, target)
+        return
+    if leaf.dt is not None and leaf.dt_mode == "sub":
+        if not have_c:
+            w.emit(ind, f"if len({comps}) > {ci}:")
+            ind += 1
+            w.emit(ind, f"c = {comps}[{ci}]")
+        call = f"{w.ref(leaf.dt, 'D')}([[s] for s in c], st, {loc} + '.{ci + 1}')"
+    elif leaf.dt is not None and leaf.dt_mode == "width":
+        call = f"{w.ref(leaf.dt, 'D')}({comps}[{ci}:{ci + (leaf.width or 1)}], st, {loc})"
+    elif leaf.dt is not None:
+        call = f"{w.ref(leaf.dt, 'D')}({comps}, st, {loc})"
+    else:
+        call = f"{w.ref(leaf.value, 'V')}({comps}, st, {loc})"
+    w.emit(ind, f"v = {call}")
+    w.emit(ind, f"if {_NONEMPTY}:")
+    w.store(ind + 1, leaf, target)
+
+
 def datatype_function(
     name: str,
     leaves: list[Leaf],
-    finish: Callable[[dict[str, Any], Any, str], Any],
+    finish: Callable[[dict[str, Any], Any, str], Any] | None,
 ) -> Callable[..., Any]:
-    """fn(components, state, location) → value; ``finish`` handles required/creates."""
+    """fn(components, state, location) → value; ``finish`` (if any) handles required/creates."""
     w = FunctionWriter(f"dt_{_ident(name)}", "comps, st, loc")
-    fin = w.ref(finish, "F")
     w.emit(1, "out = {}")
     w.emit(1, "n = len(comps)")
     for leaf in leaves:
@@ -183,15 +223,12 @@ def datatype_function(
                 ind = 2
             w.store(ind, leaf, "out", const_source(w, leaf.const))
             continue
-        value = w.ref(leaf.value, "V")
         if leaf.comp is None:
             ind = 1
             if cond:
                 w.emit(1, f"if {cond}:")
                 ind = 2
-            w.emit(ind, f"v = {value}(comps, st, loc)")
-            w.emit(ind, f"if {_NONEMPTY}:")
-            w.store(ind + 1, leaf, "out")
+            _emit_value(w, ind, leaf, "comps", "loc", "out", have_c=False)
             continue
         c0 = leaf.comp - 1
         if leaf.plain_text and cond is None and not leaf.width:
@@ -214,12 +251,13 @@ def datatype_function(
         if cond:
             w.emit(3, f"if {cond}:")
             ind = 4
-        w.emit(ind, f"v = {value}(comps, st, loc)")
-        w.emit(ind, f"if {_NONEMPTY}:")
-        w.store(ind + 1, leaf, "out")
+        _emit_value(w, ind, leaf, "comps", "loc", "out", have_c=c1 - c0 == 1)
     w.emit(1, "if not out:")
     w.emit(2, "return None")
-    w.emit(1, f"return {fin}(out, st, loc)")
+    if finish is None:
+        w.emit(1, "return out")
+    else:
+        w.emit(1, f"return {w.ref(finish, 'F')}(out, st, loc)")
     return w.build()
 
 
@@ -272,14 +310,11 @@ def segment_function(
             w.emit(6, "if t and t != '\"\"':")
             w.store(7, leaf, "target", "t")
             continue
-        value = w.ref(leaf.value, "V")
         if step.all_reps:
             w.emit(3, "for r, rep in enumerate(tree):")
-            w.emit(4, f"v = {value}(rep, st, {loc!r} if r == 0 else f'{loc}({{r + 1}})')")
-            w.emit(4, f"if {_NONEMPTY}:")
-            w.store(5, leaf, "target")
+            w.emit(4, f"lc = {loc!r} if r == 0 else f'{loc}({{r + 1}})'")
+            _emit_value(w, 4, leaf, "rep", "lc", "target", have_c=False)
         else:
-            w.emit(3, f"v = {value}(tree[0], st, {loc!r})")
-            w.emit(3, f"if {_NONEMPTY}:")
-            w.store(4, leaf, "target")
+            w.emit(3, "rep = tree[0]")
+            _emit_value(w, 3, leaf, "rep", repr(loc), "target", have_c=False)
     return w.build()

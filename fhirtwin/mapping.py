@@ -610,7 +610,8 @@ class Engine:
                 return _ref(res)
             return out
 
-        fn = codegen.datatype_function(rule.name, leaves, finish)
+        plain = not required and not creates and not unwrap
+        fn = codegen.datatype_function(rule.name, leaves, None if plain else finish)
         if not creates:
             return fn
         name = rule.name
@@ -647,6 +648,19 @@ class Engine:
             rule.type == "string" and not rule.map and rule.format is None and not rule.width
         )
         leaf.value = self._compile_value(rule)
+        if rule.format is None:
+            if rule.type in PRIMITIVES:
+                if rule.type not in _MULTI_COMPONENT and not rule.width:
+                    leaf.prim = self._primitive(rule)
+            else:
+                fn = self._datatype(rule.type, rule.source)
+                if fn is not _pending:
+                    if rule.system or rule.map:
+                        fn = _with_params(fn, rule.system, self._code_map(rule))
+                    leaf.dt = fn
+                    leaf.dt_mode = (
+                        "whole" if rule.comp is None else "width" if rule.width else "sub"
+                    )
         return leaf
 
     def _compile_rule(
