@@ -273,7 +273,12 @@ def split_field(raw: str, enc: Encoding, charset: str = "utf-8") -> FieldTree:
     if not raw:
         return [[[""]]]
     rep_sep, comp_sep, sub_sep, esc = enc.repetition, enc.component, enc.subcomponent, enc.escape
-    has_escape = esc in raw
+    if esc not in raw:
+        # The common case: plain splits, done by str.split in C.
+        if sub_sep in raw:
+            return [[c.split(sub_sep) for c in r.split(comp_sep)] for r in raw.split(rep_sep)]
+        return [[[c] for c in r.split(comp_sep)] for r in raw.split(rep_sep)]
+    has_escape = True
     out: FieldTree = []
     for rep in raw.split(rep_sep) if rep_sep in raw else (raw,):
         comps = []
