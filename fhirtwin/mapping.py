@@ -931,7 +931,23 @@ class Engine:
             for e, when in entries:
                 if when is not None and not when(seg, st):
                     continue
-                self._run_entry(e, seg, st, assigned)
+                try:
+                    self._run_entry(e, seg, st, assigned)
+                except (ConversionError, MappingError):
+                    raise
+                except Exception as exc:
+                    # A rule that does not fit this message (e.g. two rules writing a text
+                    # and an object to one path) must cost one message, not the worker.
+                    raise ConversionError(
+                        f"rule {e.rule} failed on this segment: {type(exc).__name__}: {exc}",
+                        hint=f"check mappings/hl7v2/segments/{e.rule}.yaml against this "
+                        "message; if the rule is right, report it with the message",
+                        field=seg.name,
+                        control_id=msg.control_id,
+                        segment=seg.name,
+                        segment_index=seg.index + 1,
+                        byte_offset=msg.byte_offset(seg.offset),
+                    ) from exc
             st.seg_slots[seg.index] = assigned
         # Read by the engine itself: delimiters, time, type, control id, version.
         for n in (1, 2, 7, 9, 10, 12):

@@ -327,3 +327,25 @@ def test_an_allergy_resent_in_a_later_message_keeps_its_id() -> None:
     assert first["id"] == again["id"]
     assert first["criticality"] == "high"  # SV (severe), IG AllergySeverity map
     assert "criticality" not in again  # MO (moderate) has no criticality in that map
+
+
+def test_a_rule_that_breaks_on_a_message_gives_a_conversion_error(tmp_path: Path) -> None:
+    # Two lines writing a text and then an object under it: a rule bug, not a message bug.
+    rules = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", rules)
+    (rules / "hl7v2" / "segments" / "ZXB-Observation.yaml").write_text(
+        "segment: ZXB\nresource: Observation\nid: message\nfields:\n"
+        "  - {to: status, value: final}\n"
+        "  - {field: 1, to: code}\n"
+        "  - {field: 2, to: code.text}\n"
+    )
+    (rules / "hl7v2" / "messages" / "ZXB_Z01.yaml").write_text(
+        "segments:\n  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
+        "  - {segment: ZXB, rule: ZXB-Observation}\n"
+    )
+    msg = b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ZXB^Z01|Z2|P|2.5\rZXB|a|b\r"
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(msg, mappings=rules)
+    err = exc.value.to_dict()
+    assert err["segment"] == "ZXB" and err["segment_index"] == 2
+    assert "ZXB-Observation" in err["error"] and err["hint"]
