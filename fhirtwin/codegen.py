@@ -165,6 +165,19 @@ def _ident(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
+def _emit_text(w: FunctionWriter, ind: int, comps: str, ci: int, si: int, have_c: bool) -> int:
+    """Emit code binding `t` to the text of component ci+1 (sub-component si+1) when it is
+    there and not HL7's null; returns the indent at which `t` may be used."""
+    if not have_c:
+        w.emit(ind, f"if len({comps}) > {ci}:")
+        ind += 1
+        w.emit(ind, f"c = {comps}[{ci}]")
+    w.emit(ind, f"if len(c) > {si}:")
+    w.emit(ind + 1, f"t = c[{si}]")
+    w.emit(ind + 1, "if t and t != '\"\"':")
+    return ind + 2
+
+
 def _emit_value(
     w: FunctionWriter, ind: int, leaf: Leaf, comps: str, loc: str, target: str, have_c: bool
 ) -> None:
@@ -172,18 +185,11 @@ def _emit_value(
     `have_c`) and store it: a direct call where the engine gave one, else the closure."""
     ci = (leaf.comp or 1) - 1
     if leaf.prim is not None and not leaf.width:
-        si = (leaf.sub or 1) - 1
-        if not have_c:
-            w.emit(ind, f"if len({comps}) > {ci}:")
-            ind += 1
-            w.emit(ind, f"c = {comps}[{ci}]")
-        w.emit(ind, f"if len(c) > {si}:")
-        w.emit(ind + 1, f"t = c[{si}]")
-        w.emit(ind + 1, "if t and t != '\"\"':")
+        ind = _emit_text(w, ind, comps, ci, (leaf.sub or 1) - 1, have_c)
         where = f"{loc} + '.{ci + 1}'" if leaf.comp else loc
-        w.emit(ind + 2, f"v = {w.ref(leaf.prim, 'P')}([[t]], st, {where})")
-        w.emit(ind + 2, f"if {_NONEMPTY}:")
-        w.store(ind + 3, leaf, target)
+        w.emit(ind, f"v = {w.ref(leaf.prim, 'P')}([[t]], st, {where})")
+        w.emit(ind, f"if {_NONEMPTY}:")
+        w.store(ind + 1, leaf, target)
         return
     if leaf.dt is not None and leaf.dt_mode == "sub":
         if not have_c:
@@ -232,13 +238,7 @@ def datatype_function(
             continue
         c0 = leaf.comp - 1
         if leaf.plain_text and cond is None and not leaf.width:
-            si = (leaf.sub or 1) - 1
-            w.emit(1, f"if n > {c0}:")
-            w.emit(2, f"c = comps[{c0}]")
-            w.emit(2, f"if len(c) > {si}:")
-            w.emit(3, f"t = c[{si}]")
-            w.emit(3, "if t and t != '\"\"':")
-            w.store(4, leaf, "out", "t")
+            w.store(_emit_text(w, 1, "comps", c0, (leaf.sub or 1) - 1, False), leaf, "out", "t")
             continue
         c1 = c0 + (leaf.width or 1)
         w.emit(1, f"if n > {c0}:")
@@ -300,15 +300,10 @@ def segment_function(
         loc = step.loc
         if leaf.plain_text and leaf.comp is not None and not leaf.width:
             # A text component (or the whole field as text): no conversion needed.
-            c0, si = leaf.comp - 1, (leaf.sub or 1) - 1
             reps = "tree" if step.all_reps else "tree[:1]"
             w.emit(3, f"for rep in {reps}:")
-            w.emit(4, f"if len(rep) > {c0}:")
-            w.emit(5, f"c = rep[{c0}]")
-            w.emit(5, f"if len(c) > {si}:")
-            w.emit(6, f"t = c[{si}]")
-            w.emit(6, "if t and t != '\"\"':")
-            w.store(7, leaf, "target", "t")
+            ind = _emit_text(w, 4, "rep", leaf.comp - 1, (leaf.sub or 1) - 1, False)
+            w.store(ind, leaf, "target", "t")
             continue
         if step.all_reps:
             w.emit(3, "for r, rep in enumerate(tree):")

@@ -246,6 +246,29 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
     return setter
 
 
+def _checked_conversion(convert: Callable[[str], Any], hint: str) -> ValueFn:
+    """A primitive whose text goes through a converter; a bad value is dropped and reported."""
+
+    def conv(comps: Comps, st: _State, loc: str) -> Any:
+        t = comps[0][0].strip() if comps and comps[0] else ""
+        if not t or t == '""':
+            return None
+        try:
+            return convert(t)
+        except ValueError as exc:
+            st.error(loc, str(exc), hint)
+            return None
+
+    return conv
+
+
+_CHECKED: dict[str, tuple[Callable[[str], Any], str]] = {
+    "date": (dt.to_date, "send the date as YYYYMMDD"),
+    "time": (dt.to_time, "send the time as HHMM[SS]"),
+    "boolean": (dt.to_boolean, "send Y or N"),
+}
+
+
 def _only_if_empty(setter: Setter, path: str) -> Setter:
     """`if_empty: true`: a later line fills the element only when nothing did before."""
 
@@ -468,19 +491,8 @@ class Engine:
             return _system_builtin
         if typ == "codesystem":
             return lambda comps, st, loc: _codesystem(text_of(comps).strip(), st)
-        if typ == "date":
-
-            def conv_date(comps: Comps, st: _State, loc: str) -> Any:
-                t = text_of(comps).strip()
-                if not t:
-                    return None
-                try:
-                    return dt.to_date(t)
-                except ValueError as exc:
-                    st.error(loc, str(exc), "send the date as YYYYMMDD")
-                    return None
-
-            return conv_date
+        if typ in _CHECKED:
+            return _checked_conversion(*_CHECKED[typ])
         if typ in ("dateTime", "instant"):
             to = dt.to_instant if typ == "instant" else dt.to_datetime
 
@@ -500,19 +512,6 @@ class Engine:
                 return value
 
             return conv_dt
-        if typ == "time":
-
-            def conv_time(comps: Comps, st: _State, loc: str) -> Any:
-                t = text_of(comps).strip()
-                if not t:
-                    return None
-                try:
-                    return dt.to_time(t)
-                except ValueError as exc:
-                    st.error(loc, str(exc), "send the time as HHMM[SS]")
-                    return None
-
-            return conv_time
         if typ in ("decimal", "integer", "positiveInt", "unsignedInt"):
             num = dt.to_decimal if typ == "decimal" else dt.to_integer
             positive = typ == "positiveInt"
@@ -532,19 +531,6 @@ class Engine:
                 return v
 
             return conv_num
-        if typ == "boolean":
-
-            def conv_bool(comps: Comps, st: _State, loc: str) -> Any:
-                t = text_of(comps).strip()
-                if not t:
-                    return None
-                try:
-                    return dt.to_boolean(t)
-                except ValueError as exc:
-                    st.error(loc, str(exc), "send Y or N")
-                    return None
-
-            return conv_bool
         raise MappingError(f"{rule.source}: unknown primitive type {typ!r}")
 
     def _code_map(self, rule: FieldRule) -> CodeMap | None:
