@@ -130,12 +130,26 @@ def test_invalid_date_is_dropped_and_reported_with_its_field() -> None:
     assert conv.report["validation"] == []
 
 
-def test_sender_profile_can_reject_invalid_values(tmp_path: Path) -> None:
+def _rules_with(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A private copy of mappings/ with some files added or replaced (path → text)."""
     rules = tmp_path / "mappings"
     shutil.copytree(ROOT / "mappings", rules)
-    (rules / "senders" / "northgen.yaml").write_text(
-        "match: {application: EPICADT}\ninvalid_values: reject\ntimezone: America/Chicago\n"
-        "identifier_systems: {NORTHGEN: 'http://northgen.example.org/sid/mrn'}\n"
+    for rel, text in files.items():
+        (rules / rel).write_text(text)
+    return rules
+
+
+def _profile(tmp_path: Path, text: str) -> Path:
+    return _rules_with(
+        tmp_path, {"senders/northgen.yaml": "match: {application: EPICADT}\n" + text}
+    )
+
+
+def test_sender_profile_can_reject_invalid_values(tmp_path: Path) -> None:
+    rules = _profile(
+        tmp_path,
+        "invalid_values: reject\ntimezone: America/Chicago\n"
+        "identifier_systems: {NORTHGEN: 'http://northgen.example.org/sid/mrn'}\n",
     )
     msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes().replace(b"19580214", b"19580230")
     with pytest.raises(ConversionError) as exc:
@@ -146,11 +160,7 @@ def test_sender_profile_can_reject_invalid_values(tmp_path: Path) -> None:
 
 
 def test_sender_profile_timezone_applies_when_message_has_none(tmp_path: Path) -> None:
-    rules = tmp_path / "mappings"
-    shutil.copytree(ROOT / "mappings", rules)
-    (rules / "senders" / "northgen.yaml").write_text(
-        "match: {application: EPICADT}\ntimezone: Europe/Berlin\n"
-    )
+    rules = _profile(tmp_path, "timezone: Europe/Berlin\n")
     msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes()
     msg = msg.replace(b"20261106143000-0500", b"20260706143000")  # MSH-7 without offset
     msg = msg.replace(b"20261106140000-0500", b"20260706140000")
@@ -185,13 +195,6 @@ def test_batch_with_a_bad_message_reports_it_and_converts_the_rest() -> None:
     results = convert_hl7v2_batch(data)
     assert not isinstance(results[0], Exception)
     assert isinstance(results[1], ConversionError)
-
-
-def _profile(tmp_path: Path, text: str) -> Path:
-    rules = tmp_path / "mappings"
-    shutil.copytree(ROOT / "mappings", rules)
-    (rules / "senders" / "northgen.yaml").write_text("match: {application: EPICADT}\n" + text)
-    return rules
 
 
 def test_sender_profile_zsegment_policies(tmp_path: Path) -> None:
@@ -261,21 +264,24 @@ def test_two_results_sharing_an_identifier_are_both_kept_and_reported() -> None:
 
 
 def test_rule_options_if_empty_and_optional_into(tmp_path: Path) -> None:
-    rules = tmp_path / "mappings"
-    shutil.copytree(ROOT / "mappings", rules)
-    (rules / "hl7v2" / "segments" / "ZXA-Observation.yaml").write_text(
-        "segment: ZXA\nresource: Observation\nid: message\nfields:\n"
-        "  - {to: status, value: final}\n"
-        "  - {field: 1, to: code.text}\n"
-        "  - {field: 2, to: code.text, if_empty: true}\n"
-        "  - {field: 3, to: valueString}\n"
-    )
-    (rules / "hl7v2" / "messages" / "ZXA_Z01.yaml").write_text(
-        "segments:\n"
-        "  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
-        "  - {segment: ZXA, rule: ZXA-Observation}\n"
-        "  - {segment: ZXA, rule: ZXA-Observation, into: report, optional: true}\n"
-        "  - {segment: ZXA, rule: ZXA-Observation, into: order}\n"
+    rules = _rules_with(
+        tmp_path,
+        {
+            "hl7v2/segments/ZXA-Observation.yaml": (
+                "segment: ZXA\nresource: Observation\nid: message\nfields:\n"
+                "  - {to: status, value: final}\n"
+                "  - {field: 1, to: code.text}\n"
+                "  - {field: 2, to: code.text, if_empty: true}\n"
+                "  - {field: 3, to: valueString}\n"
+            ),
+            "hl7v2/messages/ZXA_Z01.yaml": (
+                "segments:\n"
+                "  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
+                "  - {segment: ZXA, rule: ZXA-Observation}\n"
+                "  - {segment: ZXA, rule: ZXA-Observation, into: report, optional: true}\n"
+                "  - {segment: ZXA, rule: ZXA-Observation, into: order}\n"
+            ),
+        },
     )
     head = b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ZXA^Z01|Z1|P|2.5\r"
 
@@ -331,17 +337,20 @@ def test_an_allergy_resent_in_a_later_message_keeps_its_id() -> None:
 
 def test_a_rule_that_breaks_on_a_message_gives_a_conversion_error(tmp_path: Path) -> None:
     # Two lines writing a text and then an object under it: a rule bug, not a message bug.
-    rules = tmp_path / "mappings"
-    shutil.copytree(ROOT / "mappings", rules)
-    (rules / "hl7v2" / "segments" / "ZXB-Observation.yaml").write_text(
-        "segment: ZXB\nresource: Observation\nid: message\nfields:\n"
-        "  - {to: status, value: final}\n"
-        "  - {field: 1, to: code}\n"
-        "  - {field: 2, to: code.text}\n"
-    )
-    (rules / "hl7v2" / "messages" / "ZXB_Z01.yaml").write_text(
-        "segments:\n  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
-        "  - {segment: ZXB, rule: ZXB-Observation}\n"
+    rules = _rules_with(
+        tmp_path,
+        {
+            "hl7v2/segments/ZXB-Observation.yaml": (
+                "segment: ZXB\nresource: Observation\nid: message\nfields:\n"
+                "  - {to: status, value: final}\n"
+                "  - {field: 1, to: code}\n"
+                "  - {field: 2, to: code.text}\n"
+            ),
+            "hl7v2/messages/ZXB_Z01.yaml": (
+                "segments:\n  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
+                "  - {segment: ZXB, rule: ZXB-Observation}\n"
+            ),
+        },
     )
     msg = b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ZXB^Z01|Z2|P|2.5\rZXB|a|b\r"
     with pytest.raises(ConversionError) as exc:
