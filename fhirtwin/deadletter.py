@@ -1,0 +1,122 @@
+"""Dead letters: what could not be converted, kept with its original bytes, and replay.
+
+A dead letter is a record of ``twin.deadletter``: the original bytes and headers of the
+input, plus ``fhirtwin-dl-stage`` (mllp, parse, map, validate, identity, assemble,
+internal), ``fhirtwin-dl-reason`` (what and where, and what to do), ``fhirtwin-dl-error``
+(the same as JSON) and ``fhirtwin-dl-source`` (the record or connection it came from).
+Its id is ``<partition>:<offset>``.
+
+Replay puts the original bytes and headers back on the raw topic they came from, with
+``fhirtwin-replay-of: <id>``, after the engineer fixed the mapping. Replayed ids are
+remembered in Redis (``ft:dl:replayed``) so `list` shows what is still open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+
+from fhirtwin import bus
+
+__all__ = ["DeadLetter", "list_deadletters", "replay"]
+
+REPLAYED = "ft:dl:replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    record: bus.Record
+
+    @property
+    def stage(self) -> str:
+        return self.record.header("fhirtwin-dl-stage")
+
+    @property
+    def reason(self) -> str:
+        return self.record.header("fhirtwin-dl-reason")
+
+    @property
+    def source(self) -> str:
+        return self.record.header("fhirtwin-dl-source")
+
+    @property
+    def kind(self) -> str:
+        return self.record.header("fhirtwin-source-kind", "hl7v2")
+
+    @property
+    def at_ms(self) -> int:
+        v = self.record.header("fhirtwin-dl-at")
+        return int(v) if v.isdigit() else self.record.timestamp_ms
+
+    @property
+    def error(self) -> dict[str, Any]:
+        try:
+            data = orjson.loads(self.record.header("fhirtwin-dl-error", "{}"))
+        except orjson.JSONDecodeError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def topic(self) -> str:
+        """The raw topic to replay into."""
+        src = self.source
+        if src.startswith("ehr."):
+            return src.split("/", 1)[0]
+        return bus.RAW_TOPICS.get(self.kind, bus.RAW_TOPICS["hl7v2"])
+
+    def as_dict(self, replayed: bool = False) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at_ms": self.at_ms,
+            "stage": self.stage,
+            "kind": self.kind,
+            "source": self.source,
+            "reason": self.reason,
+            "error": self.error,
+            "replay_of": self.record.header("fhirtwin-replay-of") or None,
+            "replayed": replayed,
+            "bytes": len(self.record.value),
+        }
+
+
+def list_deadletters(bootstrap: str) -> list[DeadLetter]:
+    return [
+        DeadLetter(f"{rec.partition}:{rec.offset}", rec)
+        for rec in bus.read_topic(bootstrap, bus.DEADLETTER)
+    ]
+
+
+def replayed_ids(redis_url: str) -> set[str]:
+    client: Any = redis.Redis.from_url(redis_url)
+    return {x.decode() for x in client.smembers(REPLAYED)}
+
+
+def replay(bootstrap: str, redis_url: str, letters: list[DeadLetter]) -> int:
+    """Put each dead letter's original bytes back on its raw topic; returns how many."""
+    if not letters:
+        return 0
+    producer: Any = bus.producer(bootstrap)
+    failures: list[str] = []
+
+    def delivered(err: object, msg: object) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    for dl in letters:
+        headers = [h for h in dl.record.headers if not h[0].startswith("fhirtwin-dl-")]
+        headers = [h for h in headers if h[0] != "fhirtwin-replay-of"]
+        headers.append(("fhirtwin-replay-of", dl.id.encode()))
+        producer.produce(
+            dl.topic, dl.record.value, dl.record.key, headers=headers, on_delivery=delivered
+        )
+    left = producer.flush(30)
+    if left or failures:
+        raise RuntimeError(
+            f"Kafka did not acknowledge the replay ({'; '.join(failures[:3]) or 'timeout'})"
+        )
+    redis.Redis.from_url(redis_url).sadd(REPLAYED, *[dl.id for dl in letters])
+    return len(letters)

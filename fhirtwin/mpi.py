@@ -1,0 +1,222 @@
+"""Patient identity (MPI): which twin a message's patient belongs to, and why.
+
+Rules come from ``mappings/mpi.yaml``. The state is in Redis: ``ft:id:<system|value>`` →
+twin id (and ``ft:demo:<key>`` → twin id for the optional demographic match). A new
+identifier is claimed with ``SET NX``, so two workers that see a new patient at once agree
+on one twin. The decision (rule, identifiers, matches) travels with the event on
+``fhir.resources`` and is stored with the twin, so it can be explained and survives a rebuild.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+__all__ = ["Identity", "MPIConfig", "Resolver", "linking_identifiers", "split_patients"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "mappings" / "mpi.yaml"
+
+
+@dataclass(frozen=True)
+class MPIConfig:
+    link_types: frozenset[str] = frozenset({"MR", "PI", "PT"})
+    never_link_types: frozenset[str] = frozenset({"SS"})
+    link_untyped: bool = True
+    link_without_system: bool = True
+    demographic: bool = False
+    demographic_fields: tuple[str, ...] = ("family", "given", "birthDate", "gender")
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> MPIConfig:
+        return _load(path or DEFAULT_CONFIG)
+
+
+@lru_cache(maxsize=8)
+def _load(path: Path) -> MPIConfig:
+    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    demo = data.get("demographic") or {}
+    return MPIConfig(
+        link_types=frozenset(data.get("link_types", ())),
+        never_link_types=frozenset(data.get("never_link_types", ())),
+        link_untyped=bool(data.get("link_untyped", True)),
+        link_without_system=bool(data.get("link_without_system", True)),
+        demographic=bool(demo.get("enabled", False)),
+        demographic_fields=tuple(demo.get("fields") or ("family", "given", "birthDate", "gender")),
+    )
+
+
+def _type_codes(ident: dict[str, Any]) -> set[str]:
+    t = ident.get("type")
+    if not isinstance(t, dict):
+        return set()
+    return {c.get("code", "") for c in t.get("coding", ()) if isinstance(c, dict)} - {""}
+
+
+def linking_identifiers(patient: dict[str, Any], cfg: MPIConfig) -> list[str]:
+    """The patient's identifiers that may link records (``system|value``), in order."""
+    out: list[str] = []
+    for ident in patient.get("identifier", ()):
+        if not isinstance(ident, dict) or not ident.get("value"):
+            continue
+        system = ident.get("system") or ""
+        if not system and not cfg.link_without_system:
+            continue
+        types = _type_codes(ident)
+        if types & cfg.never_link_types:
+            continue
+        if types and not (types & cfg.link_types):
+            continue
+        if not types and not cfg.link_untyped:
+            continue
+        key = f"{system}|{ident['value']}"
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def _norm(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in text if c.isalnum()).upper()
+
+
+def demographic_key(patient: dict[str, Any], cfg: MPIConfig) -> str | None:
+    names = [n for n in patient.get("name", ()) if isinstance(n, dict)]
+    official = next((n for n in names if n.get("use") == "official"), names[0] if names else {})
+    values = {
+        "family": _norm(official.get("family", "")),
+        "given": _norm((official.get("given") or [""])[0]),
+        "birthDate": patient.get("birthDate", ""),
+        "gender": patient.get("gender", ""),
+    }
+    parts = [values.get(f, "") for f in cfg.demographic_fields]
+    if not all(parts):
+        return None
+    return "|".join(parts)
+
+
+def split_patients(
+    resources: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(subject patients, prior patients): a prior one is ``replaced-by`` another (MRG)."""
+    subjects, priors = [], []
+    for res in resources:
+        if res.get("resourceType") != "Patient":
+            continue
+        links = res.get("link") or ()
+        if any(isinstance(lk, dict) and lk.get("type") == "replaced-by" for lk in links):
+            priors.append(res)
+        else:
+            subjects.append(res)
+    return subjects, priors
+
+
+@dataclass
+class Identity:
+    """The twin an event belongs to and the decision that chose it."""
+
+    twin: str
+    rule: str
+    identifiers: list[str] = field(default_factory=list)  # linked to ``twin`` by this event
+    matched: list[str] = field(default_factory=list)  # identifiers that were already known
+    merge_from: str | None = None  # a twin to merge into ``twin`` (ADT merge)
+    conflicts: dict[str, str] = field(default_factory=dict)  # identifier → other twin
+
+    def decision(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"rule": self.rule, "twin": self.twin}
+        if self.identifiers:
+            d["linked"] = self.identifiers
+        if self.matched:
+            d["matched"] = self.matched
+        if self.merge_from:
+            d["merge_from"] = self.merge_from
+        if self.conflicts:
+            d["conflicts"] = self.conflicts
+        return d
+
+
+class Resolver:
+    """Finds or creates the twin of a message's patient (state in Redis)."""
+
+    def __init__(self, client: redis.Redis, cfg: MPIConfig | None = None) -> None:
+        self.r: Any = client
+        self.cfg = cfg or MPIConfig.load()
+
+    def _lookup(self, idents: list[str]) -> dict[str, str]:
+        if not idents:
+            return {}
+        vals = self.r.mget([f"ft:id:{i}" for i in idents])
+        return {i: v.decode() for i, v in zip(idents, vals, strict=True) if v}
+
+    def _follow(self, twin: str) -> str:
+        for _ in range(16):
+            nxt = self.r.hget(f"ft:{{{twin}}}:meta", "merged_into")
+            if not nxt:
+                return twin
+            twin = nxt.decode()
+        return twin
+
+    def resolve(self, resources: list[dict[str, Any]]) -> Identity | None:
+        """The identity for one message's resources; None when no patient is named."""
+        subjects, priors = split_patients(resources)
+        if not subjects:
+            return None
+        idents: list[str] = []
+        for p in subjects:
+            idents += [i for i in linking_identifiers(p, self.cfg) if i not in idents]
+        prior_ids: list[str] = []
+        for p in priors:
+            prior_ids += [i for i in linking_identifiers(p, self.cfg) if i not in prior_ids]
+
+        known = {i: self._follow(t) for i, t in self._lookup(idents).items()}
+        prior_known = {i: self._follow(t) for i, t in self._lookup(prior_ids).items()}
+        twins = list(dict.fromkeys(known.values()))
+        prior_twins = list(dict.fromkeys(prior_known.values()))
+
+        if twins:
+            twin, rule = twins[0], "identifier"
+        elif prior_twins:
+            # Identifier change (A47) or merge into a not-yet-known number: keep the twin.
+            twin, rule = prior_twins[0], "identifier-change"
+        elif self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
+            found = self.r.get(f"ft:demo:{dk}")
+            twin, rule = (found.decode(), "demographic") if found else ("", "new")
+        else:
+            twin, rule = "", "new"
+        if not twin:
+            twin = str(uuid.uuid4())
+            # Claim the first identifier; a racing worker may have claimed it first.
+            if idents and not self.r.set(f"ft:id:{idents[0]}", twin, nx=True):
+                got = self.r.get(f"ft:id:{idents[0]}")
+                twin, rule = (got.decode(), "identifier") if got else (twin, rule)
+        identity = Identity(twin=twin, rule=rule, matched=sorted(known))
+        for i in idents:
+            other = known.get(i)
+            if other is None or other == twin:
+                identity.identifiers.append(i)
+            else:
+                identity.conflicts[i] = other  # never linked silently: stays where it was
+        if identity.identifiers:
+            pipe = self.r.pipeline(transaction=False)
+            for i in identity.identifiers:
+                pipe.set(f"ft:id:{i}", twin, nx=True)
+            if self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
+                pipe.set(f"ft:demo:{dk}", twin, nx=True)
+            pipe.execute()
+        if priors:
+            others = [t for t in prior_twins if t != twin]
+            if others:
+                identity.merge_from = others[0]
+                identity.rule = "merge"
+                self.r.mset({f"ft:id:{i}": twin for i in prior_known})
+            for i in prior_ids:
+                if i not in prior_known:
+                    identity.identifiers.append(i)
+                    self.r.set(f"ft:id:{i}", twin, nx=True)
+        return identity

@@ -1,0 +1,160 @@
+"""Normalize workers: raw source records → FHIR resources on ``fhir.resources``.
+
+parse → map → validate → resolve identity → publish one event per message, keyed by twin
+id, so that one patient's events stay in order on one partition. Input that fails any
+stage goes to ``twin.deadletter`` with its original bytes, the stage, the reason and the
+location; the worker goes on.
+
+The event on ``fhir.resources`` (JSON)::
+
+    {"v": 1, "twin": "<uuid>", "event_ms": 1700000000000,
+     "source": {"kind": "hl7v2", "record": "ehr.hl7v2/0/42", "control_id": "..."},
+     "identity": {"rule": "identifier", "linked": [...], "matched": [...]},
+     "identifiers": ["system|value", ...], "merge_from": null,
+     "resources": [{...}, ...]}
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from fhirtwin import bus
+from fhirtwin.metrics import CONVERSION_ERRORS, LATENCY
+from fhirtwin.mpi import MPIConfig, Resolver
+from fhirtwin.twin import fhir_time_ms
+from fhirtwin.worker import Out, StreamWorker, dead_letter
+
+__all__ = ["SHARED_TWIN", "NormalizeWorker", "SourceError", "convert_record"]
+
+log = logging.getLogger("fhirtwin.normalize")
+
+SHARED_TWIN = "_shared"  # messages that name no patient (master files, queries)
+
+
+class SourceError(Exception):
+    """Input that cannot become FHIR: which stage, why, and where (JSON-ready)."""
+
+    def __init__(self, stage: str, reason: str, error: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.stage, self.reason, self.error = stage, reason, error or {}
+
+
+@dataclass(frozen=True, slots=True)
+class Converted:
+    resources: list[dict[str, Any]]
+    event_ms: int | None
+    control_id: str
+
+
+def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converted]:
+    from fhirtwin.conversion import ConversionError, HL7ParseError, convert_hl7v2
+
+    try:
+        conv = convert_hl7v2(value, validate=validate, mappings=mappings)
+    except HL7ParseError as exc:
+        raise SourceError("parse", str(exc), exc.to_dict()) from exc
+    except ConversionError as exc:
+        raise SourceError("map", str(exc), exc.to_dict()) from exc
+    problems = conv.report.get("validation") or []
+    control = str(conv.report.get("message", {}).get("control_id", "") or "")
+    if problems:
+        first = problems[0]
+        raise SourceError(
+            "validate",
+            f"{len(problems)} FHIR validation problem(s), first: {first}; fix the mapping "
+            "rule named there, then replay this dead letter",
+            {"problems": problems[:50], "control_id": control},
+        )
+    bundle = conv.bundle
+    resources = [e["resource"] for e in bundle.get("entry", ())]
+    return [Converted(resources, fhir_time_ms(bundle.get("timestamp")), control)]
+
+
+# Source kind → converter(bytes) → messages. Other sources plug in here as they land.
+CONVERTERS: dict[str, Callable[[bytes, bool, Path | None], list[Converted]]] = {"hl7v2": _hl7v2}
+
+
+def convert_record(
+    kind: str, value: bytes, *, validate: bool, mappings: Path | None = None
+) -> list[Converted]:
+    conv = CONVERTERS.get(kind)
+    if conv is None:
+        raise SourceError(
+            "map",
+            f"no converter for source kind {kind!r} yet",
+            {"hint": f"known kinds: {', '.join(sorted(CONVERTERS))}"},
+        )
+    return conv(value, validate, mappings)
+
+
+class NormalizeWorker:
+    def __init__(
+        self,
+        bootstrap: str,
+        redis_url: str,
+        kind: str = "hl7v2",
+        *,
+        validate: bool = True,
+        mappings: Path | None = None,
+        mpi: MPIConfig | None = None,
+        group: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.validate = validate
+        self.mappings = mappings
+        self.resolver = Resolver(redis.Redis.from_url(redis_url), mpi)
+        self.stream = StreamWorker(
+            bootstrap, group or f"fhirtwin-normalize-{kind}", [bus.RAW_TOPICS[kind]], self.handle
+        )
+
+    def run(self, stop: threading.Event, idle_exit: float | None = None) -> int:
+        return self.stream.run(stop, idle_exit=idle_exit)
+
+    def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
+        return [self.handle_one(rec) for rec in recs]
+
+    def handle_one(self, rec: bus.Record) -> list[Out]:
+        t0 = time.perf_counter()
+        try:
+            converted = convert_record(
+                self.kind, rec.value, validate=self.validate, mappings=self.mappings
+            )
+        except SourceError as exc:
+            CONVERSION_ERRORS.labels(exc.stage, exc.error.get("error", exc.stage)[:60]).inc()
+            return [dead_letter(rec, stage=exc.stage, reason=exc.reason, error=exc.error)]
+        outs: list[Out] = []
+        for conv in converted:
+            identity = self.resolver.resolve(conv.resources)
+            twin = identity.twin if identity else SHARED_TWIN
+            event = {
+                "v": 1,
+                "twin": twin,
+                "event_ms": conv.event_ms if conv.event_ms is not None else rec.timestamp_ms,
+                "source": {
+                    "kind": self.kind,
+                    "record": rec.ref,
+                    "control_id": conv.control_id,
+                    "received_ms": rec.timestamp_ms,
+                    **({"replay_of": r} if (r := rec.header("fhirtwin-replay-of")) else {}),
+                },
+                "identity": identity.decision() if identity else {"rule": "no-patient"},
+                "identifiers": identity.identifiers if identity else [],
+                "merge_from": identity.merge_from if identity else None,
+                "resources": conv.resources,
+            }
+            headers = [
+                ("fhirtwin-source-kind", self.kind.encode()),
+                ("fhirtwin-source-record", rec.ref.encode()),
+            ]
+            outs.append(Out(bus.RESOURCES, orjson.dumps(event), twin.encode(), headers))
+        LATENCY.labels(f"normalize-{self.kind}").observe(time.perf_counter() - t0)
+        return outs

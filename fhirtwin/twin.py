@@ -1,0 +1,589 @@
+"""The twin store: one longitudinal record per patient, materialized in Redis.
+
+Every key of a twin shares the Redis Cluster hash tag ``{<twin id>}``:
+
+==========================  =====  ==========================================================
+key                         type   content
+==========================  =====  ==========================================================
+``ft:{T}:cur``              hash   ``Type/id`` → current resource JSON
+``ft:{T}:ver``              hash   ``Type/id`` → order key of the current version (see below)
+``ft:{T}:vers``             hash   ``Type/id|hash`` → JSON of every version ever seen
+``ft:{T}:vinfo``            hash   ``Type/id|hash`` → ``event ms|known ms|topic/partition/offset``
+``ft:{T}:hist``             zset   ``Type/id|hash`` scored by the time fhirtwin first knew it
+``ft:{T}:tl``               zset   ``Type/id`` scored by clinical time (the timeline)
+``ft:{T}:set:<name>``       set    derived state: problems, medications, allergies
+``ft:{T}:latest:<name>``    hash   derived state: vitals / labs, code → ``clinical ms|Type/id``
+``ft:{T}:ids``              set    patient identifiers (``system|value``) linked to the twin
+``ft:{T}:links``            list   identity decisions (JSON), newest first
+``ft:{T}:meta``             hash   created/updated times, Kafka offsets applied, merged_into
+==========================  =====  ==========================================================
+
+Global keys: ``ft:twins`` (set of live twin ids) and ``ft:id:<system|value>`` (identifier →
+twin id), which the MPI owns.
+
+**Idempotence.** A version is identified by its content hash. The *order key* of a version
+is its event time (the source message's time, zero-padded ms) followed by its hash; the
+current version of a resource is the one with the greatest order key. That order is total
+and does not depend on delivery order, so redelivery, replay, or two workers racing give
+the same twin, and an older version never overwrites a newer one. One Lua script applies
+all resources of one event atomically; its cost depends on the number of resources in the
+event, never on the size of the twin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import redis
+
+__all__ = [
+    "AppliedEvent",
+    "TwinStore",
+    "clinical_time_ms",
+    "content_hash",
+    "fhir_time_ms",
+    "state_op",
+]
+
+# Derived-state categories.
+STATE_SETS = ("problems", "medications", "allergies")
+STATE_LATEST = ("vitals", "labs")
+
+VITAL_LOINC = {
+    "85354-9",  # blood pressure panel
+    "8480-6",  # systolic
+    "8462-4",  # diastolic
+    "8867-4",  # heart rate
+    "9279-1",  # respiratory rate
+    "8310-5",  # body temperature
+    "59408-5",  # SpO2 by pulse oximetry
+    "2708-6",  # SaO2
+    "29463-7",  # body weight
+    "8302-2",  # body height
+    "39156-5",  # BMI
+    "8287-5",  # head circumference
+}
+
+
+def content_hash(resource: dict[str, Any]) -> str:
+    """128-bit hex digest of the resource's canonical JSON (keys sorted), without ``meta``
+    fields that the store itself sets."""
+    meta = resource.get("meta")
+    if meta and ("versionId" in meta or "lastUpdated" in meta):
+        resource = dict(resource)
+        meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
+        if meta:
+            resource["meta"] = meta
+        else:
+            del resource["meta"]
+    return hashlib.sha256(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def fhir_time_ms(value: Any) -> int | None:
+    """FHIR date / dateTime / instant (any precision) → epoch ms, UTC; None if unreadable.
+
+    A partial date means its first instant; a time without zone is read as UTC.
+    """
+    if not isinstance(value, str) or len(value) < 4:
+        return None
+    try:
+        if len(value) == 4:
+            dt = datetime(int(value), 1, 1, tzinfo=UTC)
+        elif len(value) == 7:
+            dt = datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
+        elif len(value) == 10:
+            dt = datetime(int(value[:4]), int(value[5:7]), int(value[8:10]), tzinfo=UTC)
+        else:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return int(dt.timestamp() * 1000)
+
+
+_CLINICAL_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "Encounter": (("period", "start"),),
+    "Observation": (
+        ("effectiveDateTime",),
+        ("effectivePeriod", "start"),
+        ("effectiveInstant",),
+        ("issued",),
+    ),
+    "DiagnosticReport": (("effectiveDateTime",), ("effectivePeriod", "start"), ("issued",)),
+    "Condition": (("onsetDateTime",), ("onsetPeriod", "start"), ("recordedDate",)),
+    "Procedure": (("performedDateTime",), ("performedPeriod", "start")),
+    "Immunization": (("occurrenceDateTime",), ("recorded",)),
+    "MedicationRequest": (("authoredOn",),),
+    "MedicationAdministration": (("effectiveDateTime",), ("effectivePeriod", "start")),
+    "MedicationDispense": (("whenHandedOver",), ("whenPrepared",)),
+    "MedicationStatement": (
+        ("effectiveDateTime",),
+        ("effectivePeriod", "start"),
+        ("dateAsserted",),
+    ),
+    "AllergyIntolerance": (("onsetDateTime",), ("recordedDate",)),
+    "ServiceRequest": (("occurrenceDateTime",), ("authoredOn",)),
+    "Specimen": (("collection", "collectedDateTime"), ("receivedTime",)),
+    "Appointment": (("start",),),
+    "DocumentReference": (("date",),),
+    "Composition": (("date",),),
+    "CarePlan": (("period", "start"), ("created",)),
+    "Claim": (("created",),),
+    "ChargeItem": (("occurrenceDateTime",), ("enteredDate",)),
+    "FamilyMemberHistory": (("date",),),
+    "ImagingStudy": (("started",),),
+    "EpisodeOfCare": (("period", "start"),),
+    "Goal": (("startDate",),),
+}
+
+
+def clinical_time_ms(resource: dict[str, Any]) -> int | None:
+    """When it happened clinically (not when it was sent), for the timeline."""
+    for path in _CLINICAL_PATHS.get(resource.get("resourceType", ""), ()):
+        value: Any = resource
+        for step in path:
+            value = value.get(step) if isinstance(value, dict) else None
+        ms = fhir_time_ms(value)
+        if ms is not None:
+            return ms
+    return None
+
+
+def _codes(concept: Any) -> list[str]:
+    if not isinstance(concept, dict):
+        return []
+    return [c.get("code", "") for c in concept.get("coding", ()) if isinstance(c, dict)]
+
+
+def _first_code(concept: Any) -> str:
+    if isinstance(concept, dict):
+        for c in concept.get("coding", ()):
+            if isinstance(c, dict) and c.get("code"):
+                return f"{c.get('system', '')}|{c['code']}"
+        if concept.get("text"):
+            return f"text|{concept['text']}"
+    return ""
+
+
+def state_op(resource: dict[str, Any]) -> str:
+    """How this version of a resource changes the derived state, as one op for the script.
+
+    ``set:<name>:+`` / ``set:<name>:-`` add or remove the resource from a state set;
+    ``latest:<name>:+:<code>`` / ``latest:<name>:-:<code>`` make it (or stop it being) the
+    latest of its code. ``""`` when the resource plays no part in the summary.
+    """
+    rtype = resource.get("resourceType")
+    if rtype == "Condition":
+        clinical = _codes(resource.get("clinicalStatus"))
+        verification = _codes(resource.get("verificationStatus"))
+        bad = {"refuted", "entered-in-error"}
+        active = (
+            not clinical or bool({"active", "recurrence", "relapse"} & set(clinical))
+        ) and not (bad & set(verification))
+        return "set:problems:" + ("+" if active else "-")
+    if rtype in ("MedicationRequest", "MedicationStatement"):
+        active = resource.get("status") in ("active", "on-hold", "intended")
+        return "set:medications:" + ("+" if active else "-")
+    if rtype == "AllergyIntolerance":
+        clinical = _codes(resource.get("clinicalStatus"))
+        verification = _codes(resource.get("verificationStatus"))
+        active = (not clinical or "active" in clinical) and not (
+            {"refuted", "entered-in-error"} & set(verification)
+        )
+        return "set:allergies:" + ("+" if active else "-")
+    if rtype == "Observation":
+        code = _first_code(resource.get("code"))
+        if not code:
+            return ""
+        cats = {c for cat in resource.get("category", ()) for c in _codes(cat)}
+        loinc = {c for c in _codes(resource.get("code"))}
+        if "vital-signs" in cats or loinc & VITAL_LOINC:
+            name = "vitals"
+        elif cats & {"social-history", "survey", "sdoh"} or (
+            not any(k.startswith("value") for k in resource) and "component" not in resource
+        ):
+            return ""
+        else:
+            name = "labs"
+        valid = resource.get("status") not in ("entered-in-error", "cancelled")
+        return f"latest:{name}:{'+' if valid else '-'}:{code}"
+    return ""
+
+
+# The script applies one event: every resource version in it, in one atomic step.
+# KEYS[1] = "ft:{T}" (all other keys of the twin derive from it: one hash tag, one slot).
+# ARGV: knowms, evt15, src, offset field, offset, n, then 5 per resource:
+#       ref, hash, json, clinical ms ("" if none), state op ("" if none)
+_APPLY = r"""
+local base = KEYS[1]
+local merged = redis.call('HGET', base .. ':meta', 'merged_into')
+if merged then return {'merged', merged} end
+local know, evt15, src = ARGV[1], ARGV[2], ARGV[3]
+local changed = {}
+local n = tonumber(ARGV[6])
+for i = 0, n - 1 do
+  local j = 7 + i * 5
+  local ref, h, body, clin, op = ARGV[j], ARGV[j+1], ARGV[j+2], ARGV[j+3], ARGV[j+4]
+  local vkey = ref .. '|' .. h
+  if redis.call('HSETNX', base .. ':vers', vkey, body) == 1 then
+    redis.call('HSET', base .. ':vinfo', vkey, evt15 .. '|' .. know .. '|' .. src)
+    redis.call('ZADD', base .. ':hist', know, vkey)
+  end
+  local order = evt15 .. h
+  local cur = redis.call('HGET', base .. ':ver', ref)
+  if (not cur) or string.sub(cur, 1, 47) < order then
+    redis.call('HSET', base .. ':cur', ref, body)
+    redis.call('HSET', base .. ':ver', ref, order .. '|' .. know)
+    if clin ~= '' then
+      redis.call('ZADD', base .. ':tl', clin, ref)
+    else
+      redis.call('ZREM', base .. ':tl', ref)
+    end
+    if op ~= '' then
+      local kind, name, sign, code = string.match(op, '^(%a+):(%a+):([+-]):?(.*)$')
+      if kind == 'set' then
+        if sign == '+' then redis.call('SADD', base .. ':set:' .. name, ref)
+        else redis.call('SREM', base .. ':set:' .. name, ref) end
+      elseif kind == 'latest' then
+        local lkey = base .. ':latest:' .. name
+        local prev = redis.call('HGET', lkey, code)
+        local mine = string.format('%015d', tonumber(clin ~= '' and clin or '0') or 0) .. '|' .. ref
+        if sign == '+' then
+          if (not prev) or prev <= mine or string.sub(prev, 17) == ref then
+            redis.call('HSET', lkey, code, mine)
+          end
+        elseif prev and string.sub(prev, 17) == ref then
+          redis.call('HDEL', lkey, code)
+        end
+      end
+    end
+    changed[#changed + 1] = ref
+  end
+end
+local meta = base .. ':meta'
+redis.call('HSETNX', meta, 'created', know)
+redis.call('HSET', meta, 'updated', know)
+if ARGV[4] ~= '' then
+  local prev = tonumber(redis.call('HGET', meta, ARGV[4]) or '-1')
+  if tonumber(ARGV[5]) > prev then redis.call('HSET', meta, ARGV[4], ARGV[5]) end
+end
+return changed
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedEvent:
+    twin: str
+    changed: list[str]
+
+
+def _evt15(ms: int) -> str:
+    return f"{max(ms, 0):015d}"
+
+
+class TwinStore:
+    """Reads and idempotent writes of twins in Redis (a redis-py client is passed in)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r: Any = client  # redis-py's reply types are bytes | str unions; we use bytes
+        self._apply = client.register_script(_APPLY)
+
+    @classmethod
+    def connect(cls, url: str) -> TwinStore:
+        return cls(redis.Redis.from_url(url))
+
+    # -- writes ------------------------------------------------------------------------
+
+    @staticmethod
+    def base(twin: str) -> str:
+        return f"ft:{{{twin}}}"
+
+    @staticmethod
+    def _args(
+        resources: Sequence[dict[str, Any]],
+        event_ms: int,
+        known_ms: int,
+        src: str,
+    ) -> list[Any]:
+        partition_field = offset = ""
+        if src.count("/") >= 2:
+            topic, part, off = src.rsplit("/", 2)
+            partition_field, offset = f"off:{topic}/{part}", off
+        args: list[Any] = [known_ms, _evt15(event_ms), src, partition_field, offset, len(resources)]
+        for res in resources:
+            ref = f"{res['resourceType']}/{res['id']}"
+            body = orjson.dumps(res)
+            clin = clinical_time_ms(res)
+            args += [ref, content_hash(res), body, "" if clin is None else clin, state_op(res)]
+        return args
+
+    def apply(
+        self,
+        twin: str,
+        resources: Sequence[dict[str, Any]],
+        *,
+        event_ms: int,
+        known_ms: int,
+        src: str = "",
+        identifiers: Iterable[str] = (),
+        shared: bool = False,
+    ) -> AppliedEvent:
+        """Apply one event's resources; follows merges (a merged twin forwards to its survivor).
+
+        ``shared``: resources of messages that name no patient; kept, but not listed as a twin.
+        """
+        args = self._args(resources, event_ms, known_ms, src)
+        for _ in range(16):
+            out = self._apply(keys=[self.base(twin)], args=args)
+            if out and out[0] == b"merged":
+                twin = out[1].decode()
+                continue
+            break
+        else:  # pragma: no cover - a merge cycle would be a bug
+            raise RuntimeError(f"merge chain too long at twin {twin}")
+        ids = list(identifiers)
+        pipe = self.r.pipeline(transaction=False)
+        if not shared:
+            pipe.sadd("ft:twins", twin)
+        if ids:
+            pipe.sadd(f"{self.base(twin)}:ids", *ids)
+            for ident in ids:
+                pipe.set(f"ft:id:{ident}", twin)
+        pipe.execute()
+        return AppliedEvent(twin, [c.decode() for c in out])
+
+    def record_link(self, twin: str, decision: dict[str, Any]) -> None:
+        self.r.lpush(f"{self.base(twin)}:links", orjson.dumps(decision))
+
+    def merge(
+        self, source: str, target: str, *, known_ms: int, reason: dict[str, Any]
+    ) -> list[str]:
+        """Move every version of twin ``source`` into ``target`` and leave a forward pointer.
+
+        Idempotent and safe to interrupt: the forward pointer is written first (so events
+        for ``source`` that arrive meanwhile are redirected), copies are idempotent
+        applies, and the source's data is deleted last.
+        """
+        if source == target:
+            return []
+        sb, tb = self.base(source), self.base(target)
+        self.r.hset(f"{sb}:meta", mapping={"merged_into": target, "merged_at": known_ms})
+        versions = self.r.hgetall(f"{sb}:vers")
+        infos = self.r.hgetall(f"{sb}:vinfo")
+        # Re-apply each version with its own event time and knowledge time.
+        grouped: dict[tuple[bytes, bytes, bytes], list[dict[str, Any]]] = {}
+        for vkey, body in versions.items():
+            evt, know, src = (infos.get(vkey) or b"0|0|").split(b"|", 2)
+            grouped.setdefault((evt, know, src), []).append(orjson.loads(body))
+        changed: list[str] = []
+        for (evt, know, src), res in sorted(grouped.items()):
+            changed += self.apply(
+                target, res, event_ms=int(evt), known_ms=int(know), src=src.decode()
+            ).changed
+        ids = [i.decode() for i in self.r.smembers(f"{sb}:ids")]
+        pipe = self.r.pipeline(transaction=False)
+        if ids:
+            pipe.sadd(f"{tb}:ids", *ids)
+            for ident in ids:
+                pipe.set(f"ft:id:{ident}", target)
+        entry = orjson.dumps({**reason, "merged": source, "into": target, "at": known_ms})
+        pipe.lpush(f"{tb}:links", entry)
+        pipe.lpush(f"{sb}:links", entry)
+        for suffix in ("cur", "ver", "vers", "vinfo", "hist", "tl", "ids"):
+            pipe.delete(f"{sb}:{suffix}")
+        for name in STATE_SETS:
+            pipe.delete(f"{sb}:set:{name}")
+        for name in STATE_LATEST:
+            pipe.delete(f"{sb}:latest:{name}")
+        pipe.srem("ft:twins", source)
+        pipe.execute()
+        return changed
+
+    # -- reads -------------------------------------------------------------------------
+
+    def resolve(self, key: str) -> str | None:
+        """A twin id, or any identifier (``system|value`` or a bare value such as an MRN)."""
+        if self.r.sismember("ft:twins", key) or self.r.exists(f"{self.base(key)}:meta"):
+            return self._follow(key)
+        twin = self.r.get(f"ft:id:{key}")
+        if twin:
+            return self._follow(twin.decode())
+        if "|" not in key:  # a bare value: any system
+            for k in self.r.scan_iter(match=f"ft:id:*|{_glob_escape(key)}", count=1000):
+                twin = self.r.get(k)
+                if twin:
+                    return self._follow(twin.decode())
+        return None
+
+    def _follow(self, twin: str) -> str:
+        for _ in range(16):
+            nxt = self.r.hget(f"{self.base(twin)}:meta", "merged_into")
+            if not nxt:
+                return twin
+            twin = nxt.decode()
+        return twin
+
+    def twins(self) -> list[str]:
+        return sorted(t.decode() for t in self.r.smembers("ft:twins"))
+
+    def identifiers(self, twin: str) -> list[str]:
+        return sorted(i.decode() for i in self.r.smembers(f"{self.base(twin)}:ids"))
+
+    def counts(self, twin: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for ref in self.r.hkeys(f"{self.base(twin)}:cur"):
+            rtype = ref.decode().split("/", 1)[0]
+            out[rtype] = out.get(rtype, 0) + 1
+        return dict(sorted(out.items()))
+
+    def resources(self, twin: str) -> list[dict[str, Any]]:
+        """Current version of every resource, with meta.versionId / lastUpdated set."""
+        b = self.base(twin)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(f"{b}:cur")
+        pipe.hgetall(f"{b}:ver")
+        cur, ver = pipe.execute()
+        out = []
+        for ref, body in cur.items():
+            out.append(_with_meta(orjson.loads(body), ver.get(ref, b"")))
+        out.sort(key=lambda r: (r["resourceType"], r["id"]))
+        return out
+
+    def resource(self, twin: str, ref: str) -> dict[str, Any] | None:
+        b = self.base(twin)
+        body, ver = self.r.hmget(f"{b}:cur", ref), self.r.hget(f"{b}:ver", ref)
+        if not body or body[0] is None:
+            return None
+        return _with_meta(orjson.loads(body[0]), ver or b"")
+
+    def history(self, twin: str, ref: str) -> list[dict[str, Any]]:
+        """Every known version of one resource, newest (by event time) first."""
+        b = self.base(twin)
+        infos = self.r.hgetall(f"{b}:vinfo")
+        keys = [k for k in infos if k.decode().rsplit("|", 1)[0] == ref]
+        if not keys:
+            return []
+        bodies = self.r.hmget(f"{b}:vers", keys)
+        out = []
+        for k, body in zip(keys, bodies, strict=True):
+            if body is None:
+                continue
+            evt, know, _src = infos[k].decode().split("|", 2)
+            h = k.decode().rsplit("|", 1)[1]
+            res = _with_meta(orjson.loads(body), f"{evt}{h}|{know}".encode())
+            out.append((evt + h, res))
+        out.sort(key=lambda x: x[0], reverse=True)
+        return [r for _, r in out]
+
+    def timeline(self, twin: str, limit: int = 0) -> list[tuple[int, str]]:
+        end = -1 if limit <= 0 else limit - 1
+        items = self.r.zrange(f"{self.base(twin)}:tl", 0, end, withscores=True)
+        return [(int(score), ref.decode()) for ref, score in items]
+
+    def state(self, twin: str) -> dict[str, Any]:
+        """The derived summary: active problems, medications, allergies, latest vitals/labs."""
+        b = self.base(twin)
+        pipe = self.r.pipeline(transaction=False)
+        for name in STATE_SETS:
+            pipe.smembers(f"{b}:set:{name}")
+        for name in STATE_LATEST:
+            pipe.hgetall(f"{b}:latest:{name}")
+        raw = pipe.execute()
+        state: dict[str, Any] = {}
+        for name, members in zip(STATE_SETS, raw[: len(STATE_SETS)], strict=True):
+            state[name] = sorted(m.decode() for m in members)
+        for name, latest in zip(STATE_LATEST, raw[len(STATE_SETS) :], strict=True):
+            state[name] = {
+                code.decode(): v.decode().split("|", 1)[1] for code, v in sorted(latest.items())
+            }
+        return state
+
+    def meta(self, twin: str) -> dict[str, str]:
+        return {
+            k.decode(): v.decode() for k, v in self.r.hgetall(f"{self.base(twin)}:meta").items()
+        }
+
+    def offsets(self, twin: str) -> dict[str, int]:
+        return {k[4:]: int(v) for k, v in self.meta(twin).items() if k.startswith("off:")}
+
+    def as_of(self, twin: str, known_ms: int) -> dict[str, Any]:
+        """The twin as fhirtwin knew it at ``known_ms``: resources and the offsets behind them."""
+        b = self.base(twin)
+        members = self.r.zrangebyscore(f"{b}:hist", "-inf", known_ms)
+        if not members:
+            return {"twin": twin, "as_of_ms": known_ms, "resources": [], "offsets": {}}
+        infos = self.r.hmget(f"{b}:vinfo", members)
+        best: dict[str, tuple[str, bytes, str]] = {}
+        offsets: dict[str, int] = {}
+        for member, info in zip(members, infos, strict=True):
+            if info is None:
+                continue
+            ref, h = member.decode().rsplit("|", 1)
+            evt, know, src = info.decode().split("|", 2)
+            order = evt + h
+            if ref not in best or best[ref][0] < order:
+                best[ref] = (order, member, know)
+            if src.count("/") >= 2:
+                topic, part, off = src.rsplit("/", 2)
+                key = f"{topic}/{part}"
+                offsets[key] = max(offsets.get(key, -1), int(off))
+        chosen = sorted(best.items())
+        bodies = self.r.hmget(f"{b}:vers", [m for _, (_, m, _) in chosen])
+        resources = [
+            _with_meta(orjson.loads(body), f"{order}|{know}".encode())
+            for (_, (order, _m, know)), body in zip(chosen, bodies, strict=True)
+            if body is not None
+        ]
+        return {"twin": twin, "as_of_ms": known_ms, "resources": resources, "offsets": offsets}
+
+    def digest(self, twin: str) -> str:
+        """Hash of what the twin holds (current version hashes, identifiers, state), not of
+        when it learnt it: equal for a clean run, a crashed-and-resumed run and a rebuild."""
+        b = self.base(twin)
+        ver = self.r.hgetall(f"{b}:ver")
+        lines = sorted(f"{k.decode()} {v.decode()[15:47]}" for k, v in ver.items())
+        lines += sorted(f"id {i}" for i in self.identifiers(twin))
+        lines.append(orjson.dumps(self.state(twin), option=orjson.OPT_SORT_KEYS).decode())
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    def links(self, twin: str) -> list[dict[str, Any]]:
+        return [orjson.loads(x) for x in self.r.lrange(f"{self.base(twin)}:links", 0, -1)]
+
+    def flush(self) -> int:
+        """Delete every fhirtwin key (``ft:*``) — for `fhirtwin rebuild`. Returns the count."""
+        n = 0
+        batch: list[bytes] = []
+        for key in self.r.scan_iter(match="ft:*", count=2000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                n += int(self.r.unlink(*batch))
+                batch.clear()
+        if batch:
+            n += int(self.r.unlink(*batch))
+        return n
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+def _with_meta(res: dict[str, Any], ver: bytes) -> dict[str, Any]:
+    text = ver.decode()
+    if len(text) >= 47:
+        meta = dict(res.get("meta") or {})
+        meta["versionId"] = text[15:31]
+        know = text.split("|", 1)[1] if "|" in text else ""
+        if know.isdigit():
+            meta["lastUpdated"] = (
+                (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(know)))
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z")
+            )
+        res = {**res, "meta": meta}
+    return res

@@ -1,0 +1,238 @@
+"""`fhirtwin up`: every part on one machine, each in its own process, supervised.
+
+Starts (or finds) Kafka and Redis, creates the topics, then runs the MLLP listener, the
+normalize workers and the twin assembler as child processes (``fhirtwin mllp``,
+``fhirtwin worker normalize``, ``fhirtwin worker assemble``: the same commands a cluster
+runs one by one), restarts a child that dies, and serves ``/health``, ``/ready`` and
+``/metrics`` over HTTP. Ctrl-C (or SIGTERM) stops the children, then the servers it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from fhirtwin import bus
+from fhirtwin.infra import (
+    EmbeddedKafka,
+    EmbeddedRedis,
+    InfraError,
+    clear_state,
+    write_state,
+)
+
+__all__ = ["Child", "Supervisor", "UpConfig"]
+
+log = logging.getLogger("fhirtwin.up")
+
+
+@dataclass
+class UpConfig:
+    kafka: str | None = None
+    redis: str | None = None
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = 2575
+    http_port: int = 8080
+    partitions: int = 4
+    normalize_workers: int = 1
+    validate: bool = True
+    mappings: str | None = None
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started: float = 0.0
+
+    def start(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(self.argv, env=env)
+        self.started = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class Supervisor:
+    cfg: UpConfig
+    kafka: EmbeddedKafka | None = None
+    redis_server: EmbeddedRedis | None = None
+    bootstrap: str = ""
+    redis_url: str = ""
+    children: list[Child] = field(default_factory=list)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    metrics_dir: str = ""
+    http_thread: threading.Thread | None = None
+    _http_server: Any = None
+
+    # -- start -------------------------------------------------------------------------
+
+    def start_servers(self) -> None:
+        if self.cfg.kafka:
+            self.bootstrap = self.cfg.kafka
+        else:
+            self.kafka = EmbeddedKafka().start()
+            self.bootstrap = self.kafka.bootstrap
+        if self.cfg.redis:
+            self.redis_url = self.cfg.redis
+        else:
+            self.redis_server = EmbeddedRedis().start()
+            self.redis_url = self.redis_server.url
+        try:
+            redis.Redis.from_url(self.redis_url, socket_timeout=5).ping()
+        except redis.RedisError as exc:
+            raise InfraError(f"Redis at {self.redis_url} does not answer: {exc}") from exc
+        try:
+            bus.ensure_topics(self.bootstrap, partitions=self.cfg.partitions)
+        except Exception as exc:
+            raise InfraError(f"Kafka at {self.bootstrap}: cannot create topics: {exc}") from exc
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FHIRTWIN_KAFKA"] = self.bootstrap
+        env["FHIRTWIN_REDIS"] = self.redis_url
+        env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def plan(self) -> list[Child]:
+        py = [sys.executable, "-m", "fhirtwin.cli"]
+        validate = [] if self.cfg.validate else ["--no-validate"]
+        mappings = ["--mappings", self.cfg.mappings] if self.cfg.mappings else []
+        kids = [
+            Child(
+                "mllp",
+                [*py, "mllp", "--host", self.cfg.mllp_host, "--port", str(self.cfg.mllp_port)],
+            ),
+            Child("assemble", [*py, "worker", "assemble"]),
+        ]
+        for i in range(self.cfg.normalize_workers):
+            kids.append(
+                Child(
+                    f"normalize-hl7v2-{i + 1}",
+                    [*py, "worker", "normalize", "--source", "hl7v2", *validate, *mappings],
+                )
+            )
+        return kids
+
+    def start(self) -> dict[str, Any]:
+        self.start_servers()
+        self.metrics_dir = tempfile.mkdtemp(prefix="fhirtwin-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        self.children = self.plan()
+        env = self.child_env()
+        for child in self.children:
+            child.start(env)
+        self.start_http()
+        info = {
+            "pid": os.getpid(),
+            "kafka": self.bootstrap,
+            "kafka_embedded": self.kafka is not None,
+            "redis": self.redis_url,
+            "redis_started": bool(self.redis_server and self.redis_server.started),
+            "mllp": f"{self.cfg.mllp_host}:{self.cfg.mllp_port}",
+            "http": f"http://127.0.0.1:{self.cfg.http_port}",
+            "started_ms": int(time.time() * 1000),
+        }
+        write_state(info)
+        return info
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        parts = {c.name: ("up" if c.alive else "down") for c in self.children}
+        try:
+            redis.Redis.from_url(self.redis_url, socket_timeout=1).ping()
+            parts["redis"] = "up"
+        except redis.RedisError:
+            parts["redis"] = "down"
+        parts["kafka"] = "up" if bus.partitions_of(self.bootstrap, bus.RESOURCES) else "down"
+        ok = all(v == "up" for v in parts.values())
+        return {"status": "ok" if ok else "degraded", "parts": parts}
+
+    def start_http(self) -> None:
+        import uvicorn
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse, Response
+
+        from fhirtwin.metrics import render
+
+        api = FastAPI(title="fhirtwin", docs_url="/docs")
+
+        @api.get("/health")
+        def health() -> JSONResponse:
+            h = self.health()
+            return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+
+        @api.get("/ready")
+        def ready() -> JSONResponse:
+            return health()
+
+        @api.get("/metrics")
+        def metrics() -> Response:
+            return Response(render(), media_type="text/plain; version=0.0.4")
+
+        config = uvicorn.Config(
+            api, host="127.0.0.1", port=self.cfg.http_port, log_level="warning", lifespan="off"
+        )
+        self._http_server = uvicorn.Server(config)
+        self._http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.http_thread = threading.Thread(target=self._http_server.run, daemon=True)
+        self.http_thread.start()
+
+    # -- run / stop --------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Restart children that die (with back-off) until asked to stop."""
+        env = self.child_env()
+        while not self.stop_event.wait(0.5):
+            for child in self.children:
+                if child.alive or child.proc is None:
+                    continue
+                code = child.proc.returncode
+                wait = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+                if time.monotonic() - child.started < wait:
+                    continue
+                log.warning("%s exited with code %s; restarting", child.name, code)
+                print(f"fhirtwin up: {child.name} exited ({code}); restarting", file=sys.stderr)
+                child.restarts += 1
+                child.start(env)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for child in self.children:
+            if child.alive and child.proc is not None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait(5)
+        if self._http_server is not None:
+            self._http_server.should_exit = True
+        if self.redis_server is not None:
+            self.redis_server.stop()
+        if self.kafka is not None:
+            self.kafka.stop()
+        clear_state()
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)

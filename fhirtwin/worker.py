@@ -1,0 +1,195 @@
+"""The streaming runtime: consume a batch, handle it, write durably, then commit.
+
+It knows no clinical format. A handler turns one consumed record into output records;
+the loop produces them (acks=all), waits until every one is acknowledged, and only then
+commits the consumed offsets. A crash anywhere before the commit means the batch is
+consumed again (at least once); the handlers downstream are idempotent.
+
+A handler that raises on one record does not stop the worker: the loop sends that
+record to the dead-letter topic with stage ``internal`` and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis
+from confluent_kafka import KafkaError, TopicPartition
+
+from fhirtwin import bus
+from fhirtwin.metrics import DEADLETTERS, MESSAGES_IN, MESSAGES_OUT
+
+__all__ = ["Out", "StreamWorker", "dead_letter", "install_stop_signals"]
+
+log = logging.getLogger("fhirtwin.worker")
+
+# Failures of the servers, not of a record: never dead-letter for these; stop, restart, redo.
+INFRA_ERRORS = (OSError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+@dataclass(slots=True)
+class Out:
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def dead_letter(
+    rec: bus.Record, *, stage: str, reason: str, error: dict[str, Any] | None = None
+) -> Out:
+    """The original bytes and headers, plus what went wrong, where, and at which stage."""
+    headers = [h for h in rec.headers if not h[0].startswith("fhirtwin-dl-")]
+    headers += [
+        ("fhirtwin-dl-stage", stage.encode()),
+        ("fhirtwin-dl-reason", reason.encode("utf-8", "replace")),
+        ("fhirtwin-dl-error", orjson.dumps(error or {})),
+        ("fhirtwin-dl-source", rec.ref.encode()),
+        ("fhirtwin-dl-at", str(int(time.time() * 1000)).encode()),
+    ]
+    DEADLETTERS.labels(stage).inc()
+    return Out(bus.DEADLETTER, rec.value, rec.key, headers)
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class StreamWorker:
+    """One consumer-group member running ``handle`` over ``topics``."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        group: str,
+        topics: Sequence[str],
+        handle: Callable[[list[bus.Record]], list[list[Out]]],
+        *,
+        batch: int = 500,
+        after_batch: Callable[[], None] | None = None,
+    ) -> None:
+        self.bootstrap, self.group, self.topics = bootstrap, group, list(topics)
+        self.handle = handle
+        self.batch = batch
+        self.after_batch = after_batch
+        self.assigned: list[int] = []
+        self.processed = 0
+
+    def run(self, stop: threading.Event, *, idle_exit: float | None = None) -> int:
+        """Run until ``stop`` is set (or, with ``idle_exit``, until nothing came for that long)."""
+        consumer = bus.consumer(self.bootstrap, self.group)
+        producer = bus.producer(self.bootstrap, linger_ms=5)
+
+        def on_assign(c: Any, parts: list[TopicPartition]) -> None:
+            self.assigned = sorted(p.partition for p in parts)
+            log.info("%s assigned partitions %s", self.group, self.assigned)
+
+        def on_revoke(c: Any, parts: list[TopicPartition]) -> None:
+            self.assigned = []
+
+        consumer.subscribe(self.topics, on_assign=on_assign, on_revoke=on_revoke)
+        last = time.monotonic()
+        failures: list[str] = []
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                failures.append(f"{msg.topic()}: {err.str()}")
+
+        try:
+            while not stop.is_set():
+                msgs = consumer.consume(self.batch, 0.2)
+                recs = []
+                for m in msgs:
+                    err = m.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("consume error: %s", err.str())
+                        continue
+                    recs.append(bus.Record.of(m))
+                if not recs:
+                    if not self.assigned:
+                        last = time.monotonic()  # joining the group is not idleness
+                    elif idle_exit is not None and time.monotonic() - last > idle_exit:
+                        break
+                    continue
+                last = time.monotonic()
+                for rec in recs:
+                    MESSAGES_IN.labels(rec.topic).inc()
+                outs = self._handle(recs)
+                for per_record in outs:
+                    for out in per_record:
+                        self._produce(producer, out, delivered)
+                remaining = producer.flush(30)
+                if remaining or failures:
+                    raise RuntimeError(
+                        f"Kafka did not acknowledge {remaining} records ({'; '.join(failures[:3])});"
+                        " not committing, the batch will be consumed again"
+                    )
+                if self.after_batch is not None:
+                    self.after_batch()
+                ends: dict[tuple[str, int], int] = {}
+                for rec in recs:
+                    ends[(rec.topic, rec.partition)] = rec.offset + 1
+                consumer.commit(
+                    offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()],
+                    asynchronous=False,
+                )
+                self.processed += len(recs)
+        finally:
+            producer.flush(10)
+            consumer.close()
+        return self.processed
+
+    def _handle(self, recs: list[bus.Record]) -> list[list[Out]]:
+        try:
+            return self.handle(recs)
+        except INFRA_ERRORS:
+            raise
+        except Exception:  # one record is at fault: find it, dead-letter it, keep the rest
+            log.exception("batch handler failed; handling records one by one")
+        outs: list[list[Out]] = []
+        for rec in recs:
+            try:
+                outs += self.handle([rec])
+            except INFRA_ERRORS:
+                raise
+            except Exception as exc:
+                outs.append(
+                    [
+                        dead_letter(
+                            rec,
+                            stage="internal",
+                            reason=f"{type(exc).__name__}: {exc}",
+                            error={"traceback": traceback.format_exc(limit=8)},
+                        )
+                    ]
+                )
+        return outs
+
+    @staticmethod
+    def _produce(producer: Any, out: Out, on_delivery: Callable[..., None]) -> None:
+        while True:
+            try:
+                producer.produce(
+                    out.topic,
+                    value=out.value,
+                    key=out.key,
+                    headers=out.headers,
+                    on_delivery=on_delivery,
+                )
+                MESSAGES_OUT.labels(out.topic).inc()
+                return
+            except BufferError:
+                producer.poll(0.05)

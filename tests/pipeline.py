@@ -1,0 +1,71 @@
+"""Helpers for pipeline tests: run workers in threads until the topics are drained."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fhirtwin import bus
+from fhirtwin.assemble import AssembleWorker
+from fhirtwin.normalize import NormalizeWorker
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    p: Any = bus.producer(bootstrap, linger_ms=5)
+    for v in values:
+        while True:
+            try:
+                p.produce(topic, v, headers=[("fhirtwin-source-kind", b"hl7v2")])
+                break
+            except BufferError:
+                p.poll(0.05)
+    assert p.flush(30) == 0
+
+
+def drain(
+    bootstrap: str,
+    redis_url: str,
+    *,
+    validate: bool = False,
+    mappings: Path | None = None,
+    idle: float = 2.0,
+) -> tuple[int, int]:
+    """Run a normalize worker until idle and an assembler beside it until it has caught up;
+    (records normalized, records assembled)."""
+    stop = threading.Event()
+    assembler = AssembleWorker(bootstrap, redis_url)
+    thread = threading.Thread(target=assembler.run, args=(stop,))
+    thread.start()
+    try:
+        n = NormalizeWorker(bootstrap, redis_url, validate=validate, mappings=mappings).run(
+            threading.Event(), idle_exit=idle
+        )
+        wait_for(
+            lambda: bus.group_lag(bootstrap, "fhirtwin-assemble", [bus.RESOURCES]) == 0,
+            what="the assembler to catch up",
+        )
+    finally:
+        stop.set()
+        thread.join(30)
+    return n, assembler.stream.processed
+
+
+def records(bootstrap: str, topic: str) -> list[bus.Record]:
+    return list(bus.read_topic(bootstrap, topic, timeout=5))
+
+
+def events(bootstrap: str) -> list[dict[str, Any]]:
+    return [orjson.loads(r.value) for r in records(bootstrap, bus.TWIN_EVENTS)]
+
+
+def wait_for(cond: Any, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -1,0 +1,162 @@
+"""The twin store on a real Redis server: idempotence, ordering, history, state, merges."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import redis
+
+from fhirtwin.twin import TwinStore, clinical_time_ms, content_hash, fhir_time_ms, state_op
+
+T1, T2 = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+
+
+@pytest.fixture
+def store(redis_url: str) -> TwinStore:
+    return TwinStore(redis.Redis.from_url(redis_url))
+
+
+def patient(family: str = "Okafor") -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": "p1",
+        "identifier": [{"system": "urn:mrn", "value": "M1"}],
+        "name": [{"family": family}],
+    }
+
+
+def condition(status: str, rid: str = "c1", onset: str = "2026-01-05") -> dict[str, Any]:
+    return {
+        "resourceType": "Condition",
+        "id": rid,
+        "clinicalStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                    "code": status,
+                }
+            ]
+        },
+        "code": {"text": "Asthma"},
+        "onsetDateTime": onset,
+    }
+
+
+def glucose(rid: str, value: float, when: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": rid,
+        "status": "final",
+        "category": [{"coding": [{"code": "laboratory"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": "mg/dL"},
+    }
+
+
+def test_redelivery_changes_nothing(store: TwinStore) -> None:
+    first = store.apply(T1, [patient(), condition("active")], event_ms=1000, known_ms=5000)
+    assert sorted(first.changed) == ["Condition/c1", "Patient/p1"]
+    before = store.digest(T1)
+    again = store.apply(T1, [patient(), condition("active")], event_ms=1000, known_ms=9000)
+    assert again.changed == []
+    assert store.digest(T1) == before
+    assert len(store.history(T1, "Patient/p1")) == 1
+
+
+def test_older_version_never_overwrites_newer(store: TwinStore) -> None:
+    store.apply(T1, [patient("New")], event_ms=2000, known_ms=10)
+    late = store.apply(T1, [patient("Old")], event_ms=1000, known_ms=20)
+    assert late.changed == []
+    current = store.resource(T1, "Patient/p1")
+    assert current is not None
+    assert current["name"][0]["family"] == "New"
+    # both versions are kept, newest (by event time) first
+    assert [v["name"][0]["family"] for v in store.history(T1, "Patient/p1")] == ["New", "Old"]
+
+
+def test_delivery_order_does_not_matter(store: TwinStore) -> None:
+    events = [
+        ([patient("A"), condition("active")], 1000),
+        ([patient("B"), condition("resolved")], 2000),
+        ([glucose("o1", 99, "2026-01-01T08:00:00Z")], 1500),
+        ([glucose("o2", 140, "2026-01-02T08:00:00Z")], 1200),
+    ]
+    for res, evt in events:
+        store.apply(T1, copy.deepcopy(res), event_ms=evt, known_ms=evt)
+    for res, evt in reversed(events):
+        store.apply(T2, copy.deepcopy(res), event_ms=evt, known_ms=evt)
+    assert store.digest(T1) == store.digest(T2)
+    assert store.state(T1)["problems"] == []  # the newest Condition version is resolved
+
+
+def test_derived_state_follows_current_versions(store: TwinStore) -> None:
+    store.apply(T1, [condition("active")], event_ms=1, known_ms=1)
+    assert store.state(T1)["problems"] == ["Condition/c1"]
+    store.apply(T1, [glucose("o1", 99, "2026-01-01T08:00:00Z")], event_ms=2, known_ms=2)
+    store.apply(T1, [glucose("o2", 140, "2026-01-03T08:00:00Z")], event_ms=3, known_ms=3)
+    # a result that arrives later but was taken earlier does not become "latest"
+    store.apply(T1, [glucose("o3", 80, "2025-12-01T08:00:00Z")], event_ms=4, known_ms=4)
+    assert store.state(T1)["labs"] == {"http://loinc.org|2345-7": "Observation/o2"}
+    store.apply(T1, [condition("resolved")], event_ms=5, known_ms=5)
+    assert store.state(T1)["problems"] == []
+    # the timeline is in clinical order, not arrival order
+    refs = [ref for _, ref in store.timeline(T1)]
+    assert refs == ["Observation/o3", "Observation/o1", "Observation/o2", "Condition/c1"]
+
+
+def test_as_of_reads_what_was_known_then(store: TwinStore) -> None:
+    store.apply(T1, [patient("First")], event_ms=1000, known_ms=100, src="fhir.resources/0/7")
+    store.apply(T1, [patient("Second")], event_ms=2000, known_ms=200, src="fhir.resources/0/9")
+    then = store.as_of(T1, 150)
+    assert [r["name"][0]["family"] for r in then["resources"]] == ["First"]
+    assert then["offsets"] == {"fhir.resources/0": 7}
+    now = store.as_of(T1, 250)
+    assert [r["name"][0]["family"] for r in now["resources"]] == ["Second"]
+    assert store.offsets(T1) == {"fhir.resources/0": 9}
+
+
+def test_merge_moves_everything_and_forwards(store: TwinStore) -> None:
+    store.apply(T1, [patient()], event_ms=1, known_ms=1, identifiers=["urn:mrn|M1"])
+    other = {**patient(), "id": "p2", "identifier": [{"system": "urn:mrn", "value": "M2"}]}
+    store.apply(
+        T2, [other, condition("active")], event_ms=2, known_ms=2, identifiers=["urn:mrn|M2"]
+    )
+    store.merge(T2, T1, known_ms=3, reason={"rule": "merge"})
+    assert store.twins() == [T1]
+    assert store.counts(T1) == {"Condition": 1, "Patient": 2}
+    assert store.identifiers(T1) == ["urn:mrn|M1", "urn:mrn|M2"]
+    assert store.resolve("M2") == T1
+    assert store.resolve(T2) == T1  # the old id forwards
+    # an event for the merged twin that was still in flight lands in the survivor
+    late = store.apply(T2, [glucose("o9", 101, "2026-02-01")], event_ms=4, known_ms=4)
+    assert late.twin == T1
+    assert "Observation" in store.counts(T1)
+    assert any(link.get("merged") == T2 for link in store.links(T1))
+
+
+def test_merge_order_independent(store: TwinStore) -> None:
+    """Merge first, then the merged twin's own events (as in a rebuild): same twin."""
+    other = {**patient(), "id": "p2"}
+    store.apply(T1, [patient()], event_ms=1, known_ms=1)
+    store.apply(T2, [other], event_ms=2, known_ms=2)
+    store.merge(T2, T1, known_ms=3, reason={})
+    clean = store.digest(T1)
+    store.flush()
+    store.apply(T1, [patient()], event_ms=1, known_ms=1)
+    store.merge(T2, T1, known_ms=3, reason={})
+    store.apply(T2, [other], event_ms=2, known_ms=2)
+    assert store.digest(T1) == clean
+
+
+def test_helpers() -> None:
+    assert fhir_time_ms("2026") == fhir_time_ms("2026-01-01T00:00:00Z")
+    assert fhir_time_ms("2026-01-01T01:00:00+01:00") == fhir_time_ms("2026-01-01")
+    assert fhir_time_ms("not a date") is None
+    assert clinical_time_ms(glucose("o", 1, "2026-03-01")) == fhir_time_ms("2026-03-01")
+    assert state_op(condition("inactive")) == "set:problems:-"
+    assert state_op(glucose("o", 1, "2026")) == "latest:labs:+:http://loinc.org|2345-7"
+    with_meta = {**patient(), "meta": {"versionId": "x", "lastUpdated": "2026-01-01T00:00:00Z"}}
+    assert content_hash(with_meta) == content_hash(patient())
