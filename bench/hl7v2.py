@@ -42,6 +42,7 @@ PROJECT_ROOT = BENCH_DIR.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from fhirtwin import validation  # noqa: E402
 from fhirtwin.conversion import convert_hl7v2  # noqa: E402
 from fhirtwin.hl7v2 import HL7ParseError, parse, split_batch  # noqa: E402
 from fhirtwin.mapping import ConversionError  # noqa: E402
@@ -172,11 +173,43 @@ def parse_all_fields(msgs: Sequence[bytes]) -> Callable[[], int]:
     return run
 
 
-def convert(msgs: Sequence[bytes], validate: bool, counter: list[int]) -> Callable[[], int]:
+def with_control_id(data: bytes, suffix: bytes) -> bytes:
+    """The message with ``suffix`` appended to MSH-10 (its control id)."""
+    i = data.find(b"MSH")
+    if i < 0 or len(data) < i + 4:
+        return data
+    fs = data[i + 3 : i + 4]
+    end = len(data)
+    for sep in (b"\r", b"\n"):
+        j = data.find(sep, i)
+        if 0 <= j < end:
+            end = j
+    parts = data[i:end].split(fs)
+    if len(parts) < 10:
+        return data
+    parts[9] += suffix
+    return data[:i] + fs.join(parts) + data[end:]
+
+
+def convert(
+    msgs: Sequence[bytes],
+    validate: bool,
+    counter: list[int],
+    before_pass: Callable[[], None] | None = None,
+) -> Callable[[], int]:
+    """One pass over the messages; every pass gives each message a new control id (MSH-10),
+    as a live feed would, so nothing keyed by the message can be reused between passes."""
+    passes = [0]
+
     def run() -> int:
+        if before_pass is not None:
+            before_pass()
+        passes[0] += 1
+        suffix = b"-%d" % passes[0]
         resources = 0
         for m in msgs:
-            resources += len(convert_hl7v2(m, validate=validate).bundle.get("entry", ()))
+            conv = convert_hl7v2(with_control_id(m, suffix), validate=validate)
+            resources += len(conv.bundle.get("entry", ()))
         counter[0] = resources
         return len(msgs)
 
@@ -417,14 +450,26 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     failures: dict[str, dict[str, int]] = {}
-    conv_rows: dict[bool, Row] = {}
+    conv_rows: dict[str, Row] = {}
     subset_ref: float | None = None
-    for validate in (False, True):
+    # Validation keeps verdicts in an LRU cache (fhirtwin.validation). "no cache": off;
+    # "cold": emptied before every pass over the mix, so only repeats within one pass
+    # hit (the first pass of a feed); "warm": kept between passes (a feed that keeps
+    # sending the same places, people and devices, each time in a new message).
+    modes = [
+        ("off", False, None),
+        ("on, no cache", True, "none"),
+        ("on, cold cache", True, "cold"),
+        ("on, warm cache", True, "warm"),
+    ]
+    for label, validate, cache in modes:
+        validation.set_cache_size(0 if cache == "none" else validation.DEFAULT_CACHE_SIZE)
+        validation.clear_cache()
         ok, fails = split_convertible(msgs, validate)
-        failures["validation on" if validate else "validation off"] = fails
+        failures[f"validation {label}"] = fails
         if not ok:
             row = Row(
-                f"fhirtwin convert, validation {'on' if validate else 'off'}",
+                f"fhirtwin convert, validation {label}",
                 0,
                 0.0,
                 0.0,
@@ -434,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 "no message converts",
             )
             rows.append(row)
-            conv_rows[validate] = row
+            conv_rows[label] = row
             continue
         if subset_ref is None:
             sub_texts = [for_other_parsers(m) for m in ok]
@@ -453,21 +498,28 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         counter = [0]
-        r = measure(convert(ok, validate, counter), len(ok), args.runs, args.min_seconds)
+        validation.clear_cache()
+        before = validation.clear_cache if cache == "cold" else None
+        r = measure(convert(ok, validate, counter, before), len(ok), args.runs, args.min_seconds)
         m_rate = median(r)
         res_rate = m_rate * counter[0] / len(ok)
+        note = f"timed on the {len(ok)} messages that convert; {counter[0] / len(ok):.1f} resources/message"
+        if cache is not None and cache != "none":
+            info = validation.cache_info()
+            looked_up = info["hits"] + info["misses"]
+            note += f"; cache hits {info['hits'] / max(looked_up, 1):.0%}"
         row = Row(
-            f"fhirtwin convert, validation {'on' if validate else 'off'}",
+            f"fhirtwin convert, validation {label}",
             len(ok),
             m_rate,
             res_rate,
             m_rate / subset_ref,
             sum(fails.values()),
             r,
-            f"timed on the {len(ok)} messages that convert; {counter[0] / len(ok):.1f} resources/message",
+            note,
         )
         rows.append(row)
-        conv_rows[validate] = row
+        conv_rows[label] = row
         if not validate:
             # The corpus is mostly 4 KB "every field filled" samples; a live ADT/ORU feed
             # is nearer 1-2 KB. Shown for context only: the goals use the whole mix.
@@ -487,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{counter[0] / len(small):.1f} resources/message; context, not a goal",
                     )
                 )
+    validation.set_cache_size(validation.DEFAULT_CACHE_SIZE)
+    validation.clear_cache()
 
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -498,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed to convert ({mode}): {sum(fails.values())} of {len(msgs)} ({detail})")
     print(f"peak RSS: {peak_rss_mib:,.0f} MiB")
 
-    off, on = conv_rows[False], conv_rows[True]
+    off, cold, warm = conv_rows["off"], conv_rows["on, cold cache"], conv_rows["on, warm cache"]
     goals = [
         (
             "full conversion, validation off ≥ 3,000 msg/s",
@@ -513,10 +567,16 @@ def main(argv: list[str] | None = None) -> int:
             (off.ratio_vs_python_hl7 or 0.0) >= GOAL_CONVERT_RATIO,
         ),
         (
-            "full conversion, validation on ≥ 1,500 msg/s",
-            on.msgs_per_s,
+            "full conversion, validation on (cold cache) ≥ 1,500 msg/s",
+            cold.msgs_per_s,
             GOAL_VALIDATE_MSGS,
-            on.msgs_per_s >= GOAL_VALIDATE_MSGS,
+            cold.msgs_per_s >= GOAL_VALIDATE_MSGS,
+        ),
+        (
+            "full conversion, validation on (warm cache) ≥ 1,500 msg/s",
+            warm.msgs_per_s,
+            GOAL_VALIDATE_MSGS,
+            warm.msgs_per_s >= GOAL_VALIDATE_MSGS,
         ),
     ]
     print("\ngoals:")

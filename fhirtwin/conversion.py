@@ -74,9 +74,9 @@ def convert_hl7v2(
     msg = parse(raw, charset=charset)
     bundle, report = eng.convert(msg, profile)
     if validate:
-        from fhirtwin.validation import validate_bundle
+        from fhirtwin.validation import validate_converted
 
-        report["validation"] = validate_bundle(bundle)
+        report["validation"] = validate_converted(bundle)
     return Conversion(bundle, report)
 
 

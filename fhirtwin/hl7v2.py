@@ -186,8 +186,9 @@ class Segment:
         """Field n as repetitions → components → sub-components, unescaped."""
         tree = self._cache.get(n)
         if tree is None:
-            raw = self.raw(n)
-            if self.name == "MSH" and n <= 2:
+            fields = self.fields
+            raw = fields[n] if n < len(fields) else ""
+            if n <= 2 and self.name == "MSH":
                 tree = [[[raw]]]
             else:
                 tree = split_field(raw, self.encoding, self.charset)
@@ -277,6 +278,10 @@ def split_field(raw: str, enc: Encoding, charset: str = "utf-8") -> FieldTree:
         # The common case: plain splits, done by str.split in C.
         if sub_sep in raw:
             return [[c.split(sub_sep) for c in r.split(comp_sep)] for r in raw.split(rep_sep)]
+        if rep_sep not in raw:
+            if comp_sep not in raw:
+                return [[[raw]]]
+            return [[[c] for c in raw.split(comp_sep)]]
         return [[[c] for c in r.split(comp_sep)] for r in raw.split(rep_sep)]
     has_escape = True
     out: FieldTree = []

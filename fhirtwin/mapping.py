@@ -201,6 +201,35 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
 
         return append_key
 
+    if len(head) == 1 and last_idx is None:
+        # 'a.b', 'a[].b', 'a[0].b', 'a[-1].b': the most common shapes, unrolled.
+        ((hname, hidx),) = head
+        with_first = extra if with_at == 0 else None
+        if hidx is None:
+
+            def set_in_object(target: dict[str, Any], value: Any) -> None:
+                obj = target.get(hname)
+                if obj is None:
+                    obj = target[hname] = {}
+                obj[last] = value
+
+            return set_in_object
+        pos = None if hidx == "" else int(hidx)
+
+        def set_in_element(target: dict[str, Any], value: Any) -> None:
+            lst = target.setdefault(hname, [])
+            if pos is None or not lst:
+                obj: dict[str, Any] = {}
+                if with_first:
+                    obj.update(_copy(with_first))
+                lst.append(obj)
+            else:
+                # [0] the first element, [-1] the last one appended (made if none).
+                obj = lst[min(pos, len(lst) - 1)]
+            obj[last] = value
+
+        return set_in_element
+
     def setter(target: dict[str, Any], value: Any) -> None:
         obj = target
         for i, (name, idx) in enumerate(head):
@@ -1095,48 +1124,48 @@ class Engine:
         rep = st.report
         unmapped = rep.unmapped_fields
         skip = {u["index"] for u in rep.unmapped_segments}
+        used = st.used
         for seg in msg.segments:
-            if seg.index + 1 in skip:
+            index = seg.index
+            if index + 1 in skip:
                 continue
-            fields = seg.fields
-            start = 3 if seg.name == "MSH" else 1
-            for n in range(start, len(fields)):
-                if not fields[n] or fields[n] == '""':
+            name, fields, cache = seg.name, seg.fields, seg._cache
+            for n in range(3 if name == "MSH" else 1, len(fields)):
+                raw = fields[n]
+                if not raw or raw == '""':
                     continue
-                usage = st.used.get((seg.index, n))
+                usage = used.get((index, n))
                 if usage is None:
-                    unmapped.append(
-                        {"segment": seg.name, "index": seg.index + 1, "field": f"{seg.name}-{n}"}
-                    )
+                    unmapped.append({"segment": name, "index": index + 1, "field": f"{name}-{n}"})
                     continue
                 comps, all_reps = usage
-                tree = seg.field(n)
+                tree = cache.get(n) or seg.field(n)
                 if not all_reps and len(tree) > 1:
                     extra = sum(1 for r in tree[1:] if any(any(s) for s in (c for c in r)))
                     if extra:
                         unmapped.append(
                             {
-                                "segment": seg.name,
-                                "index": seg.index + 1,
-                                "field": f"{seg.name}-{n}",
+                                "segment": name,
+                                "index": index + 1,
+                                "field": f"{name}-{n}",
                                 "repetitions": extra,
                             }
                         )
                 if comps is None:
                     continue
-                missing = set()
+                missing = None
                 for r in tree if all_reps else tree[:1]:
                     for ci, c in enumerate(r, 1):
-                        if ci not in comps and any(c):
+                        # c is never empty: c[0] first spares any() in the common case.
+                        if ci not in comps and (c[0] or any(c)):
+                            if missing is None:
+                                missing = set()
                             missing.add(ci)
-                for ci in sorted(missing):
-                    unmapped.append(
-                        {
-                            "segment": seg.name,
-                            "index": seg.index + 1,
-                            "field": f"{seg.name}-{n}.{ci}",
-                        }
-                    )
+                if missing:
+                    for ci in sorted(missing):
+                        unmapped.append(
+                            {"segment": name, "index": index + 1, "field": f"{name}-{n}.{ci}"}
+                        )
         counts: dict[str, int] = {}
         for res in st.resources.values():
             counts[res["resourceType"]] = counts.get(res["resourceType"], 0) + 1
@@ -1346,8 +1375,25 @@ def _mentions(when: dict[str, Any], keys: tuple[str, ...]) -> bool:
 _NS_BYTES = _ID_NAMESPACE.bytes
 
 
+_UUIDS: dict[str, str] = {}
+_UUIDS_MAX = 8192
+
+
 def _uuid(key: str) -> str:
-    """uuid.uuid5(_ID_NAMESPACE, key), without building UUID objects (hot path)."""
+    """uuid.uuid5(_ID_NAMESPACE, key), without building UUID objects (hot path).
+
+    Memoized: the same place, person or code comes back in message after message. The
+    memo is emptied when full (a bound, not an LRU: a hit is all that matters here)."""
+    got = _UUIDS.get(key)
+    if got is not None:
+        return got
+    if len(_UUIDS) >= _UUIDS_MAX:
+        _UUIDS.clear()
+    got = _UUIDS[key] = _uuid5(key)
+    return got
+
+
+def _uuid5(key: str) -> str:
     d = bytearray(hashlib.sha1(_NS_BYTES + key.encode()).digest()[:16])
     d[6] = (d[6] & 0x0F) | 0x50
     d[8] = (d[8] & 0x3F) | 0x80
