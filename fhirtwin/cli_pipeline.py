@@ -188,7 +188,9 @@ def mllp(
     serve(metrics_port)
     stop = threading.Event()
     install_stop_signals(stop)
-    limits = Limits(max_frame=max_frame, idle_timeout=idle_timeout, max_connections=max_connections)
+    limits = Limits(
+        max_frame_bytes=max_frame, idle_timeout=idle_timeout, max_connections=max_connections
+    )
     server = MLLPServer(bootstrap, host=host, port=port, limits=limits)
     server.run(stop, ready=lambda p: err.print(f"MLLP listening on {host}:{p}"))
 
@@ -250,8 +252,11 @@ def send(
     paths: Annotated[list[Path], typer.Argument(help="HL7 v2 files (batches are split)")],
     host: Annotated[str, typer.Option(help="MLLP host")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="MLLP port")] = 2575,
+    wait: Annotated[float, typer.Option(help="keep trying to connect this many seconds")] = 0.0,
 ) -> None:
     """Send HL7 v2 messages over MLLP and print each acknowledgement code."""
+    import socket
+
     from fhirtwin.ingest import records_of
     from fhirtwin.mllp import ack_code
     from fhirtwin.mllp import send as mllp_send
@@ -262,6 +267,15 @@ def send(
         for f in files:
             for i, rec in enumerate(records_of(f, "hl7v2")):
                 messages.append((f"{f.name}#{i + 1}", rec.value))
+    deadline = time.monotonic() + wait
+    while True:  # a listener that is still starting refuses connections for a moment
+        try:
+            socket.create_connection((host, port), 1).close()
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
     try:
         acks = mllp_send(host, port, [m for _, m in messages])
     except OSError as exc:
@@ -408,7 +422,7 @@ def twin_list(
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     table = Table(title=f"{len(rows)} twins")
-    table.add_column("twin")
+    table.add_column("twin", no_wrap=True)
     table.add_column("identifiers")
     table.add_column("resources", justify="right")
     table.add_column("by type")
