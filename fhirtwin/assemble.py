@@ -2,7 +2,8 @@
 
 Offsets are committed only after the Redis write (the stream runtime does that). For each
 event that changed something, a twin event goes to ``twin.events`` (keyed by twin id) for
-the snapshot publisher: ``{"twin", "type": "update"|"merge", "changed": [...], ...}``. A
+the snapshot publisher: ``{"twin", "type": "update"|"merge", "changed": [...], "record",
+"at", "source"}`` (``source``: the raw record and control id that caused it). A
 merge says which twin was merged into which, so no subscriber sees a silent move.
 
 `rebuild` replays ``fhir.resources`` from the beginning into an empty Redis with the same
@@ -61,12 +62,23 @@ def apply_event(store: TwinStore, rec: bus.Record) -> list[Out]:
         )
     if applied.changed:
         TWIN_UPDATES.inc(len(applied.changed))
-        outs.append(_twin_event(applied.twin, {"type": "update", "changed": applied.changed}, rec))
+        outs.append(
+            _twin_event(
+                applied.twin,
+                {"type": "update", "changed": applied.changed},
+                rec,
+                event.get("source"),
+            )
+        )
     return outs
 
 
-def _twin_event(twin: str, body: dict[str, Any], rec: bus.Record) -> Out:
+def _twin_event(
+    twin: str, body: dict[str, Any], rec: bus.Record, source: dict[str, Any] | None = None
+) -> Out:
     body = {"twin": twin, **body, "record": rec.ref, "at": rec.timestamp_ms}
+    if source:
+        body["source"] = source
     return Out(bus.TWIN_EVENTS, orjson.dumps(body), twin.encode())
 
 
