@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from fhirtwin import bus
-from fhirtwin.hl7v2 import split_batch
+from fhirtwin.hl7v2 import HL7ParseError, split_batch
+from fhirtwin.mllp import inspect
 
 __all__ = ["IngestRecord", "hl7v2_patient_key", "ingest", "records_of"]
 
@@ -43,27 +44,12 @@ class IngestRecord:
 
 
 def hl7v2_patient_key(message: bytes) -> bytes | None:
-    """The first identifier value of PID-3 (CX.1 of the first repetition), without parsing
-    the whole message; None when there is no PID or it is empty."""
-    if len(message) < 8 or not message.startswith(b"MSH"):
+    """The patient's first PID-3 identifier (as the MLLP listener keys it), or None when the
+    message has no PID or cannot be read (it still goes in: normalize dead-letters it)."""
+    try:
+        return inspect(message).key
+    except HL7ParseError:
         return None
-    fs, cs, rs = message[3:4], message[4:5], message[5:6]
-    for sep in (b"\rPID", b"\nPID"):
-        at = message.find(sep + fs)
-        if at >= 0:
-            break
-    else:
-        return None
-    line_end = len(message)
-    for term in (b"\r", b"\n"):
-        e = message.find(term, at + 1)
-        if e >= 0:
-            line_end = min(line_end, e)
-    fields = message[at + 1 : line_end].split(fs)
-    if len(fields) < 4:
-        return None
-    first = fields[3].split(rs, 1)[0].split(cs, 1)[0].strip()
-    return first or None
 
 
 def _files(paths: Iterable[str], kind: str) -> Iterator[Path]:
