@@ -1,0 +1,96 @@
+"""Patient identity on a real Redis: which twin a message's patient belongs to, and why."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from fhirtwin.mpi import MPIConfig, Resolver, linking_identifiers
+
+MR = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+SS = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "SS"}]}
+
+
+def patient(*mrns: str, ssn: str | None = None, prior_of: str | None = None, **extra: Any) -> dict:
+    idents: list[dict[str, Any]] = [{"system": "urn:mrn", "value": m, "type": MR} for m in mrns]
+    if ssn:
+        idents.append({"system": "urn:ssn", "value": ssn, "type": SS})
+    res: dict[str, Any] = {"resourceType": "Patient", "id": mrns[0], "identifier": idents, **extra}
+    if prior_of:
+        res["link"] = [{"type": "replaced-by", "other": {"reference": f"Patient/{prior_of}"}}]
+    return res
+
+
+@pytest.fixture
+def resolver(redis_url: str) -> Resolver:
+    return Resolver(redis.Redis.from_url(redis_url), MPIConfig.load())
+
+
+def test_new_patient_gets_a_random_twin_and_keeps_it(resolver: Resolver) -> None:
+    first = resolver.resolve([patient("A1")])
+    assert first is not None and first.rule == "new"
+    assert uuid.UUID(first.twin).version == 4  # random, never derived from the MRN
+    again = resolver.resolve([patient("A1")])
+    assert again is not None and (again.twin, again.rule) == (first.twin, "identifier")
+    assert again.matched == ["urn:mrn|A1"]
+
+
+def test_shared_numbers_do_not_link_people(resolver: Resolver) -> None:
+    a = resolver.resolve([patient("A1", ssn="123")])
+    b = resolver.resolve([patient("B1", ssn="123")])
+    assert a is not None and b is not None and a.twin != b.twin
+    assert linking_identifiers(patient("A1", ssn="123"), MPIConfig.load()) == ["urn:mrn|A1"]
+
+
+def test_conflicting_identifiers_are_recorded_not_linked(resolver: Resolver) -> None:
+    a = resolver.resolve([patient("A1")])
+    b = resolver.resolve([patient("B1")])
+    assert a is not None and b is not None
+    both = resolver.resolve([patient("A1", "B1")])
+    assert both is not None and both.twin == a.twin
+    assert both.conflicts == {"urn:mrn|B1": b.twin}
+    assert resolver.resolve([patient("B1")]).twin == b.twin  # type: ignore[union-attr]
+
+
+def test_identifier_change_keeps_the_twin(resolver: Resolver) -> None:
+    old = resolver.resolve([patient("A1")])
+    assert old is not None
+    changed = resolver.resolve([patient("A2"), patient("A1", prior_of="A2")])
+    assert changed is not None and changed.twin == old.twin
+    assert changed.rule == "identifier-change" and changed.merge_from is None
+    assert resolver.resolve([patient("A2")]).twin == old.twin  # type: ignore[union-attr]
+
+
+def test_merge_names_the_twin_to_merge(resolver: Resolver) -> None:
+    keep = resolver.resolve([patient("A1")])
+    gone = resolver.resolve([patient("B1")])
+    assert keep is not None and gone is not None
+    merge = resolver.resolve([patient("A1"), patient("B1", prior_of="A1")])
+    assert merge is not None
+    assert (merge.twin, merge.rule, merge.merge_from) == (keep.twin, "merge", gone.twin)
+    assert resolver.resolve([patient("B1")]).twin == keep.twin  # type: ignore[union-attr]
+
+
+def test_demographic_match_only_when_enabled(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    demo = {
+        "name": [{"family": "Okafor", "given": ["Adaeze"]}],
+        "birthDate": "1958-02-14",
+        "gender": "female",
+    }
+    off = Resolver(client, MPIConfig.load())
+    a = off.resolve([patient("A1", **demo)])
+    b = off.resolve([patient("X9", **demo)])
+    assert a is not None and b is not None and a.twin != b.twin
+    on = Resolver(client, MPIConfig(demographic=True))
+    c = on.resolve([patient("C1", **demo)])
+    d = on.resolve([patient("D1", **demo)])
+    assert c is not None and d is not None
+    assert d.twin == c.twin and d.rule == "demographic"
+
+
+def test_no_patient_no_identity(resolver: Resolver) -> None:
+    assert resolver.resolve([{"resourceType": "Organization", "id": "o"}]) is None
