@@ -177,9 +177,11 @@ def _summary(
         console.print(f"[red]{failed} message(s) could not be converted (see above)[/red]")
 
 
+from fhirtwin.cli_consent import register as register_consent  # noqa: E402
 from fhirtwin.cli_pipeline import register  # noqa: E402  (after `app` exists)
 
 register(app)
+register_consent(app)
 
 if __name__ == "__main__":
     app()
