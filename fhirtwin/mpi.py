@@ -19,6 +19,8 @@ from typing import Any
 import redis
 import yaml
 
+from fhirtwin.twin import follow_merges
+
 __all__ = ["Identity", "MPIConfig", "Resolver", "linking_identifiers", "split_patients"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "mappings" / "mpi.yaml"
@@ -155,12 +157,7 @@ class Resolver:
         return {i: v.decode() for i, v in zip(idents, vals, strict=True) if v}
 
     def _follow(self, twin: str) -> str:
-        for _ in range(16):
-            nxt = self.r.hget(f"ft:{{{twin}}}:meta", "merged_into")
-            if not nxt:
-                return twin
-            twin = nxt.decode()
-        return twin
+        return follow_merges(self.r, twin)
 
     def resolve(self, resources: list[dict[str, Any]]) -> Identity | None:
         """The identity for one message's resources; None when no patient is named."""

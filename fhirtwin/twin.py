@@ -47,6 +47,7 @@ __all__ = [
     "clinical_time_ms",
     "content_hash",
     "fhir_time_ms",
+    "follow_merges",
     "state_op",
 ]
 
@@ -422,12 +423,7 @@ class TwinStore:
         return None
 
     def _follow(self, twin: str) -> str:
-        for _ in range(16):
-            nxt = self.r.hget(f"{self.base(twin)}:meta", "merged_into")
-            if not nxt:
-                return twin
-            twin = nxt.decode()
-        return twin
+        return follow_merges(self.r, twin)
 
     def twins(self) -> list[str]:
         return sorted(t.decode() for t in self.r.smembers("ft:twins"))
@@ -567,6 +563,16 @@ class TwinStore:
         if batch:
             n += int(self.r.unlink(*batch))
         return n
+
+
+def follow_merges(client: Any, twin: str) -> str:
+    """The live twin that ``twin`` was merged into (itself when it was never merged)."""
+    for _ in range(16):
+        nxt = client.hget(f"ft:{{{twin}}}:meta", "merged_into")
+        if not nxt:
+            return twin
+        twin = nxt.decode()
+    return twin
 
 
 def _glob_escape(s: str) -> str:
