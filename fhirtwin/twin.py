@@ -319,9 +319,14 @@ class TwinStore:
         args: list[Any] = [known_ms, _evt15(event_ms), src, partition_field, offset, len(resources)]
         for res in resources:
             ref = f"{res['resourceType']}/{res['id']}"
-            body = orjson.dumps(res)
+            meta = res.get("meta")
+            if meta and ("versionId" in meta or "lastUpdated" in meta):
+                digest, body = content_hash(res), orjson.dumps(res)
+            else:  # the canonical bytes are also what is stored: serialize once
+                body = orjson.dumps(res, option=orjson.OPT_SORT_KEYS)
+                digest = hashlib.sha256(body).hexdigest()[:32]
             clin = clinical_time_ms(res)
-            args += [ref, content_hash(res), body, "" if clin is None else clin, state_op(res)]
+            args += [ref, digest, body, "" if clin is None else clin, state_op(res)]
         return args
 
     def apply(
