@@ -25,6 +25,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic
 
 __all__ = [
+    "AUDIT",
     "DEADLETTER",
     "RAW_TOPICS",
     "RESOURCES",
@@ -44,7 +45,9 @@ RAW_TOPICS = {kind: f"ehr.{kind}" for kind in SOURCE_KINDS}
 RESOURCES = "fhir.resources"
 DEADLETTER = "twin.deadletter"
 TWIN_EVENTS = "twin.events"
-ALL_TOPICS = (*RAW_TOPICS.values(), RESOURCES, DEADLETTER, TWIN_EVENTS)
+AUDIT = "twin.audit"  # one partition: the audit log has one total order (fhirtwin/audit.py)
+ALL_TOPICS = (*RAW_TOPICS.values(), RESOURCES, DEADLETTER, TWIN_EVENTS, AUDIT)
+SINGLE_PARTITION = {AUDIT}
 
 log = logging.getLogger("fhirtwin.kafka")
 _QUIET = {"log_level": 3}  # librdkafka: errors only (it reports broker restarts as warnings)
@@ -94,7 +97,11 @@ def ensure_topics(bootstrap: str, topics: Sequence[str] = ALL_TOPICS, partitions
     """Create the topics that do not exist yet (idempotent)."""
     admin = _admin(bootstrap)
     existing = set(admin.list_topics(timeout=10).topics)
-    new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+    new = [
+        NewTopic(t, 1 if t in SINGLE_PARTITION else partitions, 1)
+        for t in topics
+        if t not in existing
+    ]
     if not new:
         return
     for topic, fut in admin.create_topics(new, operation_timeout=10).items():

@@ -1,0 +1,952 @@
+"""The snapshot publisher: twin change events → consent-checked snapshots per subscriber.
+
+For each twin event (``twin.events``) and each subscriber concerned, the twin's current
+Consents are compiled for the subscriber's registered request (``consent.prepare``); the
+request-level decision says whether the subscriber may receive this patient at all, then
+each resource of the types it wants is decided on its own. What is permitted goes out as a
+FHIR Bundle (type ``collection``) on ``twin.snapshots.<subscriber>``, keyed by twin id (or
+by the subscriber's pseudonym of the twin when the profile is ``safe-harbor``). A
+subscriber that loses access gets a withdrawal notice instead. Every decision and every
+disclosure becomes an AuditEvent (IHE BALP shapes) on ``twin.audit``.
+
+Formats, choices and their reasons: ``docs/snapshots.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+
+from fhirtwin import bus
+from fhirtwin.consent import INDETERMINATE, ConsentError, Decision, Policy, prepare
+from fhirtwin.subscribers import Registry, Subscriber
+from fhirtwin.twin import TwinStore
+from fhirtwin.worker import Out, StreamWorker, dead_letter
+
+__all__ = [
+    "AUDIT_TOPIC",
+    "SNAPSHOT_GROUP",
+    "ConsentPutError",
+    "SnapshotPublisher",
+    "consent_event",
+    "find_twin",
+    "safe_harbor",
+    "strip_dangling",
+]
+
+log = logging.getLogger("fhirtwin.snapshot")
+
+AUDIT_TOPIC = bus.AUDIT
+SNAPSHOT_GROUP = "fhirtwin-snapshot"
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+ACTREASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+AUTHZ_SUBTYPE = "https://profiles.ihe.net/ITI/BALP/CodeSystem/AuthZsubType"
+ISO21089 = "http://terminology.hl7.org/CodeSystem/iso-21089-lifecycle"
+ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
+BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition"
+TWIN_SYSTEM = "urn:fhirtwin:twin"
+PSEUDONYM_SYSTEM = "urn:fhirtwin:pseudonym"
+STATE_TAG = {"system": "urn:fhirtwin", "code": "derived-state"}
+AGE_OVER_89 = "https://fhirtwin.dev/fhir/StructureDefinition/age-over-89"
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ref(res: Mapping[str, Any]) -> str:
+    return f"{res.get('resourceType')}/{res.get('id')}"
+
+
+# -- consent put ----------------------------------------------------------------------
+
+
+class ConsentPutError(ValueError):
+    """A Consent that cannot be filed in a twin; the message says why."""
+
+
+def find_twin(store: TwinStore, consent: Mapping[str, Any]) -> str:
+    """The twin of the patient a Consent names: ``Patient/<id>`` held by one twin, or an
+    identifier resolved by the MPI index."""
+    patient = consent.get("patient")
+    if not isinstance(patient, Mapping):
+        raise ConsentPutError("Consent.patient is missing: whose consent is it?")
+    ref = patient.get("reference")
+    if isinstance(ref, str) and ref:
+        ref = ref.split("/_history/")[0]
+        if not re.match(r"^Patient/[A-Za-z0-9.-]{1,64}$", ref):
+            raise ConsentPutError(
+                f"Consent.patient.reference {ref!r}: expected Patient/<id> (never fetched)"
+            )
+        twins = store.twins()
+        pipe = store.r.pipeline(transaction=False)
+        for t in twins:
+            pipe.hexists(f"{store.base(t)}:cur", ref)
+        found = [t for t, has in zip(twins, pipe.execute(), strict=True) if has]
+        if len(found) > 1:
+            raise ConsentPutError(f"{ref} is held by several twins: {', '.join(found)}")
+        if found:
+            return found[0]
+        raise ConsentPutError(f"no twin holds {ref}")
+    ident = patient.get("identifier")
+    if isinstance(ident, Mapping) and ident.get("value"):
+        key = f"{ident['system']}|{ident['value']}" if ident.get("system") else ident["value"]
+        twin = store.resolve(str(key))
+        if twin is None:
+            raise ConsentPutError(f"no twin has the identifier {key}")
+        return twin
+    raise ConsentPutError("Consent.patient has neither reference nor identifier")
+
+
+def consent_event(twin: str, consent: dict[str, Any], *, now_ms: int, record: str) -> bytes:
+    """The ``fhir.resources`` event (normalize's envelope) that files a Consent in a twin.
+
+    ``event_ms`` is the time of the put, so a later put (a withdrawal) is the newer version.
+    ``identity`` is empty: filing a consent is not an identity decision.
+    """
+    event = {
+        "v": 1,
+        "twin": twin,
+        "event_ms": now_ms,
+        "source": {
+            "kind": "fhir",
+            "record": record,
+            "control_id": str(consent.get("id", "")),
+            "received_ms": now_ms,
+        },
+        "identity": {},
+        "identifiers": [],
+        "merge_from": None,
+        "resources": [consent],
+    }
+    return orjson.dumps(event)
+
+
+# -- snapshot content -------------------------------------------------------------------
+
+
+def _target(ref: str) -> str | None:
+    """``Type/id`` of a relative or ``urn:uuid:`` reference; None for others."""
+    ref = ref.split("/_history/")[0]
+    if ref.startswith("urn:uuid:"):
+        return "urn:uuid:" + ref[9:]
+    if re.match(r"^[A-Z][A-Za-z]+/[A-Za-z0-9.-]{1,64}$", ref):
+        return ref
+    return None
+
+
+def _prune(value: Any, keep: Any) -> Any:
+    """Rebuild ``value`` without the Reference dicts for which ``keep(ref)`` is false, and
+    without dicts and lists left empty by that; returns ``_GONE`` for a removed value."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and not keep(ref):
+            return _GONE
+        out = {}
+        for k, v in value.items():
+            nv = _prune(v, keep)
+            if nv is not _GONE:
+                out[k] = nv
+        return out if out or not value else _GONE
+    if isinstance(value, list):
+        items = [x for x in (_prune(v, keep) for v in value) if x is not _GONE]
+        return items if items or not value else _GONE
+    return value
+
+
+_GONE: Any = object()
+
+
+def strip_dangling(resources: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Remove every reference to a resource that is not in ``resources`` (withheld data
+    leaves no trace); contained (``#id``) and absolute references are kept."""
+    held = {_ref(r) for r in resources} | {f"urn:uuid:{r.get('id')}" for r in resources}
+
+    def keep(ref: str) -> bool:
+        if ref.startswith("#"):
+            return True
+        t = _target(ref)
+        return t is None or t in held
+
+    out = []
+    for r in resources:
+        pruned = _prune(r, keep)
+        out.append(pruned if pruned is not _GONE else {"resourceType": r["resourceType"]})
+    return out
+
+
+def state_resource(
+    state: Mapping[str, Any], refs: Mapping[str, str], *, deidentified: bool
+) -> dict[str, Any] | None:
+    """The twin's derived state as a Parameters resource, restricted to the resources of
+    the snapshot (``refs``: twin reference → reference as sent).
+
+    Sets (problems, medications, allergies) become parts ``item`` with a valueReference;
+    latest-by-code maps (vitals, labs) parts ``latest`` with ``code`` (valueCoding, or
+    valueString for a text-only code, left out when de-identified) and ``resource``. Empty
+    categories are left out (no counts, nothing about what was withheld)."""
+    params: list[dict[str, Any]] = []
+    for name, value in state.items():
+        parts: list[dict[str, Any]] = []
+        if isinstance(value, list):
+            parts = [
+                {"name": "item", "valueReference": {"reference": refs[r]}}
+                for r in value
+                if r in refs
+            ]
+        elif isinstance(value, dict):
+            for code, r in value.items():
+                if r not in refs:
+                    continue
+                system, _, c = code.partition("|")
+                if system == "text":
+                    if deidentified:
+                        continue
+                    coded: dict[str, Any] = {"name": "code", "valueString": c}
+                else:
+                    coded = {"name": "code", "valueCoding": {"system": system, "code": c}}
+                ref = {"name": "resource", "valueReference": {"reference": refs[r]}}
+                parts.append({"name": "latest", "part": [coded, ref]})
+        if parts:
+            params.append({"name": name, "part": parts})
+    if not params:
+        return None
+    return {
+        "resourceType": "Parameters",
+        "id": "state",
+        "meta": {"tag": [STATE_TAG]},
+        "parameter": params,
+    }
+
+
+# -- Safe Harbor (45 CFR 164.514(b)(2)) ------------------------------------------------
+
+# Resources about other people (relatives, clinicians) or devices and message plumbing:
+# never in a de-identified snapshot.
+DEID_DROP_TYPES = frozenset(
+    {
+        "RelatedPerson",
+        "Practitioner",
+        "PractitionerRole",
+        "Person",
+        "Device",
+        "MessageHeader",
+        "Provenance",
+        "AuditEvent",
+        "Consent",
+        "Binary",
+    }
+)
+# Keys removed wherever they appear: identifiers, contact data, narrative and free text,
+# extensions (they carry anything: birth place, mother's maiden name, source fields).
+_DROP_KEYS = frozenset(
+    {
+        "identifier",
+        "telecom",
+        "photo",
+        "contact",
+        "link",
+        "text",
+        "div",
+        "note",
+        "comment",
+        "comments",
+        "description",
+        "extension",
+        "modifierExtension",
+        "patientInstruction",
+        "conclusion",
+        "presentedForm",
+        "content",
+        "url",
+        "fullUrl",
+        "signature",
+        "serialNumber",
+        "udiCarrier",
+        "lotNumber",
+        "alias",
+        "qualification",
+        "summary",
+        "title",
+        "data",
+        "hash",
+        "valueAttachment",
+        "valueUri",
+        "valueUrl",
+        "valueIdentifier",
+        "valueBase64Binary",
+        "valueHumanName",
+        "valueAddress",
+        "valueContactPoint",
+        "name",  # person names (Patient); Organization/Location names are not about the patient
+    }
+)
+_KEEP_NAME_TYPES = frozenset({"Organization", "Location", "HealthcareService"})
+_DATE = re.compile(
+    r"^(\d{4})-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01])(T[0-9:.]+(Z|[+-]\d{2}:\d{2})?)?)?$"
+)
+_URL = re.compile(r"^(https?|ftp|mailto|tel|file)://?", re.IGNORECASE)
+# ZIP3 areas of 20,000 people or fewer (HHS guidance, 2000 census): reported as 000.
+_SMALL_ZIP3 = frozenset(
+    [
+        "036",
+        "059",
+        "063",
+        "102",
+        "203",
+        "556",
+        "692",
+        "790",
+        "821",
+        "823",
+        "830",
+        "831",
+        "878",
+        "879",
+        "884",
+        "890",
+        "893",
+    ]
+)
+_AGE_UNITS = frozenset({"a", "yr", "year", "years", "y"})
+
+
+def _zip3(code: Any) -> str | None:
+    if not isinstance(code, str):
+        return None
+    m = re.match(r"^(\d{3})\d{2}(-\d{4})?$", code.strip())
+    if not m:
+        return None  # not a US ZIP: dropped
+    return "000" if m.group(1) in _SMALL_ZIP3 else m.group(1)
+
+
+def _address(addr: Any) -> Any:
+    if not isinstance(addr, dict):
+        return _GONE
+    out = {k: addr[k] for k in ("state", "country", "use", "type") if isinstance(addr.get(k), str)}
+    z = _zip3(addr.get("postalCode"))
+    if z:
+        out["postalCode"] = z
+    return out or _GONE
+
+
+def _age(q: dict[str, Any]) -> dict[str, Any]:
+    unit = str(q.get("code") or q.get("unit") or "").lower()
+    value = q.get("value")
+    if unit in _AGE_UNITS and isinstance(value, (int, float)) and value > 89:
+        return {**q, "value": 90, "comparator": ">="}
+    return q
+
+
+class _Scrubber:
+    def __init__(self, ids: Mapping[str, str]) -> None:
+        self.ids = ids
+
+    def reference(self, value: dict[str, Any]) -> Any:
+        ref = value["reference"]
+        if ref.startswith("#"):
+            return {"reference": ref}
+        t = _target(ref)
+        new = self.ids.get(t) if t else None
+        if not new:
+            return _GONE  # absolute URL or unknown target: nothing to say
+        out = {"reference": new}
+        if isinstance(value.get("type"), str):
+            out["type"] = value["type"]
+        return out
+
+    def scrub(self, value: Any, key: str, rtype: str) -> Any:
+        if isinstance(value, dict):
+            if isinstance(value.get("reference"), str):
+                return self.reference(value)
+            if ("identifier" in value or "display" in value) and set(value) <= {
+                "identifier",
+                "display",
+                "type",
+            }:
+                return _GONE  # a Reference by identifier or name only: nothing is left of it
+            if "resourceType" in value and key != "":  # contained resource
+                rtype = str(value["resourceType"])
+            if key.endswith("Quantity") or key.endswith("Age") or key == "value":
+                value = _age(value)
+            out: dict[str, Any] = {}
+            coding = "code" in value and "system" in value
+            for k, v in value.items():
+                if k in _DROP_KEYS and not (k == "name" and rtype in _KEEP_NAME_TYPES):
+                    continue
+                if k.endswith("String") or k.endswith("Markdown"):
+                    continue
+                if k == "display" and not coding:
+                    continue  # Reference/free display text; Coding.display is the code's
+                if k == "address":
+                    items = v if isinstance(v, list) else [v]
+                    kept = [a for a in (_address(x) for x in items) if a is not _GONE]
+                    if kept:
+                        out[k] = kept if isinstance(v, list) else kept[0]
+                    continue
+                if k == "meta" and isinstance(v, dict):
+                    meta = {m: v[m] for m in ("security", "tag", "profile") if m in v}
+                    if meta:
+                        out[k] = meta
+                    continue
+                nv = self.scrub(v, k, rtype)
+                if nv is not _GONE:
+                    out[k] = nv
+            return out or _GONE
+        if isinstance(value, list):
+            items = [x for x in (self.scrub(v, key, rtype) for v in value) if x is not _GONE]
+            return items or _GONE
+        if isinstance(value, str):
+            m = _DATE.match(value)
+            if m:
+                return m.group(1)  # dates: the year only
+            if _URL.match(value) and key not in ("system", "profile"):
+                return _GONE
+        return value
+
+
+def safe_harbor(
+    resources: Sequence[dict[str, Any]],
+    *,
+    pseudonym: str,
+    ids: Mapping[str, str],
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """De-identify one snapshot's resources (Safe Harbor, 45 CFR 164.514(b)(2)).
+
+    ``ids`` maps ``Type/id`` (and ``urn:uuid:id``) of every resource to keep to its random
+    replacement ``Type/newid``; references are rewritten with it, others removed. The
+    Patient's identifiers become one pseudonym identifier. See docs/snapshots.md.
+    """
+    keep = [r for r in resources if r.get("resourceType") not in DEID_DROP_TYPES]
+    sent = {ids[_ref(r)] for r in keep if _ref(r) in ids}
+    scrub = _Scrubber({k: v for k, v in ids.items() if v in sent})
+    out: list[dict[str, Any]] = []
+    for res in keep:
+        rtype = str(res.get("resourceType"))
+        new_ref = ids.get(_ref(res))
+        if not new_ref:
+            continue
+        clean = scrub.scrub({k: v for k, v in res.items() if k != "id"}, "", rtype)
+        if clean is _GONE:
+            clean = {"resourceType": rtype}
+        clean["id"] = new_ref.split("/", 1)[1]
+        if rtype == "Patient":
+            clean.pop("birthDate", None)
+            clean.pop("deceasedDateTime", None)
+            birth = res.get("birthDate")
+            year = int(birth[:4]) if isinstance(birth, str) and birth[:4].isdigit() else None
+            if year is not None and now.year - year > 89:
+                clean["extension"] = [{"url": AGE_OVER_89, "valueBoolean": True}]
+            elif year is not None:
+                clean["birthDate"] = str(year)
+            dead = res.get("deceasedDateTime")
+            if isinstance(dead, str) and dead[:4].isdigit() and not (year and now.year - year > 89):
+                clean["deceasedDateTime"] = dead[:4]
+            clean["identifier"] = [{"system": PSEUDONYM_SYSTEM, "value": pseudonym}]
+        out.append(clean)
+    return out
+
+
+# -- audit ------------------------------------------------------------------------------
+
+
+def _coding(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+    c = {"system": system, "code": code}
+    if display:
+        c["display"] = display
+    return c
+
+
+def _purposes(sub: Subscriber) -> list[dict[str, Any]]:
+    return [{"coding": [_coding(ACTREASON, p.rpartition("|")[2])]} for p in sub.purpose]
+
+
+def _recipient(sub: Subscriber) -> dict[str, Any]:
+    who: dict[str, Any] = {"display": sub.id}
+    first = sub.actor[0]
+    if "|" in first:
+        system, _, value = first.partition("|")
+        who["identifier"] = {"system": system, "value": value}
+    else:
+        who["reference"] = first
+    return {
+        "type": {"coding": [_coding(DCM, "110152", "Destination Role ID")]},
+        "who": who,
+        "name": sub.id,
+        "altId": ",".join(sub.actor),
+        "requestor": True,
+        "purposeOfUse": _purposes(sub),
+    }
+
+
+def _patient_entity(
+    twin: str, patient_id: str | None, details: list[dict[str, str]]
+) -> dict[str, Any]:
+    what: dict[str, Any] = {"identifier": {"system": TWIN_SYSTEM, "value": twin}}
+    if patient_id:
+        what["reference"] = f"Patient/{patient_id}"
+    ent: dict[str, Any] = {
+        "what": what,
+        "type": _coding(ENTITY_TYPE, "1", "Person"),
+        "role": _coding(OBJECT_ROLE, "1", "Patient"),
+    }
+    if details:
+        ent["detail"] = details
+    return ent
+
+
+def _consent_entities(d: Decision) -> list[dict[str, Any]]:
+    """One entity per consent considered: its result, and the provisions that decided."""
+    paths: dict[str, list[str]] = {}
+    for row in d.deciding:
+        paths.setdefault(row["consent"], []).append(row["path"])
+    out = []
+    for row in d.consents:
+        details = [{"type": "result", "valueString": row["result"]}]
+        if row.get("reason"):
+            details.append({"type": "reason", "valueString": row["reason"]})
+        details += [{"type": "provision", "valueString": p} for p in paths.pop(row["consent"], [])]
+        out.append(
+            {
+                "what": {"reference": row["consent"]},
+                "type": _coding("http://hl7.org/fhir/resource-types", "Consent", "Consent"),
+                "role": _coding(OBJECT_ROLE, "4", "Domain Resource"),
+                "detail": details,
+            }
+        )
+    for ref, ps in sorted(paths.items()):
+        out.append(
+            {
+                "what": {"reference": ref},
+                "type": _coding("http://hl7.org/fhir/resource-types", "Consent", "Consent"),
+                "detail": [{"type": "provision", "valueString": p} for p in ps],
+            }
+        )
+    return out
+
+
+_SOURCE = {
+    "site": "fhirtwin",
+    "observer": {"display": "fhirtwin snapshot publisher"},
+    "type": [_coding(SOURCE_TYPE, "4", "Application Server")],
+}
+
+
+def audit_decision(
+    sub: Subscriber,
+    twin: str,
+    patient_id: str | None,
+    d: Decision,
+    *,
+    now: datetime,
+    level: str,
+    resources: Sequence[str] = (),
+    notice: str | None = None,
+) -> dict[str, Any]:
+    """BALP AuthZ-Consent: a consent decision (request level, or for a group of resources)."""
+    details = [
+        {"type": "subscriber", "valueString": sub.id},
+        {"type": "scope", "valueString": sub.scope},
+        {"type": "level", "valueString": level},
+        {"type": "decision", "valueString": d.decision},
+        {"type": "allowed", "valueString": "true" if d.allowed else "false"},
+    ]
+    if notice:
+        details.append({"type": "withdrawal-notice", "valueString": notice})
+    desc = f"{d.decision}; {'disclose' if d.allowed else 'withhold'}"
+    if d.reasons:
+        desc += "; " + "; ".join(d.reasons)
+    entities = [_patient_entity(twin, patient_id, details), *_consent_entities(d)]
+    for ref in resources:
+        entities.append(
+            {
+                "what": {"reference": ref},
+                "type": _coding(ENTITY_TYPE, "2", "System Object"),
+                "role": _coding(OBJECT_ROLE, "4", "Domain Resource"),
+            }
+        )
+    return {
+        "resourceType": "AuditEvent",
+        "id": str(uuid.uuid4()),
+        "meta": {"profile": [f"{BALP}/IHE.BasicAudit.AuthZconsent"]},
+        "type": _coding(DCM, "110113", "Security Alert"),
+        "subtype": [
+            _coding(
+                AUTHZ_SUBTYPE, "AuthZ-Consent", "Authorization Decision using Roles and Consent"
+            )
+        ],
+        "action": "E",
+        "recorded": _iso(now),
+        "outcome": "0" if d.allowed else "8",
+        "outcomeDesc": desc,
+        "purposeOfEvent": _purposes(sub),
+        "agent": [
+            _recipient(sub),
+            {
+                "type": {"coding": [_coding(DCM, "110150", "Application")]},
+                "who": {"display": "fhirtwin consent engine"},
+                "requestor": False,
+            },
+        ],
+        "source": _SOURCE,
+        "entity": entities,
+    }
+
+
+def audit_disclosure(
+    sub: Subscriber,
+    twin: str,
+    patient_id: str | None,
+    d: Decision,
+    *,
+    now: datetime,
+    snapshot_id: str,
+    disclosed: Sequence[tuple[str, str]],
+    key: str,
+) -> dict[str, Any]:
+    """BALP PrivacyDisclosure (source side): DICOM 110106 Export + ISO 21089 ``disclose``.
+
+    ``disclosed``: (twin reference, reference as sent) of every resource in the snapshot.
+    """
+    details = [
+        {"type": "subscriber", "valueString": sub.id},
+        {"type": "topic", "valueString": sub.topic},
+        {"type": "key", "valueString": key},
+        {"type": "deidentify", "valueString": sub.deidentify},
+    ]
+    entities = [_patient_entity(twin, patient_id, details)]
+    entities.append(
+        {
+            "what": {"reference": f"Bundle/{snapshot_id}"},
+            "type": _coding(ENTITY_TYPE, "2", "System Object"),
+            "role": _coding(OBJECT_ROLE, "20", "Job"),
+        }
+    )
+    for real, sent in disclosed:
+        ent: dict[str, Any] = {
+            "what": {"reference": real},
+            "type": _coding(ENTITY_TYPE, "2", "System Object"),
+            "role": _coding(OBJECT_ROLE, "4", "Domain Resource"),
+        }
+        if sent != real:
+            ent["detail"] = [{"type": "sent-as", "valueString": sent}]
+        entities.append(ent)
+    entities += _consent_entities(d)
+    return {
+        "resourceType": "AuditEvent",
+        "id": str(uuid.uuid4()),
+        "meta": {"profile": [f"{BALP}/IHE.BasicAudit.PrivacyDisclosure.Source"]},
+        "type": _coding(DCM, "110106", "Export"),
+        "subtype": [_coding(ISO21089, "disclose", "Disclose Record Lifecycle Event")],
+        "action": "R",
+        "recorded": _iso(now),
+        "outcome": "0",
+        "purposeOfEvent": _purposes(sub),
+        "agent": [
+            {
+                "type": {"coding": [_coding(DCM, "110153", "Source Role ID")]},
+                "who": {"display": "fhirtwin"},
+                "requestor": False,
+            },
+            _recipient(sub),
+        ],
+        "source": _SOURCE,
+        "entity": entities,
+    }
+
+
+def _audit_out(event: dict[str, Any], twin: str) -> Out:
+    return Out(AUDIT_TOPIC, orjson.dumps(event, option=orjson.OPT_SORT_KEYS), twin.encode())
+
+
+# -- the publisher ----------------------------------------------------------------------
+
+
+@dataclass
+class _Work:
+    twins: dict[str, bool] = field(default_factory=dict)  # twin → every subscriber?
+    changed: dict[str, set[str]] = field(default_factory=dict)  # twin → changed types
+    merged: list[str] = field(default_factory=list)
+
+
+class SnapshotPublisher:
+    """Consumer group ``fhirtwin-snapshot`` on ``twin.events``."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        redis_url: str,
+        *,
+        group: str = SNAPSHOT_GROUP,
+        clock: Any = None,
+    ) -> None:
+        client = redis.Redis.from_url(redis_url)
+        self.bootstrap = bootstrap
+        self.store = TwinStore(client)
+        self.registry = Registry(client)
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.staged: dict[tuple[str, str], bool] = {}
+        self.stream = StreamWorker(
+            bootstrap,
+            group,
+            [bus.TWIN_EVENTS],
+            self.handle,
+            batch=200,
+            after_batch=self._commit_access,
+        )
+        self._topics: set[str] = set()
+
+    def run(self, stop: threading.Event, idle_exit: float | None = None) -> int:
+        bus.ensure_topics(self.bootstrap, [AUDIT_TOPIC])
+        self._ensure([s.topic for s in self.registry.all()])
+        return self.stream.run(stop, idle_exit=idle_exit)
+
+    def _ensure(self, topics: Iterable[str]) -> None:
+        new = [t for t in topics if t not in self._topics]
+        if new:
+            bus.ensure_topics(self.bootstrap, new)
+            self._topics.update(new)
+
+    def _commit_access(self) -> None:
+        """After the batch's snapshots and notices are acknowledged: remember who has access."""
+        if self.staged:
+            self.registry.set_access((s, t, ok) for (s, t), ok in self.staged.items())
+            self.staged.clear()
+
+    def _had_access(self, sub: str, twin: str) -> bool:
+        if (sub, twin) in self.staged:
+            return self.staged[(sub, twin)]
+        return bool(self.registry.access(sub, [twin]).get(twin))
+
+    # -- handling ------------------------------------------------------------------------
+
+    def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
+        before = dict(self.staged)
+        try:
+            return self._handle(recs)
+        except BaseException:  # the outputs are dropped: so is what they would have done
+            self.staged = before
+            raise
+
+    def _handle(self, recs: list[bus.Record]) -> list[list[Out]]:
+        work = _Work()
+        outs: list[list[Out]] = [[] for _ in recs]
+        for i, rec in enumerate(recs):
+            try:
+                ev = orjson.loads(rec.value)
+                twin = ev["twin"]
+                changed = [str(c) for c in ev.get("changed") or []]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                outs[i].append(
+                    dead_letter(rec, stage="snapshot", reason=f"not a twin event: {exc}")
+                )
+                continue
+            if not isinstance(twin, str) or twin.startswith("_"):
+                continue
+            types = {c.split("/", 1)[0] for c in changed}
+            everyone = ev.get("type") == "merge" or bool(types & {"Consent", "Patient"})
+            work.twins[twin] = work.twins.get(twin, False) or everyone
+            work.changed.setdefault(twin, set()).update(types)
+            if ev.get("type") == "merge" and isinstance(ev.get("merged"), str):
+                work.merged.append(ev["merged"])
+        if not recs:
+            return outs
+        subs = self.registry.all()
+        self._ensure(s.topic for s in subs)
+        now = self.clock()
+        produced: list[Out] = []
+        for gone in work.merged:
+            for sub in subs:
+                if self._had_access(sub.id, gone):
+                    produced += self._notice(sub, gone, None, None, now, reason="merged")
+        for twin, everyone in work.twins.items():
+            concerned = [s for s in subs if everyone or any(s.wants(t) for t in work.changed[twin])]
+            if concerned:
+                produced += self.evaluate(twin, concerned, now)
+        outs[-1].extend(produced)
+        return outs
+
+    def _key(self, sub: Subscriber, twin: str) -> str:
+        return self.registry.pseudonym(sub.id, twin) if sub.deidentify != "none" else twin
+
+    def _notice(
+        self,
+        sub: Subscriber,
+        twin: str,
+        patient_id: str | None,
+        d: Decision | None,
+        now: datetime,
+        *,
+        reason: str,
+    ) -> list[Out]:
+        key = self._key(sub, twin)
+        notice = {
+            "type": "withdrawal",
+            "id": str(uuid.uuid4()),
+            "subscriber": sub.id,
+            "patient": key,
+            "at": _iso(now),
+            "reason": reason,
+        }
+        self.staged[(sub.id, twin)] = False
+        out = [
+            Out(
+                sub.topic,
+                orjson.dumps(notice, option=orjson.OPT_SORT_KEYS),
+                key.encode(),
+                [("fhirtwin-kind", b"withdrawal")],
+            )
+        ]
+        if d is None:  # a merge moved the patient away: record the notice itself
+            d = Decision("NOT_APPLICABLE", False, reasons=(f"twin merged: {reason}",))
+            out.append(
+                _audit_out(
+                    audit_decision(
+                        sub, twin, patient_id, d, now=now, level="request", notice=notice["id"]
+                    ),
+                    twin,
+                )
+            )
+        return out
+
+    def evaluate(self, twin: str, subs: Sequence[Subscriber], now: datetime) -> list[Out]:
+        """Decide and publish one twin for the given subscribers; the records to produce."""
+        resources = self.store.resources(twin)
+        if not resources:
+            return []
+        consents = [r for r in resources if r.get("resourceType") == "Consent"]
+        patient_id = next(
+            (str(r["id"]) for r in resources if r.get("resourceType") == "Patient"), None
+        )
+        state: dict[str, Any] | None = None
+        out: list[Out] = []
+        for sub in subs:
+            policy: Policy | None
+            try:
+                policy = prepare(consents, sub.request(), now=now, known=resources)
+                req = policy.decide()
+            except ConsentError as exc:  # a consent the engine cannot read: fail closed
+                policy = None
+                req = Decision(INDETERMINATE, False, reasons=(f"{exc.where}: {exc.message}",))
+            if not req.allowed:
+                notice: list[Out] = []
+                if self._had_access(sub.id, twin):
+                    notice = self._notice(sub, twin, patient_id, req, now, reason="access-ended")
+                else:
+                    self.staged[(sub.id, twin)] = False
+                notice_id = orjson.loads(notice[0].value)["id"] if notice else None
+                out.append(
+                    _audit_out(
+                        audit_decision(
+                            sub, twin, patient_id, req, now=now, level="request", notice=notice_id
+                        ),
+                        twin,
+                    )
+                )
+                out += notice
+                continue
+            assert policy is not None
+            out.append(
+                _audit_out(
+                    audit_decision(sub, twin, patient_id, req, now=now, level="request"), twin
+                )
+            )
+            wanted = [r for r in resources if sub.wants(str(r.get("resourceType")))]
+            groups: dict[str, tuple[Decision, list[str]]] = {}
+            permitted: list[dict[str, Any]] = []
+            for r in wanted:
+                d = policy.decide(r)
+                if d.allowed:
+                    permitted.append(r)
+                gk = orjson.dumps(
+                    [d.decision, d.allowed, list(d.deciding), list(d.consents)],
+                    option=orjson.OPT_SORT_KEYS,
+                ).decode()
+                groups.setdefault(gk, (d, []))[1].append(_ref(r))
+            for d, refs in groups.values():
+                out.append(
+                    _audit_out(
+                        audit_decision(
+                            sub, twin, patient_id, d, now=now, level="resource", resources=refs
+                        ),
+                        twin,
+                    )
+                )
+            if state is None:
+                state = self.store.state(twin)
+            out += self._snapshot(sub, twin, patient_id, req, permitted, state, now)
+        return out
+
+    def _snapshot(
+        self,
+        sub: Subscriber,
+        twin: str,
+        patient_id: str | None,
+        req: Decision,
+        permitted: list[dict[str, Any]],
+        state: Mapping[str, Any],
+        now: datetime,
+    ) -> list[Out]:
+        deid = sub.deidentify == "safe-harbor"
+        if deid:
+            permitted = [r for r in permitted if r.get("resourceType") not in DEID_DROP_TYPES]
+        kept = strip_dangling(permitted)
+        refs = [_ref(r) for r in kept]
+        key = twin
+        sent = refs
+        if deid:
+            key = self.registry.pseudonym(sub.id, twin)
+            rids = self.registry.resource_ids(sub.id, twin, refs)
+            ids: dict[str, str] = {}
+            for r in kept:
+                new = f"{r['resourceType']}/{rids[_ref(r)]}"
+                ids[_ref(r)] = new
+                ids[f"urn:uuid:{r['id']}"] = new
+            kept = safe_harbor(kept, pseudonym=key, ids=ids, now=now)
+            sent = [ids[r] for r in refs]
+        st = state_resource(state, dict(zip(refs, sent, strict=True)), deidentified=deid)
+        snapshot_id = str(uuid.uuid4())
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "id": snapshot_id,
+            "identifier": {"system": "urn:fhirtwin:snapshot", "value": snapshot_id},
+            "type": "collection",
+            "entry": [{"fullUrl": _ref(r), "resource": r} for r in kept],
+        }
+        if not deid:
+            bundle["timestamp"] = _iso(now)
+        if st is not None:
+            bundle["entry"].append({"fullUrl": _ref(st), "resource": st})
+        self.staged[(sub.id, twin)] = True
+        disclosure = audit_disclosure(
+            sub,
+            twin,
+            patient_id,
+            req,
+            now=now,
+            snapshot_id=snapshot_id,
+            disclosed=list(zip(refs, sent, strict=True)),
+            key=key,
+        )
+        return [
+            Out(
+                sub.topic,
+                orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS),
+                key.encode(),
+                [("fhirtwin-kind", b"snapshot"), ("fhirtwin-snapshot", snapshot_id.encode())],
+            ),
+            _audit_out(disclosure, twin),
+        ]

@@ -1,0 +1,297 @@
+"""The subscriber registry: who may receive twin snapshots, for what, and how (in Redis).
+
+A subscriber is a simulation service (precision-medicine model, synthetic control arm,
+hospital operations…) registered once with its organisation/app identifiers, purpose of use,
+scope, wanted resource types, de-identification profile and default for NOT_APPLICABLE.
+What a subscriber is — never a request header — is what the consent engine judges.
+
+Keys (all under ``ft:sub:``, outside every twin's hash tag; see ``docs/snapshots.md``):
+
+===============================  ======  ===================================================
+key                              type    content
+===============================  ======  ===================================================
+``ft:sub:_ids``                  set     registered subscriber ids
+``ft:sub:<id>``                  string  the subscriber record (JSON)
+``ft:sub:<id>:pseudo:<twin>``    string  random pseudonym of that twin for that subscriber
+``ft:sub:<id>:rid:<twin>``       hash    ``Type/id`` → random resource id (de-identified)
+``ft:sub:<id>:access``           hash    twin → ``1`` when the last evaluation disclosed,
+                                         ``0`` when it did not (drives withdrawal notices)
+===============================  ======  ===================================================
+
+Subscriber ids start with a letter or digit, so ``_ids`` can never be one.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+
+from fhirtwin.consent import RequestError, parse_request, prepare, terminology
+
+__all__ = [
+    "DEFAULT_EXCLUDED_TYPES",
+    "PROFILES",
+    "Registry",
+    "Subscriber",
+    "SubscriberError",
+    "make_subscriber",
+    "topic_for",
+]
+
+PREFIX = "ft:sub:"
+IDS_KEY = f"{PREFIX}_ids"
+PROFILES = ("none", "safe-harbor")
+SCOPES = ("patient-privacy", "research")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TYPE = re.compile(r"^[A-Z][A-Za-z]+$")
+_LITERAL = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9.-]{1,64}$")
+
+# Never disclosed unless a subscriber asks for them by name: consents are policy, not data;
+# message plumbing says which system sent what when.
+DEFAULT_EXCLUDED_TYPES = frozenset(
+    {"Consent", "MessageHeader", "Provenance", "AuditEvent", "Device", "Bundle"}
+)
+
+
+class SubscriberError(ValueError):
+    """A registration that cannot be accepted; the message says why."""
+
+
+def topic_for(sub_id: str) -> str:
+    return f"twin.snapshots.{sub_id}"
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    id: str
+    actor: tuple[str, ...]
+    purpose: tuple[str, ...]
+    scope: str
+    types: tuple[str, ...] | None = None  # None: every type but DEFAULT_EXCLUDED_TYPES
+    default: str = "deny"
+    deidentify: str = "none"
+    topic: str = ""
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def request(self) -> dict[str, Any]:
+        """The consent-engine request (docs/consent.md) this subscriber makes."""
+        req: dict[str, Any] = {
+            "subscriber": self.id,
+            "actor": list(self.actor),
+            "purpose": list(self.purpose),
+            "scope": self.scope,
+            "default": self.default,
+            "simulation": True,
+        }
+        if self.types is not None:
+            req["class"] = list(self.types)
+        if self.deidentify != "none":
+            req["deidentify"] = self.deidentify
+        return req
+
+    def wants(self, rtype: str) -> bool:
+        if rtype == "Patient":
+            return True  # a snapshot is about a patient; still decided per resource
+        if self.types is None:
+            return rtype not in DEFAULT_EXCLUDED_TYPES
+        return rtype in self.types
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["actor"] = list(self.actor)
+        d["purpose"] = list(self.purpose)
+        d["types"] = list(self.types) if self.types is not None else None
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Subscriber:
+        return cls(
+            id=d["id"],
+            actor=tuple(d["actor"]),
+            purpose=tuple(d["purpose"]),
+            scope=d["scope"],
+            types=tuple(d["types"]) if d.get("types") is not None else None,
+            default=d.get("default", "deny"),
+            deidentify=d.get("deidentify", "none"),
+            topic=d.get("topic") or topic_for(d["id"]),
+            created=d.get("created", ""),
+            extra=d.get("extra") or {},
+        )
+
+
+def _split(values: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    return out
+
+
+def make_subscriber(
+    sub_id: str,
+    *,
+    actor: Sequence[str],
+    purpose: Sequence[str],
+    scope: str,
+    types: Sequence[str] | None = None,
+    default: str | None = None,
+    deidentify: str | None = None,
+) -> Subscriber:
+    """Check a registration and apply the fixed rules: research ⇒ safe-harbor and deny.
+
+    Raises :class:`SubscriberError` naming the offending field.
+    """
+    if not _ID.match(sub_id):
+        raise SubscriberError(
+            f"subscriber id {sub_id!r}: 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    actors = _split(actor)
+    if not actors:
+        raise SubscriberError("--actor: at least one organisation/app identifier (system|value)")
+    for a in actors:
+        system, bar, value = a.partition("|")
+        if not (bar and system and value) and not _LITERAL.match(a):
+            raise SubscriberError(
+                f"--actor {a!r}: expected system|value (e.g. urn:oid:1.2.3|sim-care) "
+                "or a literal reference Type/id"
+            )
+    purposes = _split(purpose)
+    if not purposes:
+        raise SubscriberError("--purpose: at least one v3 ActReason code (e.g. TREAT)")
+    if scope not in SCOPES:
+        raise SubscriberError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    term = terminology()
+    for p in purposes:
+        code = p.rpartition("|")[2]
+        if not term.ancestors(code) and code not in term.break_glass:
+            raise SubscriberError(
+                f"--purpose {p!r}: not a purpose-of-use code of v3 ActReason "
+                "(see mappings/consent/actreason.yaml)"
+            )
+    wanted: tuple[str, ...] | None = None
+    if types:
+        wanted = tuple(sorted(set(_split(types))))
+        bad = [t for t in wanted if not _TYPE.match(t)]
+        if bad:
+            raise SubscriberError(f"--types {bad[0]!r}: not a FHIR resource type name")
+    research = scope == "research"
+    if research:
+        if default == "permit":
+            raise SubscriberError(
+                "--default permit is not allowed for research: NOT_APPLICABLE is always deny"
+            )
+        if deidentify == "none":
+            raise SubscriberError("--deidentify none is not allowed for research: safe-harbor")
+    profile = "safe-harbor" if research else (deidentify or "none")
+    if profile not in PROFILES:
+        raise SubscriberError(f"--deidentify must be one of {', '.join(PROFILES)}")
+    chosen = "deny" if research else (default or "deny")
+    if chosen not in ("permit", "deny"):
+        raise SubscriberError("--default must be permit or deny")
+    sub = Subscriber(
+        id=sub_id,
+        actor=tuple(actors),
+        purpose=tuple(purposes),
+        scope=scope,
+        types=wanted,
+        default=chosen,
+        deidentify=profile,
+        topic=topic_for(sub_id),
+        created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    )
+    # The engine is the judge of what a request may be: scope/purpose coherence, and
+    # break-glass, which it rejects for simulation subscribers (CONSENT.md rule 8).
+    try:
+        parse_request(sub.request())
+    except RequestError as exc:
+        raise SubscriberError(str(exc)) from None
+    verdict = prepare([], sub.request(), now=datetime.now(UTC)).decide()
+    if verdict.reasons:
+        raise SubscriberError(f"--purpose: rejected by the consent engine: {verdict.reasons[0]}")
+    return sub
+
+
+class Registry:
+    """Subscribers in Redis (a redis-py client is passed in)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r: Any = client
+
+    @classmethod
+    def connect(cls, url: str) -> Registry:
+        return cls(redis.Redis.from_url(url))
+
+    @staticmethod
+    def key(sub_id: str) -> str:
+        return f"{PREFIX}{sub_id}"
+
+    def put(self, sub: Subscriber) -> None:
+        """Store (or replace) a subscriber as given: callers go through make_subscriber."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.key(sub.id), orjson.dumps(sub.to_json(), option=orjson.OPT_SORT_KEYS))
+        pipe.sadd(IDS_KEY, sub.id)
+        pipe.execute()
+
+    def get(self, sub_id: str) -> Subscriber | None:
+        raw = self.r.get(self.key(sub_id))
+        return Subscriber.from_json(orjson.loads(raw)) if raw else None
+
+    def all(self) -> list[Subscriber]:
+        ids = sorted(i.decode() for i in self.r.smembers(IDS_KEY))
+        if not ids:
+            return []
+        raws = self.r.mget([self.key(i) for i in ids])
+        return [Subscriber.from_json(orjson.loads(raw)) for raw in raws if raw]
+
+    def remove(self, sub_id: str) -> bool:
+        """Forget the subscriber, its pseudonyms and access state (its topic is kept)."""
+        if not self.r.exists(self.key(sub_id)):
+            return False
+        keys = list(self.r.scan_iter(match=f"{self.key(sub_id)}:*", count=1000))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.key(sub_id), *keys)
+        pipe.srem(IDS_KEY, sub_id)
+        pipe.execute()
+        return True
+
+    # -- per (subscriber, twin) state --------------------------------------------------
+
+    def pseudonym(self, sub_id: str, twin: str) -> str:
+        """The twin's pseudonym for this subscriber: random (uuid4), made once, then kept."""
+        key = f"{self.key(sub_id)}:pseudo:{twin}"
+        self.r.set(key, str(uuid.uuid4()), nx=True)
+        return str(self.r.get(key).decode())
+
+    def resource_ids(self, sub_id: str, twin: str, refs: Sequence[str]) -> dict[str, str]:
+        """Random, stable ids for ``Type/id`` refs of this twin, for this subscriber."""
+        if not refs:
+            return {}
+        key = f"{self.key(sub_id)}:rid:{twin}"
+        pipe = self.r.pipeline(transaction=False)
+        for ref in refs:
+            pipe.hsetnx(key, ref, str(uuid.uuid4()))
+        pipe.hmget(key, list(refs))
+        values = pipe.execute()[-1]
+        return {ref: v.decode() for ref, v in zip(refs, values, strict=True)}
+
+    def access(self, sub_id: str, twins: Sequence[str]) -> dict[str, bool | None]:
+        if not twins:
+            return {}
+        values = self.r.hmget(f"{self.key(sub_id)}:access", list(twins))
+        return {t: (None if v is None else v == b"1") for t, v in zip(twins, values, strict=True)}
+
+    def set_access(self, changes: Iterable[tuple[str, str, bool]]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for sub_id, twin, ok in changes:
+            pipe.hset(f"{self.key(sub_id)}:access", twin, "1" if ok else "0")
+        pipe.execute()
