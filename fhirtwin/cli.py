@@ -177,11 +177,15 @@ def _summary(
         console.print(f"[red]{failed} message(s) could not be converted (see above)[/red]")
 
 
+from fhirtwin.cli_audit import register as register_audit  # noqa: E402
 from fhirtwin.cli_consent import register as register_consent  # noqa: E402
 from fhirtwin.cli_pipeline import register  # noqa: E402  (after `app` exists)
+from fhirtwin.cli_subscribers import register as register_subscribers  # noqa: E402
 
 register(app)
 register_consent(app)
+register_subscribers(app)
+register_audit(app)
 
 if __name__ == "__main__":
     app()

@@ -45,6 +45,8 @@ RedisOpt = Annotated[
 GROUPS = {
     "normalize-hl7v2": ("fhirtwin-normalize-hl7v2", [bus.RAW_TOPICS["hl7v2"]]),
     "assemble": ("fhirtwin-assemble", [bus.RESOURCES]),
+    "snapshot": ("fhirtwin-snapshot", [bus.TWIN_EVENTS]),
+    "audit": ("fhirtwin-audit-sequencer", [bus.AUDIT]),
 }
 
 
@@ -380,9 +382,7 @@ def rebuild(
 
     ep = _endpoints(kafka, redis_url)
     if not yes:
-        typer.confirm(
-            f"Delete every fhirtwin key (ft:*) in {ep.redis} and rebuild from Kafka?", abort=True
-        )
+        typer.confirm(f"Delete every twin in {ep.redis} and rebuild them from Kafka?", abort=True)
     t0 = time.perf_counter()
     res = do_rebuild(ep.kafka, ep.redis)
     out.print(

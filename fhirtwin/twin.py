@@ -557,17 +557,23 @@ class TwinStore:
         return [orjson.loads(x) for x in self.r.lrange(f"{self.base(twin)}:links", 0, -1)]
 
     def flush(self) -> int:
-        """Delete every fhirtwin key (``ft:*``) — for `fhirtwin rebuild`. Returns the count."""
+        """Delete every twin and identity key — for `fhirtwin rebuild`. Returns the count.
+
+        Only what fhir.resources rebuilds: twins (``ft:{…}``), identifiers, demographic
+        keys and the twin index. Subscribers, pseudonyms, the audit tree and dead-letter
+        bookkeeping are not derived from that topic and stay.
+        """
         n = 0
         batch: list[bytes] = []
-        for key in self.r.scan_iter(match="ft:*", count=2000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                n += int(self.r.unlink(*batch))
-                batch.clear()
+        for pattern in ("ft:{*", "ft:id:*", "ft:demo:*"):
+            for key in self.r.scan_iter(match=pattern, count=2000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    n += int(self.r.unlink(*batch))
+                    batch.clear()
         if batch:
             n += int(self.r.unlink(*batch))
-        return n
+        return n + int(self.r.unlink("ft:twins"))
 
 
 def follow_merges(client: Any, twin: str) -> str:

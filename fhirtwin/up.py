@@ -120,6 +120,8 @@ class Supervisor:
                 [*py, "mllp", "--host", self.cfg.mllp_host, "--port", str(self.cfg.mllp_port)],
             ),
             Child("assemble", [*py, "worker", "assemble"]),
+            Child("snapshot", [*py, "worker", "snapshot"]),
+            Child("audit", [*py, "worker", "audit"]),
         ]
         for i in range(self.cfg.normalize_workers):
             kids.append(
