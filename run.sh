@@ -37,6 +37,8 @@ done
 cat out/up.log
 
 echo
+echo "== fhirtwin subscriber add care-model --actor 'urn:example:org|twin-lab' --purpose TREAT --scope patient-privacy --default permit"
+$FT subscriber add care-model --actor 'urn:example:org|twin-lab' --purpose TREAT --scope patient-privacy --default permit
 echo "== fhirtwin send --port $MLLP_PORT examples/hl7v2/adt-a01-admit.hl7 examples/hl7v2/oru-r01-cmp.hl7"
 $FT send --port "$MLLP_PORT" --wait 30 examples/hl7v2/adt-a01-admit.hl7 examples/hl7v2/oru-r01-cmp.hl7
 echo "== fhirtwin ingest --from hl7v2 examples/hl7v2 examples/bad"
@@ -50,5 +52,9 @@ echo "== fhirtwin twin show MRN448812"
 $FT twin show MRN448812
 echo "== fhirtwin deadletter list"
 $FT deadletter list
+echo "== fhirtwin audit query --subscriber care-model   (consent decisions and disclosures)"
+$FT audit query --subscriber care-model
+echo "== fhirtwin audit verify"
+$FT audit verify
 echo "== health: curl http://127.0.0.1:$HTTP_PORT/health"
 .venv/bin/python -c "import httpx,sys; r=httpx.get('http://127.0.0.1:$HTTP_PORT/health'); print(r.status_code, r.text)"
