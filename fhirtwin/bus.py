@@ -29,6 +29,7 @@ __all__ = [
     "DEADLETTER",
     "RAW_TOPICS",
     "RESOURCES",
+    "RESULTS",
     "SOURCE_KINDS",
     "TWIN_EVENTS",
     "Record",
@@ -46,7 +47,8 @@ RESOURCES = "fhir.resources"
 DEADLETTER = "twin.deadletter"
 TWIN_EVENTS = "twin.events"
 AUDIT = "twin.audit"  # one partition: the audit log has one total order (fhirtwin/audit.py)
-ALL_TOPICS = (*RAW_TOPICS.values(), RESOURCES, DEADLETTER, TWIN_EVENTS, AUDIT)
+RESULTS = "twin.results"  # twin services' results coming back (fhirtwin/results.py)
+ALL_TOPICS = (*RAW_TOPICS.values(), RESOURCES, DEADLETTER, TWIN_EVENTS, AUDIT, RESULTS)
 SINGLE_PARTITION = {AUDIT}
 
 log = logging.getLogger("fhirtwin.kafka")

@@ -47,6 +47,7 @@ GROUPS = {
     "assemble": ("fhirtwin-assemble", [bus.RESOURCES]),
     "snapshot": ("fhirtwin-snapshot", [bus.TWIN_EVENTS]),
     "audit": ("fhirtwin-audit-sequencer", [bus.AUDIT]),
+    "results": ("fhirtwin-results", [bus.RESULTS]),
 }
 
 

@@ -25,13 +25,13 @@ the engine had to add, are documented in ``docs/consent.md``.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from fhirtwin.twin import clinical_time_ms
@@ -1212,7 +1212,7 @@ class Policy:
             obligations.append(
                 {"action": "deidentify", "profile": self.request.deidentify or "safe-harbor"}
             )
-        seen: set[str] = set()
+        seen: set[bytes] = set()
         unique = []
         for ob in sorted(obligations, key=_ob_key):
             k = _ob_key(ob)
@@ -1234,8 +1234,8 @@ class Policy:
         )
 
 
-def _ob_key(ob: Mapping[str, Any]) -> str:
-    return json.dumps(ob, sort_keys=True, default=str)
+def _ob_key(ob: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(ob, option=orjson.OPT_SORT_KEYS, default=str)
 
 
 def prepare(

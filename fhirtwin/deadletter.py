@@ -62,11 +62,11 @@ class DeadLetter:
 
     @property
     def topic(self) -> str:
-        """The raw topic to replay into."""
-        src = self.source
-        if src.startswith("ehr."):
-            return src.split("/", 1)[0]
-        return bus.RAW_TOPICS.get(self.kind, bus.RAW_TOPICS["hl7v2"])
+        """The topic to replay into: the one the record was consumed from."""
+        head = self.source.split("/", 1)[0]
+        if "." in head:  # a topic: ehr.<kind>, twin.results, fhir.resources
+            return head
+        return bus.RAW_TOPICS.get(self.kind, bus.RAW_TOPICS["hl7v2"])  # e.g. mllp/<peer>
 
     def as_dict(self, replayed: bool = False) -> dict[str, Any]:
         return {

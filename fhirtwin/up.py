@@ -122,6 +122,7 @@ class Supervisor:
             Child("assemble", [*py, "worker", "assemble"]),
             Child("snapshot", [*py, "worker", "snapshot"]),
             Child("audit", [*py, "worker", "audit"]),
+            Child("results", [*py, "worker", "results"]),
         ]
         for i in range(self.cfg.normalize_workers):
             kids.append(
