@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import unicodedata
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -159,14 +160,22 @@ class Resolver:
     def _follow(self, twin: str) -> str:
         return follow_merges(self.r, twin)
 
-    def resolve(self, resources: list[dict[str, Any]]) -> Identity | None:
-        """The identity for one message's resources; None when no patient is named."""
+    def resolve(
+        self, resources: list[dict[str, Any]], patient_identifiers: Sequence[str] = ()
+    ) -> Identity | None:
+        """The identity for one message's resources; None when no patient is named.
+
+        ``patient_identifiers`` (``system|value``) name the patient when the record holds
+        no Patient resource (a Bulk NDJSON Observation, a CSV row): they link like a
+        Patient's identifiers would.
+        """
         subjects, priors = split_patients(resources)
-        if not subjects:
-            return None
         idents: list[str] = []
         for p in subjects:
             idents += [i for i in linking_identifiers(p, self.cfg) if i not in idents]
+        idents += [i for i in patient_identifiers if i not in idents]
+        if not subjects and not idents:
+            return None
         prior_ids: list[str] = []
         for p in priors:
             prior_ids += [i for i in linking_identifiers(p, self.cfg) if i not in prior_ids]
@@ -181,7 +190,7 @@ class Resolver:
         elif prior_twins:
             # Identifier change (A47) or merge into a not-yet-known number: keep the twin.
             twin, rule = prior_twins[0], "identifier-change"
-        elif self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
+        elif subjects and self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
             found = self.r.get(f"ft:demo:{dk}")
             twin, rule = (found.decode(), "demographic") if found else ("", "new")
         else:
@@ -203,7 +212,7 @@ class Resolver:
             pipe = self.r.pipeline(transaction=False)
             for i in identity.identifiers:
                 pipe.set(f"ft:id:{i}", twin, nx=True)
-            if self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
+            if subjects and self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
                 pipe.set(f"ft:demo:{dk}", twin, nx=True)
             pipe.execute()
         if priors:

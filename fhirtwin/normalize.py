@@ -16,6 +16,7 @@ The event on ``fhir.resources`` (JSON)::
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -79,21 +80,40 @@ def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converte
     return [Converted(resources, fhir_time_ms(bundle.get("timestamp")), control)]
 
 
-# Source kind → converter(bytes) → messages. Other sources plug in here as they land.
-CONVERTERS: dict[str, Callable[[bytes, bool, Path | None], list[Converted]]] = {"hl7v2": _hl7v2}
+# Source kind → converter(record, validate, mappings) → units. HL7 v2 is built in; the
+# other kinds are modules that define ``convert_record`` with that signature, imported
+# when first needed (so a site without, say, the C-CDA extras still runs HL7 v2).
+Converter = Callable[[bus.Record, bool, Path | None], list[Converted]]
+CONVERTERS: dict[str, Converter] = {"hl7v2": lambda rec, v, m: _hl7v2(rec.value, v, m)}
+PLUGINS = {
+    "fhir": "fhirtwin.fhirsource",
+    "csv": "fhirtwin.csvsource",
+    "ccda": "fhirtwin.ccda",
+    "notes": "fhirtwin.notes",
+}
+
+
+def converter(kind: str) -> Converter | None:
+    if kind not in CONVERTERS and kind in PLUGINS:
+        try:
+            module = importlib.import_module(PLUGINS[kind])
+        except ModuleNotFoundError:
+            return None
+        CONVERTERS[kind] = module.convert_record
+    return CONVERTERS.get(kind)
 
 
 def convert_record(
-    kind: str, value: bytes, *, validate: bool, mappings: Path | None = None
+    kind: str, rec: bus.Record, *, validate: bool, mappings: Path | None = None
 ) -> list[Converted]:
-    conv = CONVERTERS.get(kind)
+    conv = converter(kind)
     if conv is None:
         raise SourceError(
             "map",
             f"no converter for source kind {kind!r} yet",
             {"hint": f"known kinds: {', '.join(sorted(CONVERTERS))}"},
         )
-    return conv(value, validate, mappings)
+    return conv(rec, validate, mappings)
 
 
 class NormalizeWorker:
@@ -126,7 +146,7 @@ class NormalizeWorker:
         t0 = time.perf_counter()
         try:
             converted = convert_record(
-                self.kind, rec.value, validate=self.validate, mappings=self.mappings
+                self.kind, rec, validate=self.validate, mappings=self.mappings
             )
         except SourceError as exc:
             CONVERSION_ERRORS.labels(exc.stage, exc.error.get("error", exc.stage)[:60]).inc()

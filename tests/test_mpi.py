@@ -94,3 +94,14 @@ def test_demographic_match_only_when_enabled(redis_url: str) -> None:
 
 def test_no_patient_no_identity(resolver: Resolver) -> None:
     assert resolver.resolve([{"resourceType": "Organization", "id": "o"}]) is None
+
+
+def test_a_record_without_a_patient_links_by_the_identifiers_it_names(resolver: Resolver) -> None:
+    first = resolver.resolve([patient("A1")])
+    assert first is not None
+    obs = {"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/A1"}}
+    same = resolver.resolve([obs], ["urn:mrn|A1"])
+    assert same is not None and same.twin == first.twin
+    new = resolver.resolve([obs], ["urn:mrn|Z9"])
+    assert new is not None and new.twin != first.twin and new.rule == "new"
+    assert resolver.resolve([patient("Z9")]).twin == new.twin  # type: ignore[union-attr]
