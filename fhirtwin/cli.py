@@ -28,6 +28,9 @@ err = Console(stderr=True)
 
 class Source(StrEnum):
     hl7v2 = "hl7v2"
+    fhir = "fhir"
+    csv = "csv"
+    ccda = "ccda"
 
 
 @app.callback()
@@ -78,8 +81,14 @@ def convert(
     mappings: Annotated[
         Path | None, typer.Option("--mappings", help="Rules folder (default: ./mappings).")
     ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="CSV profile in mappings/csv/ (e.g. synthea).")
+    ] = None,
 ) -> None:
     """Convert messages to FHIR R4 Bundles: one <stem>.json per message."""
+    if source != Source.hl7v2:
+        _convert_other(source.value, inputs, out, validate=validate, profile=profile)
+        return
     messages = _inputs(inputs)
     to_stdout = out is None
     if out is not None:
@@ -129,6 +138,25 @@ def convert(
         _summary(len(messages), failed, invalid, types, lost, out, report, validate)
     if failed or invalid:
         raise typer.Exit(1)
+
+
+def _convert_other(
+    kind: str, inputs: list[str], out: Path | None, *, validate: bool, profile: str | None
+) -> None:
+    """Other sources live in their own modules (fhirtwin.normalize.PLUGINS), each with a
+    ``convert_paths(inputs, out, *, validate, profile, console) -> exit code``."""
+    import importlib
+
+    from fhirtwin.normalize import PLUGINS
+
+    try:
+        module = importlib.import_module(PLUGINS[kind])
+    except ModuleNotFoundError:
+        err.print(f"[red]converting from {kind} is not available yet[/red]")
+        raise typer.Exit(2) from None
+    code = module.convert_paths(inputs, out, validate=validate, profile=profile, console=err)
+    if code:
+        raise typer.Exit(code)
 
 
 def _write(conv: Conversion, stem: str, out: Path | None, report: bool) -> None:
