@@ -51,9 +51,14 @@ class SourceError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Converted:
+    """One unit of a source (a message, a document, a line): its resources, when it
+    happened, its id at the source, and — when it holds no Patient resource — the
+    identifiers (``system|value``) of the patient it is about."""
+
     resources: list[dict[str, Any]]
     event_ms: int | None
     control_id: str
+    patient_identifiers: tuple[str, ...] = ()
 
 
 def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converted]:
@@ -153,7 +158,7 @@ class NormalizeWorker:
             return [dead_letter(rec, stage=exc.stage, reason=exc.reason, error=exc.error)]
         outs: list[Out] = []
         for conv in converted:
-            identity = self.resolver.resolve(conv.resources)
+            identity = self.resolver.resolve(conv.resources, conv.patient_identifiers)
             twin = identity.twin if identity else SHARED_TWIN
             event = {
                 "v": 1,
