@@ -464,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     global STRICT
     STRICT = args.strict
+    if not (args.csv_dir / "patients.csv").is_file():
+        print(f"{args.csv_dir}: no patients.csv here; give Synthea's csv output folder")
+        return 2
+    if not any(args.fhir_dir.glob("*.json")):
+        print(f"{args.fhir_dir}: no FHIR Bundles (*.json) here; give Synthea's fhir output folder")
+        return 2
     result = run(args.csv_dir, args.fhir_dir, args.show_diffs)
     print_report(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
