@@ -471,8 +471,12 @@ class _Res:
     def codes(self) -> frozenset[tuple[str, str]]:
         if self._codes is None:
             found = set()
+            res = self.res
             for f in _CODE_FIELDS:
-                for c in _codings(self.res.get(f)):
+                value = res.get(f)
+                if value is None:  # most resources have two or three of the six
+                    continue
+                for c in _codings(value):
                     found.add((str(c.get("system", "")), str(c.get("code", ""))))
             self._codes = frozenset(found)
         return self._codes
@@ -737,7 +741,8 @@ class _Compiler:
                 # R4: with several labels, a resource must carry all of them.
                 return _all(ch(r) for ch in checks)
 
-            tests.append(t_label)
+            # One label (the usual case): its check is the test, without the _all() layer.
+            tests.append(checks[0] if len(checks) == 1 else t_label)
 
         if prov.get("dataPeriod") is not None:
             dp = prov["dataPeriod"]
@@ -1193,8 +1198,9 @@ class Policy:
     def _combine(self, per: list[tuple[str, _Outcome]], rows: list[dict[str, str]]) -> Decision:
         """Deny-overrides across consents (rule 6, ours)."""
         final = NOT_APPLICABLE
+        found = {o.decision for _, o in per}
         for level in (DENY, PERMIT, INDETERMINATE):
-            if any(o.decision == level for _, o in per):
+            if level in found:
                 final = level
                 break
         deciding: list[dict[str, str]] = []
@@ -1212,13 +1218,15 @@ class Policy:
             obligations.append(
                 {"action": "deidentify", "profile": self.request.deidentify or "safe-harbor"}
             )
-        seen: set[bytes] = set()
-        unique = []
-        for ob in sorted(obligations, key=_ob_key):
-            k = _ob_key(ob)
-            if k not in seen:
-                seen.add(k)
-                unique.append(ob)
+        unique = obligations
+        if len(obligations) > 1:  # per resource there is at most one (deidentify)
+            seen: set[bytes] = set()
+            unique = []
+            for ob in sorted(obligations, key=_ob_key):
+                k = _ob_key(ob)
+                if k not in seen:
+                    seen.add(k)
+                    unique.append(ob)
         if final == PERMIT:
             allowed = True
         elif final == NOT_APPLICABLE:

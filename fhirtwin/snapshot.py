@@ -148,40 +148,93 @@ def _target(ref: str) -> str | None:
 
 
 def _prune(value: Any, keep: Any) -> Any:
-    """Rebuild ``value`` without the Reference dicts for which ``keep(ref)`` is false, and
-    without dicts and lists left empty by that; returns ``_GONE`` for a removed value."""
+    """``value`` without the Reference dicts for which ``keep(ref)`` is false, and without
+    dicts and lists left empty by that; returns ``_GONE`` for a removed value.
+
+    Copy on write: a dict or list with nothing removed under it is returned as it is, so
+    only the path down to a removed reference is rebuilt (most of a resource is not).
+    """
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str) and not keep(ref):
             return _GONE
+        changed: dict[str, Any] | None = None
+        for k, v in value.items():
+            if isinstance(v, (dict, list)):
+                nv = _prune(v, keep)
+                if nv is not v:
+                    if changed is None:
+                        changed = {}
+                    changed[k] = nv
+        if changed is None:
+            return value
         out = {}
         for k, v in value.items():
-            nv = _prune(v, keep)
+            nv = changed.get(k, v)
             if nv is not _GONE:
                 out[k] = nv
-        return out if out or not value else _GONE
+        return out or _GONE  # value was not empty: something was removed
     if isinstance(value, list):
-        items = [x for x in (_prune(v, keep) for v in value) if x is not _GONE]
-        return items if items or not value else _GONE
+        new = [_prune(v, keep) if isinstance(v, (dict, list)) else v for v in value]
+        if all(a is b for a, b in zip(new, value, strict=True)):
+            return value
+        items = [x for x in new if x is not _GONE]
+        return items or _GONE
     return value
 
 
 _GONE: Any = object()
 
+# A string ``reference`` member as orjson writes it (compact, no spaces). A quote inside a
+# JSON string is escaped, so the contents of other strings never match: every dict with a
+# string ``reference``, at any depth, gives exactly one match. (The string is written as
+# runs of plain characters between escapes, not one alternation per character: 4x faster.)
+_REFERENCE_JSON = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
+
+
+def _references(resource: Mapping[str, Any]) -> list[str] | None:
+    """Every string ``reference`` in a resource, found in its JSON bytes (one fast C pass
+    instead of a Python walk); None when the resource is not plain JSON data."""
+    try:
+        data = orjson.dumps(resource)
+    except TypeError:  # orjson.JSONEncodeError: e.g. a non-string key
+        return None
+    return [
+        orjson.loads(b'"' + m + b'"') if b"\\" in m else m.decode()
+        for m in _REFERENCE_JSON.findall(data)
+    ]
+
 
 def strip_dangling(resources: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Remove every reference to a resource that is not in ``resources`` (withheld data
-    leaves no trace); contained (``#id``) and absolute references are kept."""
+    leaves no trace); contained (``#id``) and absolute references are kept.
+
+    Most resources have no dangling reference: they are found by reading their references
+    off their JSON (:func:`_references`) and returned as they are, not copied. Only the
+    others are pruned, and they share their unchanged parts with the input: treat the
+    result as read-only.
+    """
     held = {_ref(r) for r in resources} | {f"urn:uuid:{r.get('id')}" for r in resources}
+    verdicts: dict[str, bool] = {}  # a twin's resources share many references
 
     def keep(ref: str) -> bool:
-        if ref.startswith("#"):
-            return True
-        t = _target(ref)
-        return t is None or t in held
+        ok = verdicts.get(ref)
+        if ok is None:
+            if ref.startswith("#"):
+                ok = True
+            else:
+                t = _target(ref)
+                ok = t is None or t in held
+            verdicts[ref] = ok
+        return ok
 
     out = []
     for r in resources:
+        refs = _references(r)
+        if refs is not None and all(keep(ref) for ref in refs):
+            out.append(r)  # nothing dangles
+            continue
+        # Something dangles (or a match is one _prune would not look at: that costs time only)
         pruned = _prune(r, keep)
         out.append(pruned if pruned is not _GONE else {"resourceType": r["resourceType"]})
     return out
@@ -350,16 +403,89 @@ def _age(q: dict[str, Any]) -> dict[str, Any]:
     return q
 
 
+# What the scrubber does with a member, by its key (see _member_kind); computed once per
+# distinct key and snapshot instead of a set lookup and two ``endswith`` per member.
+_RECURSE, _DROP, _NAME, _DISPLAY, _ADDRESS, _META = range(6)
+_REFERENCE_ONLY_KEYS = frozenset({"identifier", "display", "type"})
+
+
+def _member_kind(k: str) -> int:
+    if k == "name":  # in _DROP_KEYS, but kept for _KEEP_NAME_TYPES
+        return _NAME
+    if k in _DROP_KEYS or k.endswith("String") or k.endswith("Markdown"):
+        return _DROP
+    if k == "display":
+        return _DISPLAY
+    if k == "address":
+        return _ADDRESS
+    if k == "meta":
+        return _META
+    return _RECURSE
+
+
+def _scrub_string(value: str, key: str) -> Any:
+    """Dates become their year; URLs go (except as a code system or profile).
+
+    The length and character tests are necessary conditions of the two patterns, so that
+    the regexes run only on the few strings that can match.
+    """
+    if len(value) >= 7 and value[4] == "-":
+        m = _DATE.match(value)
+        if m:
+            return m.group(1)  # dates: the year only
+    if ":/" in value and key not in ("system", "profile") and _URL.match(value):
+        return _GONE
+    return value
+
+
+# orjson options for the scrubber's memo keys: values that merely serialize like JSON
+# (datetimes, subclasses, dataclasses) raise instead, and are scrubbed without the memo.
+_MEMO_JSON = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
 class _Scrubber:
+    """De-identifies the resources of one snapshot; see :func:`safe_harbor`."""
+
     def __init__(self, ids: Mapping[str, str]) -> None:
         self.ids = ids
+        self.kinds: dict[str, int] = {}  # member key → _member_kind
+        self.targets: dict[str, str | None] = {}  # reference → new reference (None: drop)
+        # (resource type, member key, member JSON) → the member scrubbed; see resource()
+        self.memo: dict[tuple[str, str, bytes], Any] = {}
+
+    def resource(self, res: dict[str, Any], rtype: str) -> Any:
+        """A resource (without its id) de-identified, or ``_GONE``.
+
+        The resources of one patient repeat many of their members (the same category,
+        class, status, code, serviceProvider... in every Encounter): each complex member
+        is scrubbed once per snapshot, keyed by its JSON, which orjson writes far faster
+        than a scrub walks it. Equal JSON is an equal value, so the result is the same;
+        the resources returned share those members: treat them as read-only.
+        """
+        return self._dict(res, "", rtype, memo=True)
+
+    def _member(self, value: Any, key: str, rtype: str) -> Any:
+        try:
+            mk = (rtype, key, orjson.dumps(value, option=_MEMO_JSON))
+        except TypeError:  # not plain JSON data
+            return self.scrub(value, key, rtype)
+        done = self.memo.get(mk)
+        if done is None:  # scrub() never returns None for a dict or a list
+            done = self.memo[mk] = self.scrub(value, key, rtype)
+        return done
 
     def reference(self, value: dict[str, Any]) -> Any:
         ref = value["reference"]
         if ref.startswith("#"):
             return {"reference": ref}
-        t = _target(ref)
-        new = self.ids.get(t) if t else None
+        new = self.targets.get(ref, _GONE)
+        if new is _GONE:  # a snapshot's resources share many references: look up once
+            t = _target(ref)
+            new = self.targets[ref] = self.ids.get(t) if t else None
         if not new:
             return _GONE  # absolute URL or unknown target: nothing to say
         out = {"reference": new}
@@ -368,53 +494,80 @@ class _Scrubber:
         return out
 
     def scrub(self, value: Any, key: str, rtype: str) -> Any:
+        """``value`` (found under ``key`` in a resource of type ``rtype``) de-identified:
+        a new value, or ``_GONE``. Dicts and lists left empty go too."""
+        if isinstance(value, str):
+            return _scrub_string(value, key)
         if isinstance(value, dict):
-            if isinstance(value.get("reference"), str):
-                return self.reference(value)
-            if ("identifier" in value or "display" in value) and set(value) <= {
-                "identifier",
-                "display",
-                "type",
-            }:
-                return _GONE  # a Reference by identifier or name only: nothing is left of it
-            if "resourceType" in value and key != "":  # contained resource
-                rtype = str(value["resourceType"])
-            if key.endswith("Quantity") or key.endswith("Age") or key == "value":
-                value = _age(value)
-            out: dict[str, Any] = {}
-            coding = "code" in value and "system" in value
-            for k, v in value.items():
-                if k in _DROP_KEYS and not (k == "name" and rtype in _KEEP_NAME_TYPES):
+            return self._dict(value, key, rtype)
+        if isinstance(value, list):
+            return self._list(value, key, rtype)
+        return value
+
+    def _list(self, value: list[Any], key: str, rtype: str) -> Any:
+        items = []
+        for v in value:  # scrub(), inlined: lists of codings and references are many
+            if isinstance(v, str):
+                v = _scrub_string(v, key)
+            elif isinstance(v, dict):
+                v = self._dict(v, key, rtype)
+            elif isinstance(v, list):
+                v = self._list(v, key, rtype)
+            if v is not _GONE:
+                items.append(v)
+        return items or _GONE
+
+    def _dict(self, value: dict[str, Any], key: str, rtype: str, *, memo: bool = False) -> Any:
+        if isinstance(value.get("reference"), str):
+            return self.reference(value)
+        if (
+            len(value) <= 3
+            and ("identifier" in value or "display" in value)
+            and value.keys() <= _REFERENCE_ONLY_KEYS
+        ):
+            return _GONE  # a Reference by identifier or name only: nothing is left of it
+        if key != "" and "resourceType" in value:  # contained resource
+            rtype = str(value["resourceType"])
+        if key == "value" or key.endswith("Quantity") or key.endswith("Age"):
+            value = _age(value)
+        coding = "code" in value and "system" in value
+        kinds = self.kinds
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            kind = kinds.get(k)
+            if kind is None:
+                kind = kinds[k] = _member_kind(k)
+            if kind != _RECURSE:
+                if (
+                    kind == _DROP
+                    or (kind == _NAME and rtype not in _KEEP_NAME_TYPES)
+                    or (kind == _DISPLAY and not coding)  # Coding.display is the code's
+                ):
                     continue
-                if k.endswith("String") or k.endswith("Markdown"):
-                    continue
-                if k == "display" and not coding:
-                    continue  # Reference/free display text; Coding.display is the code's
-                if k == "address":
+                if kind == _ADDRESS:
                     items = v if isinstance(v, list) else [v]
                     kept = [a for a in (_address(x) for x in items) if a is not _GONE]
                     if kept:
                         out[k] = kept if isinstance(v, list) else kept[0]
                     continue
-                if k == "meta" and isinstance(v, dict):
+                if kind == _META and isinstance(v, dict):
                     meta = {m: v[m] for m in ("security", "tag", "profile") if m in v}
                     if meta:
                         out[k] = meta
                     continue
-                nv = self.scrub(v, k, rtype)
-                if nv is not _GONE:
-                    out[k] = nv
-            return out or _GONE
-        if isinstance(value, list):
-            items = [x for x in (self.scrub(v, key, rtype) for v in value) if x is not _GONE]
-            return items or _GONE
-        if isinstance(value, str):
-            m = _DATE.match(value)
-            if m:
-                return m.group(1)  # dates: the year only
-            if _URL.match(value) and key not in ("system", "profile"):
-                return _GONE
-        return value
+            # scrub(), inlined; most strings cannot be a date or a URL (see _scrub_string)
+            if isinstance(v, str):
+                if (len(v) >= 7 and v[4] == "-") or ":/" in v:
+                    v = _scrub_string(v, k)
+            elif memo and isinstance(v, (dict, list)):
+                v = self._member(v, k, rtype)
+            elif isinstance(v, dict):
+                v = self._dict(v, k, rtype)
+            elif isinstance(v, list):
+                v = self._list(v, k, rtype)
+            if v is not _GONE:
+                out[k] = v
+        return out or _GONE
 
 
 def safe_harbor(
@@ -439,7 +592,7 @@ def safe_harbor(
         new_ref = ids.get(_ref(res))
         if not new_ref:
             continue
-        clean = scrub.scrub({k: v for k, v in res.items() if k != "id"}, "", rtype)
+        clean = scrub.resource({k: v for k, v in res.items() if k != "id"}, rtype)
         if clean is _GONE:
             clean = {"resourceType": rtype}
         clean["id"] = new_ref.split("/", 1)[1]
