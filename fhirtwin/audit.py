@@ -6,7 +6,8 @@
   is the record at offset *i*, so a sequencer that crashed after writing the tree but
   before committing its Kafka offset skips what it already appended (and checks that the
   leaf hashes agree) instead of appending twice. After each batch it signs a checkpoint
-  (C2SP tlog-checkpoint, Ed25519) and keeps it in Redis (``ft:audit:checkpoints``).
+  (C2SP tlog-checkpoint, Ed25519), publishes it on ``twin.audit.checkpoints`` (durable,
+  for auditors and witnesses) and keeps a copy in Redis (``ft:audit:checkpoints``).
 * The tree's nodes live in Redis (``ft:audit:nodes``, ``ft:audit:size``); a flush and
   rebuild from Kafka gives the same roots, so old checkpoints still verify.
 * `fhirtwin audit verify` recomputes the log from Kafka (or from an exported file) and
@@ -49,6 +50,7 @@ __all__ = [
     "AuditSequencer",
     "RedisNodeStore",
     "checkpoints",
+    "proof",
     "signer",
     "verifier",
     "verify",
@@ -146,10 +148,14 @@ class AuditSequencer:
         return self.stream.run(stop, idle_exit=idle_exit)
 
     def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
-        self.append(recs)
-        return [[] for _ in recs]
+        note = self.append(recs)
+        outs: list[list[Out]] = [[] for _ in recs]
+        if note is not None:  # published before the offsets are committed
+            outs[-1].append(Out(bus.AUDIT_CHECKPOINTS, note.encode()))
+        return outs
 
-    def append(self, recs: Iterable[bus.Record]) -> None:
+    def append(self, recs: Iterable[bus.Record]) -> str | None:
+        """Append what is new; the signed checkpoint of the new size (None if nothing was)."""
         size = self.log.size
         new: list[bytes] = []
         for rec in sorted(recs, key=lambda r: r.offset):
@@ -166,9 +172,10 @@ class AuditSequencer:
                     "the audit topic must have one partition and must never be truncated"
                 )
             new.append(rec.value)
-        if new:
-            self.log.extend(new)
-            self.checkpoint()
+        if not new:
+            return None
+        self.log.extend(new)
+        return self.checkpoint()
 
     def checkpoint(self) -> str:
         note = sign_checkpoint(ORIGIN, self.log.size, self.log.root(), self.key_name, self.key)
@@ -176,9 +183,18 @@ class AuditSequencer:
         return note
 
 
-def checkpoints(redis_url: str) -> list[str]:
+def checkpoints(redis_url: str, bootstrap: str | None = None) -> list[str]:
+    """Every signed checkpoint: those published on Kafka, plus Redis's copies."""
     client: Any = redis.Redis.from_url(redis_url)
-    return [c.decode() for c in client.lrange(CHECKPOINTS, 0, -1)]
+    notes = [c.decode() for c in client.lrange(CHECKPOINTS, 0, -1)]
+    if bootstrap:
+        seen = set(notes)
+        for rec in bus.read_topic(bootstrap, bus.AUDIT_CHECKPOINTS, timeout=3):
+            note = rec.value.decode()
+            if note not in seen:
+                seen.add(note)
+                notes.append(note)
+    return notes
 
 
 def entries(bootstrap: str) -> list[bytes]:
@@ -196,12 +212,31 @@ def verify(
 ) -> LogVerification:
     """Check the audit log (Kafka's, or ``log_entries``) against every signed checkpoint."""
     name, public = verifier(verifier_key)
-    notes = checkpoints(redis_url)
+    notes = checkpoints(redis_url, bootstrap)
     store = RedisNodeStore(redis.Redis.from_url(redis_url))
     size = store.size()
     leaves = MerkleLog(store).leaf_hashes(0, size) if size else []
     data = entries(bootstrap) if log_entries is None else log_entries
     return verify_log(data, notes, name, public, origin=ORIGIN, leaf_hashes=leaves)
+
+
+def proof(
+    redis_url: str, *, index: int | None = None, old_size: int | None = None
+) -> dict[str, Any]:
+    """An inclusion proof for leaf ``index`` or a consistency proof from ``old_size``,
+    against the tree's current size and root (hex hashes, RFC 6962 order)."""
+    log = MerkleLog(RedisNodeStore(redis.Redis.from_url(redis_url)))
+    size = log.size
+    out: dict[str, Any] = {"origin": ORIGIN, "size": size, "root": log.root().hex()}
+    if index is not None:
+        out["index"] = index
+        out["leaf_hash"] = log.leaf_hashes(index, index + 1)[0].hex()
+        out["inclusion"] = [h.hex() for h in log.inclusion_proof(index, size)]
+    if old_size is not None:
+        out["old_size"] = old_size
+        out["old_root"] = log.root(old_size).hex()
+        out["consistency"] = [h.hex() for h in log.consistency_proof(old_size, size)]
+    return out
 
 
 def rebuild_tree(bootstrap: str, redis_url: str) -> int:

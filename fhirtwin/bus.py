@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 __all__ = [
     "AUDIT",
+    "AUDIT_CHECKPOINTS",
     "DEADLETTER",
     "RAW_TOPICS",
     "RESOURCES",
@@ -47,9 +48,18 @@ RESOURCES = "fhir.resources"
 DEADLETTER = "twin.deadletter"
 TWIN_EVENTS = "twin.events"
 AUDIT = "twin.audit"  # one partition: the audit log has one total order (fhirtwin/audit.py)
+AUDIT_CHECKPOINTS = "twin.audit.checkpoints"  # the signed checkpoints, published
 RESULTS = "twin.results"  # twin services' results coming back (fhirtwin/results.py)
-ALL_TOPICS = (*RAW_TOPICS.values(), RESOURCES, DEADLETTER, TWIN_EVENTS, AUDIT, RESULTS)
-SINGLE_PARTITION = {AUDIT}
+ALL_TOPICS = (
+    *RAW_TOPICS.values(),
+    RESOURCES,
+    DEADLETTER,
+    TWIN_EVENTS,
+    AUDIT,
+    AUDIT_CHECKPOINTS,
+    RESULTS,
+)
+SINGLE_PARTITION = {AUDIT, AUDIT_CHECKPOINTS}
 
 log = logging.getLogger("fhirtwin.kafka")
 _QUIET = {"log_level": 3}  # librdkafka: errors only (it reports broker restarts as warnings)

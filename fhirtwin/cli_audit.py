@@ -225,3 +225,27 @@ def audit_verify(
         where = f"; bad entry between #{res.bad_range[0]} and #{res.bad_range[1] - 1}"
     err.print(f"[red]FAILED: {res.reason}{where}[/red]")
     raise typer.Exit(1)
+
+
+@audit_app.command("proof")
+def audit_proof(
+    index: Annotated[int | None, typer.Option(help="inclusion proof of entry #INDEX")] = None,
+    since_size: Annotated[
+        int | None, typer.Option(help="consistency proof from the tree of this size")
+    ] = None,
+    kafka: KafkaOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Proofs an auditor checks offline against a signed checkpoint (JSON, hex hashes)."""
+    from fhirtwin.audit import proof
+
+    if index is None and since_size is None:
+        err.print("[red]give --index N and/or --since-size N[/red]")
+        raise typer.Exit(2)
+    ep = _endpoints(kafka, redis_url)
+    try:
+        data = proof(ep.redis, index=index, old_size=since_size)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")

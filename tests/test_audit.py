@@ -13,7 +13,13 @@ from typer.testing import CliRunner
 from fhirtwin import bus
 from fhirtwin.audit import AuditSequencer, checkpoints, rebuild_tree, verify
 from fhirtwin.cli import app
-from fhirtwin.merkle import parse_verifier_key, verify_checkpoint
+from fhirtwin.merkle import (
+    leaf_hash,
+    parse_verifier_key,
+    verify_checkpoint,
+    verify_consistency,
+    verify_inclusion,
+)
 from tests.pipeline import produce
 
 
@@ -84,8 +90,26 @@ def test_log_verifies_and_names_tampering(kafka: str, redis_url: str, home: Path
     swapped[30], swapped[31] = swapped[31], swapped[30]
     assert "#30" in tampered(swapped)
 
-    # Redis lost its tree: rebuilt from Kafka, it gives the roots that were signed.
-    redis.Redis.from_url(redis_url).delete("ft:audit:nodes", "ft:audit:size")
+    # Proofs an auditor checks offline against the signed checkpoints.
+    first, last = (verify_checkpoint(n, name, public) for n in (notes[0], notes[-1]))
+    got = runner.invoke(
+        app, ["audit", "proof", "--index", "17", "--since-size", str(first.size), *common]
+    )
+    assert got.exit_code == 0, got.output
+    p = orjson.loads(got.stdout)
+    assert bytes.fromhex(p["root"]) == last.root
+    inclusion = [bytes.fromhex(h) for h in p["inclusion"]]
+    assert verify_inclusion(leaf_hash(entries[17]), 17, 40, inclusion, last.root)
+    assert not verify_inclusion(leaf_hash(entries[18]), 17, 40, inclusion, last.root)
+    consistency = [bytes.fromhex(h) for h in p["consistency"]]
+    assert verify_consistency(first.size, 40, first.root, last.root, consistency)
+
+    # Redis lost everything: the checkpoints are on Kafka, and the tree rebuilt from
+    # Kafka gives the roots that were signed.
+    assert len(list(bus.read_topic(kafka, bus.AUDIT_CHECKPOINTS))) == len(notes)
+    redis.Redis.from_url(redis_url).delete(
+        "ft:audit:nodes", "ft:audit:size", "ft:audit:checkpoints"
+    )
     assert rebuild_tree(kafka, redis_url) == 40
     assert verify(kafka, redis_url).ok
 
