@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fhirtwin.cli_pipeline import KafkaOpt, RedisOpt, _endpoints, _logging, worker_app
+from fhirtwin.cli_pipeline import KafkaOpt, RedisOpt, _endpoints, run_worker, worker_app
 
 out = Console()
 err = Console(stderr=True)
@@ -27,13 +26,8 @@ def register(app: typer.Typer) -> None:
 def worker_audit(kafka: KafkaOpt = None, redis_url: RedisOpt = None) -> None:
     """The audit sequencer: twin.audit → Merkle tree in Redis + signed checkpoints."""
     from fhirtwin.audit import AuditSequencer
-    from fhirtwin.worker import install_stop_signals
 
-    _logging()
-    ep = _endpoints(kafka, redis_url)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    AuditSequencer(ep.kafka, ep.redis).run(stop)
+    run_worker(lambda ep: AuditSequencer(ep.kafka, ep.redis), kafka, redis_url)
 
 
 def _events(kafka: str) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,6 +77,25 @@ def _logging() -> None:
         format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
         stream=sys.stderr,
     )
+
+
+def run_worker(
+    make: Callable[[Endpoints], Any],
+    kafka: str | None,
+    redis_url: str | None,
+    metrics_port: int = 0,
+) -> None:
+    """What every `fhirtwin worker …` does: JSON logs, find the servers, expose metrics,
+    stop cleanly on SIGTERM/SIGINT, and run the worker ``make`` builds."""
+    from fhirtwin.metrics import serve
+    from fhirtwin.worker import install_stop_signals
+
+    _logging()
+    ep = _endpoints(kafka, redis_url)
+    serve(metrics_port)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    make(ep).run(stop)
 
 
 def _iso(ms: int | str) -> str:
@@ -211,19 +231,19 @@ def worker_normalize(
     metrics_port: Annotated[int, typer.Option(help="serve /metrics on this port (0: off)")] = 0,
 ) -> None:
     """A normalize worker: raw records → FHIR resources (or dead letters)."""
-    from fhirtwin.metrics import serve
     from fhirtwin.normalize import NormalizeWorker
-    from fhirtwin.worker import install_stop_signals
 
-    _logging()
     if source not in bus.RAW_TOPICS:
         err.print(f"[red]unknown source {source!r}; one of {', '.join(bus.SOURCE_KINDS)}[/red]")
         raise typer.Exit(2)
-    ep = _endpoints(kafka, redis_url)
-    serve(metrics_port)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    NormalizeWorker(ep.kafka, ep.redis, source, validate=validate, mappings=mappings).run(stop)
+    run_worker(
+        lambda ep: NormalizeWorker(
+            ep.kafka, ep.redis, source, validate=validate, mappings=mappings
+        ),
+        kafka,
+        redis_url,
+        metrics_port,
+    )
 
 
 def worker_assemble(
@@ -233,15 +253,8 @@ def worker_assemble(
 ) -> None:
     """The twin assembler: fhir.resources → Redis twins (commit after the write)."""
     from fhirtwin.assemble import AssembleWorker
-    from fhirtwin.metrics import serve
-    from fhirtwin.worker import install_stop_signals
 
-    _logging()
-    ep = _endpoints(kafka, redis_url)
-    serve(metrics_port)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    AssembleWorker(ep.kafka, ep.redis).run(stop)
+    run_worker(lambda ep: AssembleWorker(ep.kafka, ep.redis), kafka, redis_url, metrics_port)
 
 
 worker_app.command("normalize")(worker_normalize)

@@ -7,7 +7,6 @@ the ``worker`` group (fhirtwin.cli_pipeline). It is idempotent.
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +14,7 @@ import orjson
 import typer
 from rich.console import Console
 
-from fhirtwin.cli_pipeline import KafkaOpt, RedisOpt, _endpoints, _kafka_only, _logging
+from fhirtwin.cli_pipeline import KafkaOpt, RedisOpt, _kafka_only
 
 err = Console(stderr=True)
 
@@ -107,16 +106,10 @@ def worker_results(
     metrics_port: Annotated[int, typer.Option(help="serve /metrics on this port (0: off)")] = 0,
 ) -> None:
     """The results worker: twin.results → validated, tagged results on fhir.resources."""
-    from fhirtwin.metrics import serve
+    from fhirtwin.cli_pipeline import run_worker
     from fhirtwin.results import ResultsWorker
-    from fhirtwin.worker import install_stop_signals
 
-    _logging()
-    ep = _endpoints(kafka, redis_url)
-    serve(metrics_port)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    ResultsWorker(ep.kafka, ep.redis).run(stop)
+    run_worker(lambda ep: ResultsWorker(ep.kafka, ep.redis), kafka, redis_url, metrics_port)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,6 @@ existing ``consent`` group (fhirtwin.cli_consent) and ``snapshot`` to the ``work
 from __future__ import annotations
 
 import sys
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fhirtwin import bus
-from fhirtwin.cli_pipeline import KafkaOpt, RedisOpt, _endpoints, _logging
+from fhirtwin.cli_pipeline import KafkaOpt, RedisOpt, _endpoints
 
 out = Console()
 err = Console(stderr=True)
@@ -212,16 +211,10 @@ def worker_snapshot(
     metrics_port: Annotated[int, typer.Option(help="serve /metrics on this port (0: off)")] = 0,
 ) -> None:
     """The snapshot publisher: twin.events → consent-checked snapshots, audit on twin.audit."""
-    from fhirtwin.metrics import serve
+    from fhirtwin.cli_pipeline import run_worker
     from fhirtwin.snapshot import SnapshotPublisher
-    from fhirtwin.worker import install_stop_signals
 
-    _logging()
-    ep = _endpoints(kafka, redis_url)
-    serve(metrics_port)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    SnapshotPublisher(ep.kafka, ep.redis).run(stop)
+    run_worker(lambda ep: SnapshotPublisher(ep.kafka, ep.redis), kafka, redis_url, metrics_port)
 
 
 def register(app: typer.Typer) -> None:
