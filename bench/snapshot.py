@@ -62,13 +62,10 @@ from fhirtwin.merkle import (  # noqa: E402
     sign_checkpoint,
 )
 from fhirtwin.snapshot import (  # noqa: E402
-    DEID_DROP_TYPES,
     audit_decision,
     audit_disclosure,
-    safe_harbor,
-    state_resource,
-    strip_dangling,
 )
+from fhirtwin.snapshot import build_snapshot as build_bundle  # noqa: E402
 from fhirtwin.subscribers import Subscriber, make_subscriber  # noqa: E402
 from fhirtwin.twin import STATE_LATEST, STATE_SETS, clinical_time_ms, state_op  # noqa: E402
 
@@ -398,34 +395,16 @@ def build_snapshot(
             )
         )
     deid = sub.deidentify == "safe-harbor"
-    if deid:
-        permitted = [r for r in permitted if r.get("resourceType") not in DEID_DROP_TYPES]
-    kept = strip_dangling(permitted)
-    refs = [_ref(r) for r in kept]
-    key = twin.name
-    sent = refs
-    if deid:
-        key = twin.pseudonym
-        ids: dict[str, str] = {}
-        for r in kept:
-            new = f"{r['resourceType']}/{uuid.uuid4()}"
-            ids[_ref(r)] = new
-            ids[f"urn:uuid:{r['id']}"] = new
-        kept = safe_harbor(kept, pseudonym=key, ids=ids, now=NOW)
-        sent = [ids[r] for r in refs]
-    st = state_resource(twin.state, dict(zip(refs, sent, strict=True)), deidentified=deid)
-    snapshot_id = str(uuid.uuid4())
-    bundle: dict[str, Any] = {
-        "resourceType": "Bundle",
-        "id": snapshot_id,
-        "identifier": {"system": "urn:fhirtwin:snapshot", "value": snapshot_id},
-        "type": "collection",
-        "entry": [{"fullUrl": _ref(r), "resource": r} for r in kept],
-    }
-    if not deid:
-        bundle["timestamp"] = NOW.isoformat()
-    if st is not None:
-        bundle["entry"].append({"fullUrl": _ref(st), "resource": st})
+    key = twin.pseudonym if deid else twin.name
+    built = build_bundle(
+        permitted,
+        twin.state,
+        deidentify=deid,
+        key=key,
+        new_ids=lambda refs: {r: str(uuid.uuid4()) for r in refs},  # as the registry does
+        now=NOW,
+    )
+    bundle, refs, sent, snapshot_id = built.bundle, built.refs, built.sent, built.id
     data = orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS)
     if audit:
         events.append(
@@ -442,7 +421,7 @@ def build_snapshot(
         )
         for ev in events:
             orjson.dumps(ev, option=orjson.OPT_SORT_KEYS)
-    return len(wanted), len(kept), data
+    return len(wanted), len(refs), data
 
 
 # --------------------------------------------------------------------------- timing

@@ -18,7 +18,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -825,6 +825,58 @@ def _audit_out(event: dict[str, Any], twin: str) -> Out:
     return Out(AUDIT_TOPIC, orjson.dumps(event, option=orjson.OPT_SORT_KEYS), twin.encode())
 
 
+@dataclass(frozen=True)
+class BuiltSnapshot:
+    """A snapshot Bundle and, for the disclosure record, what was sent under which name."""
+
+    bundle: dict[str, Any]
+    refs: list[str]  # twin references of the resources sent
+    sent: list[str]  # the same resources as the subscriber sees them (pseudonymous ids)
+    id: str
+
+
+def build_snapshot(
+    permitted: list[dict[str, Any]],
+    state: Mapping[str, Any],
+    *,
+    deidentify: bool,
+    key: str,
+    new_ids: Callable[[list[str]], Mapping[str, str]],
+    now: datetime,
+) -> BuiltSnapshot:
+    """The Bundle of the permitted resources plus derived state, with no reference to what
+    was withheld; de-identified (Safe Harbor, ``new_ids`` giving each twin reference its
+    random id) when asked. Pure: the publisher and bench/snapshot.py both call it."""
+    if deidentify:
+        permitted = [r for r in permitted if r.get("resourceType") not in DEID_DROP_TYPES]
+    kept = strip_dangling(permitted)
+    refs = [_ref(r) for r in kept]
+    sent = refs
+    if deidentify:
+        rids = new_ids(refs)
+        ids: dict[str, str] = {}
+        for r in kept:
+            new = f"{r['resourceType']}/{rids[_ref(r)]}"
+            ids[_ref(r)] = new
+            ids[f"urn:uuid:{r['id']}"] = new
+        kept = safe_harbor(kept, pseudonym=key, ids=ids, now=now)
+        sent = [ids[r] for r in refs]
+    st = state_resource(state, dict(zip(refs, sent, strict=True)), deidentified=deidentify)
+    snapshot_id = str(uuid.uuid4())
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": snapshot_id,
+        "identifier": {"system": "urn:fhirtwin:snapshot", "value": snapshot_id},
+        "type": "collection",
+        "entry": [{"fullUrl": _ref(r), "resource": r} for r in kept],
+    }
+    if not deidentify:
+        bundle["timestamp"] = _iso(now)
+    if st is not None:
+        bundle["entry"].append({"fullUrl": _ref(st), "resource": st})
+    return BuiltSnapshot(bundle, refs, sent, snapshot_id)
+
+
 # -- the publisher ----------------------------------------------------------------------
 
 
@@ -1054,35 +1106,16 @@ class SnapshotPublisher:
         now: datetime,
     ) -> list[Out]:
         deid = sub.deidentify == "safe-harbor"
-        if deid:
-            permitted = [r for r in permitted if r.get("resourceType") not in DEID_DROP_TYPES]
-        kept = strip_dangling(permitted)
-        refs = [_ref(r) for r in kept]
-        key = twin
-        sent = refs
-        if deid:
-            key = self.registry.pseudonym(sub.id, twin)
-            rids = self.registry.resource_ids(sub.id, twin, refs)
-            ids: dict[str, str] = {}
-            for r in kept:
-                new = f"{r['resourceType']}/{rids[_ref(r)]}"
-                ids[_ref(r)] = new
-                ids[f"urn:uuid:{r['id']}"] = new
-            kept = safe_harbor(kept, pseudonym=key, ids=ids, now=now)
-            sent = [ids[r] for r in refs]
-        st = state_resource(state, dict(zip(refs, sent, strict=True)), deidentified=deid)
-        snapshot_id = str(uuid.uuid4())
-        bundle: dict[str, Any] = {
-            "resourceType": "Bundle",
-            "id": snapshot_id,
-            "identifier": {"system": "urn:fhirtwin:snapshot", "value": snapshot_id},
-            "type": "collection",
-            "entry": [{"fullUrl": _ref(r), "resource": r} for r in kept],
-        }
-        if not deid:
-            bundle["timestamp"] = _iso(now)
-        if st is not None:
-            bundle["entry"].append({"fullUrl": _ref(st), "resource": st})
+        key = self.registry.pseudonym(sub.id, twin) if deid else twin
+        built = build_snapshot(
+            permitted,
+            state,
+            deidentify=deid,
+            key=key,
+            new_ids=lambda refs: self.registry.resource_ids(sub.id, twin, refs),
+            now=now,
+        )
+        bundle, refs, sent, snapshot_id = built.bundle, built.refs, built.sent, built.id
         self.staged[(sub.id, twin)] = True
         disclosure = audit_disclosure(
             sub,
