@@ -1,0 +1,307 @@
+"""C-CDA → FHIR R4 (fhirtwin.ccda, rules in mappings/ccda/)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from fhirtwin import ccda
+from fhirtwin.bus import Record
+from fhirtwin.cli import app
+from fhirtwin.normalize import SourceError
+from fhirtwin.validation import validate_bundle
+
+FIXTURE = Path(__file__).parent / "fixtures" / "ccda" / "small-ccd.xml"
+
+
+def _resources(bundle: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> dict[str, Any]:
+    return ccda.convert(FIXTURE.read_bytes(), source=FIXTURE.name, validate=True)
+
+
+def test_document_becomes_valid_batch_bundle_with_composition_first(bundle: dict) -> None:
+    assert bundle["type"] == "batch"
+    assert validate_bundle(bundle) == []
+    first = bundle["entry"][0]["resource"]
+    assert first["resourceType"] == "Composition"
+    assert first["title"] == "Test CCD"
+    assert first["date"] == "2024-03-01T10:30:00-05:00"
+    titles = [s["title"] for s in first["section"]]
+    assert titles == ["PROBLEMS", "ALLERGIES", "VITAL SIGNS", "MEDICATIONS", "IMMUNIZATIONS"]
+    problems = first["section"][0]
+    conditions = {f"Condition/{c['id']}" for c in _resources(bundle, "Condition")}
+    assert {e["reference"] for e in problems["entry"]} == conditions
+    assert problems["text"]["div"].startswith('<div xmlns="http://www.w3.org/1999/xhtml">')
+    assert '<li id="prob1">Essential hypertension</li>' in problems["text"]["div"]
+    for entry in bundle["entry"]:
+        res = entry["resource"]
+        assert entry["request"] == {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"}
+
+
+def test_patient_header(bundle: dict) -> None:
+    (patient,) = _resources(bundle, "Patient")
+    assert {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-00-1234"} in patient[
+        "identifier"
+    ]
+    assert {"system": "urn:oid:2.16.840.1.113883.19.5", "value": "MRN-7"} in patient["identifier"]
+    assert patient["name"] == [{"use": "usual", "family": "Tester", "given": ["Ada", "Q"]}]
+    assert patient["gender"] == "female"
+    assert patient["birthDate"] == "1970-02-15"
+    assert patient["telecom"] == [{"system": "phone", "value": "+1(555)555-0100", "use": "mobile"}]
+    assert patient["communication"][0]["language"]["coding"][0]["code"] == "en"
+    race = next(e for e in patient["extension"] if e["url"].endswith("us-core-race"))
+    assert {"url": "ombCategory", "valueCoding": {
+        "system": "urn:oid:2.16.840.1.113883.6.238", "code": "2106-3", "display": "White"}
+    } in race["extension"]  # fmt: skip
+    ethnicity = next(e for e in patient["extension"] if e["url"].endswith("us-core-ethnicity"))
+    omb = ethnicity["extension"][0]["valueCoding"]
+    assert omb["code"] == "ASKU" and omb["system"].endswith("v3-NullFlavor")
+    (guardian,) = _resources(bundle, "RelatedPerson")
+    assert guardian["patient"] == {"reference": f"Patient/{patient['id']}"}
+    assert patient["link"] == [{"other": {"reference": f"RelatedPerson/{guardian['id']}"},
+                                "type": "seealso"}]  # fmt: skip
+
+
+def test_problem_with_translation_and_narrative_text(bundle: dict) -> None:
+    htn = next(
+        c for c in _resources(bundle, "Condition") if c["code"]["coding"][0]["code"] == "59621000"
+    )
+    assert htn["code"]["coding"][1] == {
+        "system": "http://hl7.org/fhir/sid/icd-10-cm",
+        "code": "I10",
+        "display": "Essential (primary) hypertension",
+    }
+    assert htn["code"]["text"] == "Essential hypertension"  # from the narrative reference
+    assert htn["clinicalStatus"]["coding"][0]["code"] == "active"
+    assert htn["verificationStatus"]["coding"][0]["code"] == "confirmed"
+    assert htn["onsetDateTime"] == "2020-01-01"
+    assert htn["category"][0]["coding"][0]["code"] == "problem-list-item"
+
+
+def test_negated_problem_is_refuted(bundle: dict) -> None:
+    asthma = next(
+        c for c in _resources(bundle, "Condition") if c["code"]["coding"][0]["code"] == "195967001"
+    )
+    assert asthma["verificationStatus"]["coding"][0]["code"] == "refuted"
+    assert "clinicalStatus" not in asthma
+
+
+def test_no_known_allergies(bundle: dict) -> None:
+    (allergy,) = _resources(bundle, "AllergyIntolerance")
+    assert allergy["code"]["coding"][0]["code"] == "716186003"
+    assert allergy["verificationStatus"]["coding"][0]["code"] == "confirmed"
+
+
+def test_blood_pressure_has_components_and_members(bundle: dict) -> None:
+    obs = _resources(bundle, "Observation")
+    (bp,) = [o for o in obs if o["code"]["coding"][0]["code"] == "85354-9"]
+    values = {c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"] for c in bp["component"]}
+    assert values == {"8480-6": 132, "8462-4": 88}
+    assert bp["effectiveDateTime"] == "2024-03-01T10:15:00-05:00"
+    members = {o["id"] for o in obs if o["code"]["coding"][0]["code"] in ("8480-6", "8462-4")}
+    assert {m["reference"].split("/")[1] for m in bp["hasMember"]} == members
+    systolic = next(o for o in obs if o["code"]["coding"][0]["code"] == "8480-6")
+    assert systolic["valueQuantity"] == {
+        "value": 132,
+        "unit": "mm[Hg]",
+        "system": "http://unitsofmeasure.org",
+        "code": "mm[Hg]",
+    }
+    assert systolic["interpretation"][0]["coding"][0]["code"] == "H"
+
+
+def test_medication_with_period_and_timing(bundle: dict) -> None:
+    (statement,) = _resources(bundle, "MedicationStatement")
+    (med,) = _resources(bundle, "Medication")
+    assert statement["status"] == "active"
+    assert statement["medicationReference"] == {"reference": f"Medication/{med['id']}"}
+    assert med["code"]["coding"][0]["system"] == "http://www.nlm.nih.gov/research/umls/rxnorm"
+    assert statement["effectiveDateTime"] == "2023-01-01"
+    dosage = statement["dosage"][0]
+    assert dosage["timing"]["repeat"]["period"] == 24
+    assert dosage["timing"]["repeat"]["periodUnit"] == "h"
+    assert dosage["route"]["coding"][0]["code"] == "C38288"
+
+
+def test_refused_immunization_is_not_done(bundle: dict) -> None:
+    (imm,) = _resources(bundle, "Immunization")
+    assert imm["status"] == "not-done"
+    assert imm["statusReason"]["coding"][0]["code"] == "PATOBJ"
+    assert imm["vaccineCode"]["coding"][0] == {
+        "system": "http://hl7.org/fhir/sid/cvx",
+        "code": "88",
+        "display": "Influenza virus vaccine",
+    }
+
+
+def test_original_document_is_kept_in_document_reference(bundle: dict) -> None:
+    docref = next(d for d in _resources(bundle, "DocumentReference") if d.get("masterIdentifier"))
+    assert docref["masterIdentifier"] == {
+        "system": "urn:oid:2.16.840.1.113883.19.5.99999.1",
+        "value": "DOC-42",
+    }
+    import base64
+
+    assert base64.b64decode(docref["content"][0]["attachment"]["data"]) == FIXTURE.read_bytes()
+
+
+def test_ids_are_stable_across_documents() -> None:
+    """The same problem in next month's document updates the same resource."""
+    data = FIXTURE.read_bytes()
+    later = data.replace(b'extension="DOC-42"', b'extension="DOC-43"')
+    ids_a = {e["resource"]["id"] for e in ccda.convert(data)["entry"]}
+    ids_b = {e["resource"]["id"] for e in ccda.convert(later)["entry"]}
+    shared = ids_a & ids_b
+    conds = {c["id"] for c in _resources(ccda.convert(data), "Condition")}
+    assert conds <= shared
+    assert ids_a != ids_b  # the Composition and DocumentReference are the new document's
+
+
+def test_bad_timestamp_is_left_out_and_reported() -> None:
+    data = FIXTURE.read_bytes().replace(b'<low value="20200101"/>', b'<low value="202013"/>')
+    warnings: list[dict[str, Any]] = []
+    out = ccda.convert(data, validate=True, warnings=warnings)
+    assert out["entry"]
+    assert len(warnings) == 1
+    w = warnings[0]
+    assert "202013" in w["warning"] and w["line"] > 1
+    assert w["xpath"].startswith("/ClinicalDocument/component/structuredBody/component[1]")
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'aaa'>]><ClinicalDocument/>", "DOCTYPE"),
+        (
+            b'<!DOCTYPE x SYSTEM "http://example.org/evil.dtd"><ClinicalDocument/>',
+            "DOCTYPE",
+        ),
+        (b"<ClinicalDocument xmlns='urn:hl7-org:v3'><id>", "not well-formed XML"),
+        (b"<Bundle xmlns='http://hl7.org/fhir'/>", "not ClinicalDocument"),
+        (b"<ClinicalDocument xmlns='urn:hl7-org:v3'/>", "no recordTarget/patientRole"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(data: bytes, expected: str) -> None:
+    with pytest.raises(ccda.CcdaError) as info:
+        ccda.convert(data, source="bad.xml")
+    assert expected in str(info.value)
+    assert str(info.value).startswith("bad.xml")
+
+
+def test_oversized_document_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ccda, "MAX_BYTES", 1000)
+    with pytest.raises(ccda.CcdaError, match="over the 1,000-byte limit"):
+        ccda.convert(FIXTURE.read_bytes())
+
+
+def test_undeclared_prefixes_are_declared_with_a_warning() -> None:
+    data = FIXTURE.read_bytes().replace(
+        b' xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"', b""
+    )
+    warnings: list[dict[str, Any]] = []
+    out = ccda.convert(data, validate=True, warnings=warnings)
+    assert _resources(out, "Condition")
+    assert any("xsi" in w["warning"] for w in warnings)
+
+
+def test_rules_errors_name_file_and_rule(tmp_path: Path) -> None:
+    import shutil
+
+    root = Path(__file__).resolve().parents[1] / "mappings"
+    shutil.copytree(root / "ccda", tmp_path / "ccda")
+    bad = tmp_path / "ccda" / "rules" / "zz-bad.yaml"
+    bad.write_text(
+        "rules:\n  - name: broken\n    resource: Observation\n    template: 1.2.3\n"
+        "    elements:\n      code: {make: no-such-rule, path: code}\n"
+    )
+    with pytest.raises(ccda.RulesError, match=r"zz-bad\.yaml: rule 'broken'.*no-such-rule"):
+        ccda.load_rules(tmp_path)
+
+
+def test_cli_writes_one_bundle_per_document(tmp_path: Path) -> None:
+    second = tmp_path / "in" / "second.ccda"
+    second.parent.mkdir()
+    second.write_bytes(FIXTURE.read_bytes().replace(b"DOC-42", b"DOC-2"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["convert", "--from", "ccda", str(FIXTURE), str(second.parent), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["second.json", "small-ccd.json"]
+    bundle = json.loads((out / "small-ccd.json").read_bytes())
+    assert validate_bundle(bundle) == []
+    assert "2 document(s) converted, 0 failed" in result.output
+
+
+def test_cli_reports_a_bad_document_and_goes_on(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.xml"
+    bad.write_bytes(b"<ClinicalDocument xmlns='urn:hl7-org:v3'><oops></ClinicalDocument>")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["convert", "--from", "ccda", str(bad), str(FIXTURE), "--out", str(out)]
+    )
+    assert result.exit_code == 1
+    assert "bad.xml:1" in result.output and "not well-formed XML" in result.output
+    assert (out / "small-ccd.json").exists()
+
+
+def _record(value: bytes) -> Record:
+    return Record("ehr.ccda", 0, 7, 0, None, value, (("fhirtwin-filename", b"doc.xml"),))
+
+
+def test_pipeline_plugin_converts_a_document() -> None:
+    (unit,) = ccda.convert_record(_record(FIXTURE.read_bytes()), True, None)
+    types = {r["resourceType"] for r in unit.resources}
+    assert {"Patient", "Composition", "Condition", "Observation"} <= types
+    assert unit.control_id == "DOC-42"
+    assert unit.event_ms == 1709307000000  # 2024-03-01T10:30:00-05:00
+
+
+def test_pipeline_plugin_raises_source_error_with_location() -> None:
+    with pytest.raises(SourceError) as info:
+        ccda.convert_record(_record(b"<ClinicalDocument xmlns='urn:hl7-org:v3'><x>"), True, None)
+    assert info.value.stage == "parse"
+    assert info.value.error["file"] == "doc.xml"
+    assert "line" in info.value.error
+
+
+# -- the corpus -------------------------------------------------------------------------
+
+
+def _corpus_documents(corpus: Path) -> list[Path]:
+    docs = sorted((corpus / "microsoft-fhir-converter/data/SampleData/Ccda").glob("*.ccda"))
+    docs += [
+        p for p in sorted((corpus / "hl7-c-cda-examples").rglob("*.xml")) if ccda.is_document(p)
+    ]
+    return docs
+
+
+def test_corpus_documents_convert_to_valid_bundles(corpus: Path) -> None:
+    """Every document of the corpus that names its patient converts, R4B-valid; the
+    stubbed guide examples without a recordTarget are refused with that reason."""
+    docs = _corpus_documents(corpus)
+    assert len(docs) >= 46
+    converted, refused, failures = 0, [], []
+    for path in docs:
+        data = path.read_bytes()
+        try:
+            bundle = ccda.convert(data, source=path.name, validate=True)
+        except ccda.CcdaError as exc:
+            if "no recordTarget" in exc.reason:
+                refused.append(path.name)
+            else:
+                failures.append(f"{path.name}: {exc}")
+            continue
+        converted += 1
+        assert _resources(bundle, "Patient"), path.name
+    assert failures == []
+    assert converted >= 36
+    assert len(refused) <= 10
