@@ -1,9 +1,11 @@
-"""Score fhirtwin's HL7 v2 -> FHIR output against oracle Bundles, by meaning.
+"""Score fhirtwin's HL7 v2 -> FHIR and C-CDA -> FHIR output against oracle Bundles, by meaning.
 
 Usage (from the project root):
     .venv/bin/python bench/conformance.py --pairs ../shared/corpus/_index/oracle_pairs.csv \
-        --root ../shared/corpus [--json OUT] [--kind hl7v2] [--only SUBSTRING] \
-        [--show PAIRNAME] [--min-score PERCENT] [--against-expected]
+        --root ../shared/corpus [--json OUT] [--kind all|hl7v2|ccda] [--only SUBSTRING] \
+        [--show PAIRNAME] [--min-score PERCENT] [--against-expected] [--all-types]
+
+Every kind is scored on its own (HL7 v2 and C-CDA figures are never mixed), then overall.
 
 The comparison rules live in bench/_compare.py and are documented in docs/conformance.md.
 """
@@ -19,7 +21,7 @@ import signal
 import sys
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ import _compare  # noqa: E402  (a sibling file, found through sys.path above)
 DELIBERATE = _compare.DELIBERATE
 DEFAULT_JSON = BENCH_DIR / "results" / "conformance.json"
 WORST_N = 15
+KINDS = _compare.KINDS  # the kinds of pairs this script can convert: hl7v2, ccda
+KIND_TITLES = {"hl7v2": "HL7 v2", "ccda": "C-CDA"}
 
 Converter = Callable[[bytes, dict[str, Any]], dict[str, Any]]
 
@@ -48,6 +52,7 @@ class Pair:
     input: str
     expected: str
     label: str
+    kind: str = "hl7v2"
 
 
 @dataclass
@@ -66,6 +71,7 @@ class PairResult:
         r = self.result
         return {
             "name": self.pair.name,
+            "kind": self.pair.kind,
             "input": self.pair.input,
             "expected_output": self.pair.expected,
             "label": self.pair.label,
@@ -89,14 +95,20 @@ class PairResult:
 # --------------------------------------------------------------------------------------------
 
 
-def read_pairs(path: Path, kind: str, only: str | None) -> tuple[list[Pair], list[str]]:
-    """Rows of `kind` with a .json expected output, plus messages about skipped rows."""
+def read_pairs(
+    path: Path, kind: str | Sequence[str], only: str | None
+) -> tuple[list[Pair], list[str]]:
+    """Rows of `kind` (one kind, or several) with a .json expected output, plus messages
+    about skipped rows. Rows of a kind this script cannot convert are skipped silently
+    when they were not asked for."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     pairs: list[Pair] = []
     skipped: list[str] = []
     seen: Counter[str] = Counter()
     with path.open(newline="", encoding="utf-8-sig") as fh:
         for row in csv.DictReader(fh):
-            if row.get("kind") != kind:
+            row_kind = row.get("kind") or ""
+            if row_kind not in kinds:
                 continue
             inp, exp = row.get("input", ""), row.get("expected_output", "")
             if only and only not in inp and only not in exp:
@@ -111,7 +123,7 @@ def read_pairs(path: Path, kind: str, only: str | None) -> tuple[list[Pair], lis
             seen[name] += 1
             if seen[name] > 1:
                 name = f"{name}~{seen[name]}"
-            pairs.append(Pair(name, inp, exp, row.get("root_template_or_label", "")))
+            pairs.append(Pair(name, inp, exp, row.get("root_template_or_label", ""), row_kind))
     return pairs, skipped
 
 
@@ -153,6 +165,20 @@ def fhirtwin_converter() -> Converter:
         bundle = convert_hl7v2(data, validate=False).bundle
         if not isinstance(bundle, dict):
             raise TypeError(f"conv.bundle is {type(bundle).__name__}, not dict")
+        return bundle
+
+    return convert
+
+
+def ccda_converter() -> Converter:
+    """The C-CDA converter: fhirtwin.ccda.convert(data) -> one FHIR R4 Bundle."""
+    from fhirtwin.ccda import convert as convert_ccda
+
+    def convert(data: bytes, expected: dict[str, Any]) -> dict[str, Any]:
+        """Convert one document and return its Bundle."""
+        bundle = convert_ccda(data)
+        if not isinstance(bundle, dict):
+            raise TypeError(f"fhirtwin.ccda.convert returned {type(bundle).__name__}, not dict")
         return bundle
 
     return convert
@@ -211,34 +237,50 @@ def load_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8-sig"))
 
 
-def score_pair(pair: Pair, root: Path, convert: Converter, timeout: int) -> PairResult:
-    """Convert one message and compare; any failure becomes a failed pair (never raises)."""
+def score_pair(
+    pair: Pair,
+    root: Path,
+    convert: Converter,
+    timeout: int,
+    types: Sequence[str] | None = None,
+) -> PairResult:
+    """Convert one input and compare; any failure becomes a failed pair (never raises).
+
+    ``types`` None compares the default types of the pair's kind (_compare.default_types).
+    """
+    empty_bundle: dict[str, Any] = {"resourceType": "Bundle", "entry": []}
+
+    def compare(actual: Any, data: bytes | None, **kw: Any) -> _compare.CompareResult:
+        """compare_bundles for this pair's kind and types."""
+        return _compare.compare_bundles(
+            expected, actual, source=data, kind=pair.kind, types=types, **kw
+        )
+
     try:
         expected = load_json(root / pair.expected)
     except Exception as exc:
         empty = _compare.CompareResult()
         return PairResult(pair, empty, f"cannot read expected output: {exc!r}")
+    data: bytes | None = None
     try:
         data = (root / pair.input).read_bytes()
         with time_limit(timeout):
             actual = convert(data, expected)
     except Exception as exc:
         detail = traceback.format_exception_only(type(exc), exc)
-        failed = _compare.compare_bundles(
-            expected, {"resourceType": "Bundle", "entry": []}, source=data
-        )
-        return PairResult(pair, failed, f"{type(exc).__name__}: {exc}", detail)
-    try:
         return PairResult(
             pair,
-            _compare.compare_bundles(expected, actual, source=data),
-            raw=_compare.compare_bundles(expected, actual, rules=(), source=data),
+            compare(empty_bundle, data),
+            f"{type(exc).__name__}: {exc}",
+            detail,
+            raw=compare(empty_bundle, data, rules=()),
         )
+    try:
+        return PairResult(pair, compare(actual, data), raw=compare(actual, data, rules=()))
     except Exception as exc:
-        failed = _compare.compare_bundles(
-            expected, {"resourceType": "Bundle", "entry": []}, source=data
-        )
-        return PairResult(pair, failed, f"comparison failed: {type(exc).__name__}: {exc}")
+        failed = compare(empty_bundle, data)
+        message = f"comparison failed: {type(exc).__name__}: {exc}"
+        return PairResult(pair, failed, message, raw=compare(empty_bundle, data, rules=()))
 
 
 def overall(results: list[PairResult]) -> dict[str, Any]:
@@ -273,8 +315,8 @@ def worst_fields(results: list[PairResult], n: int = WORST_N) -> list[dict[str, 
     return [{"path": p, "count": c, "pairs": len(pairs_with[p])} for p, c in counts.most_common(n)]
 
 
-def excluded_summary(results: list[PairResult]) -> list[dict[str, Any]]:
-    """Each DELIBERATE rule with the number of fields it excluded."""
+def excluded_summary(results: list[PairResult], kind: str | None = None) -> list[dict[str, Any]]:
+    """Each DELIBERATE rule (of one kind, or all) with the number of fields it excluded."""
     counts: Counter[str] = Counter()
     for r in results:
         counts.update(r.result.excluded_by_rule())
@@ -285,9 +327,11 @@ def excluded_summary(results: list[PairResult]) -> list[dict[str, Any]]:
             "path": d.path or "(whole resource)",
             "reason": d.reason,
             "ig_ref": d.ig_ref,
+            "kinds": list(d.kinds),
             "fields_excluded": counts.get(d.rule_id, 0),
         }
         for d in DELIBERATE
+        if kind is None or kind in d.kinds
     ]
 
 
@@ -317,18 +361,23 @@ def print_table(results: list[PairResult]) -> None:
         )
 
 
+def _score_line(totals: dict[str, Any]) -> str:
+    """'agreed / compared = score' of a totals dict."""
+    score = "n/a" if totals["score"] is None else f"{totals['score']:.2f}%"
+    return f"{totals['agreed']} agreed / {totals['compared']} compared = {score}"
+
+
 def print_summary(
     totals: dict[str, Any], worst: list[dict[str, Any]], excluded: list[dict[str, Any]]
 ) -> None:
-    """Overall numbers, worst fields and DELIBERATE exclusions."""
+    """Overall numbers, worst fields and DELIBERATE exclusions (of one kind)."""
     print()
     print(
         f"pairs converted: {totals['pairs_converted']} / {totals['pairs_total']}"
         f"  (errors: {totals['errors']})"
     )
-    score = "n/a" if totals["score"] is None else f"{totals['score']:.2f}%"
     print(
-        f"overall: {totals['agreed']} agreed / {totals['compared']} compared = {score}"
+        f"overall: {_score_line(totals)}"
         f"  (extra leaves in actual: {totals['extra']}, excluded: {totals['excluded']})"
     )
     if totals.get("raw_compared"):
@@ -383,62 +432,117 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pairs", required=True, type=Path, help="pairs CSV (oracle_pairs.csv)")
     ap.add_argument("--root", required=True, type=Path, help="corpus folder the paths are in")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="JSON output file")
-    ap.add_argument("--kind", default="hl7v2", help="pairs kind to score (default hl7v2)")
+    ap.add_argument(
+        "--kind",
+        default="all",
+        choices=("all", *KINDS),
+        help="pairs kind to score (default all: every kind, each scored on its own)",
+    )
     ap.add_argument("--only", help="only pairs whose input/expected path contains this")
     ap.add_argument("--show", metavar="PAIRNAME", help="print one pair's disagreeing fields")
-    ap.add_argument("--min-score", type=float, help="exit 1 if overall score %% is below this")
+    ap.add_argument(
+        "--min-score", type=float, help="exit 1 if the score %% of any kind scored is below this"
+    )
     ap.add_argument("--timeout", type=int, default=60, help="seconds per conversion (0=none)")
     ap.add_argument(
         "--against-expected",
         action="store_true",
         help="sanity check: score the (shuffled, renamed) expected bundles",
     )
+    ap.add_argument(
+        "--all-types",
+        action="store_true",
+        help="compare every specified resource type for every kind (HL7 v2 then also "
+        "compares Practitioner, Organization, Location, Device and Consent)",
+    )
     return ap.parse_args(argv)
 
 
-def pick_converter(against_expected: bool) -> Converter:
-    """The converter to score (fhirtwin, or the expected-bundle baseline)."""
+def pick_converter(against_expected: bool, kind: str = "hl7v2") -> Converter:
+    """The converter to score for one kind (fhirtwin, or the expected-bundle baseline).
+
+    A converter that cannot be imported fails every pair of its kind with the import error.
+    """
     if against_expected:
         return expected_converter
+    module, factory = {
+        "hl7v2": ("fhirtwin.conversion", fhirtwin_converter),
+        "ccda": ("fhirtwin.ccda", ccda_converter),
+    }[kind]
     try:
-        return fhirtwin_converter()
+        return factory()
     except Exception as exc:
-        message = f"cannot import fhirtwin.conversion: {type(exc).__name__}: {exc}"
+        message = f"cannot import {module}: {type(exc).__name__}: {exc}"
         print(message, file=sys.stderr)
         return failing_converter(message)
+
+
+def kind_report(results: list[PairResult], kind: str) -> dict[str, Any]:
+    """Totals, worst fields and exclusions of the pairs of one kind."""
+    mine = [r for r in results if r.pair.kind == kind]
+    return {
+        "overall": overall(mine),
+        "worst_fields": worst_fields(mine),
+        "excluded": excluded_summary(mine, kind),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return the process exit code."""
     args = parse_args(argv)
-    pairs, skipped = read_pairs(args.pairs, args.kind, args.only)
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    pairs, skipped = read_pairs(args.pairs, kinds, args.only)
     for msg in skipped:
         print(msg)
-    convert = pick_converter(args.against_expected)
-    results = [score_pair(p, args.root, convert, args.timeout) for p in pairs]
+    scored = [k for k in kinds if any(p.kind == k for p in pairs)]
+    converters = {k: pick_converter(args.against_expected, k) for k in scored}
+    types = tuple(_compare.SPECS) if args.all_types else None
+    results = [score_pair(p, args.root, converters[p.kind], args.timeout, types) for p in pairs]
     for r in results:
         if r.error:
             print(f"ERROR {r.pair.name}: {r.error}", file=sys.stderr)
+    by_kind = {k: kind_report(results, k) for k in scored}
+    for k in scored:
+        title = KIND_TITLES.get(k, k)
+        print(f"\n==== {title} (kind {k}) " + "=" * max(0, 70 - len(title) - len(k)))
+        print_table([r for r in results if r.pair.kind == k])
+        report = by_kind[k]
+        print_summary(report["overall"], report["worst_fields"], report["excluded"])
     totals = overall(results)
-    worst = worst_fields(results)
-    excluded = excluded_summary(results)
-    print_table(results)
-    print_summary(totals, worst, excluded)
+    print("\n==== scores by kind (never mixed) " + "=" * 45)
+    for k in scored:
+        t = by_kind[k]["overall"]
+        print(
+            f"  {KIND_TITLES.get(k, k):<7} {_score_line(t)}"
+            f"  ({t['pairs_converted']}/{t['pairs_total']} pairs converted)"
+        )
+    if len(scored) > 1:
+        print(f"  {'all':<7} {_score_line(totals)}  (fields summed over every kind)")
     out = {
+        "kinds": scored,
+        "all_types": args.all_types,
         "pairs": [r.row() for r in results],
         "skipped": skipped,
         "overall": totals,
-        "worst_fields": worst,
-        "excluded": excluded,
+        "by_kind": by_kind,
+        "worst_fields": worst_fields(results),
+        "excluded": excluded_summary(results),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\nwrote {args.json}")
     if args.show and not show_pair(results, args.show):
         return 2
-    if args.min_score is not None and (totals["score"] or 0.0) < args.min_score:
-        print(f"overall score {totals['score']} < --min-score {args.min_score}")
-        return 1
+    if args.min_score is not None:
+        low = [
+            (k, by_kind[k]["overall"]["score"])
+            for k in scored
+            if (by_kind[k]["overall"]["score"] or 0.0) < args.min_score
+        ]
+        for k, score in low:
+            print(f"{KIND_TITLES.get(k, k)} score {score} < --min-score {args.min_score}")
+        if low or not scored:
+            return 1
     return 0
 
 

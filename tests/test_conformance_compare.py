@@ -356,6 +356,8 @@ def test_script_reads_pairs_and_skips_non_json(tmp_path: Path) -> None:
         "--json",
         str(out),
         "--against-expected",
+        "--kind",
+        "hl7v2",
         "--min-score",
         "100",
     ]
