@@ -440,10 +440,6 @@ def xpath_of(el: Any) -> str:
     return "/" + "/".join(reversed(parts))
 
 
-def _null(el: Any) -> bool:
-    return el is None or (el.get("nullFlavor") is not None and not el.get("code"))
-
-
 def conv_string(doc: Doc, el: Any) -> str | None:
     if el is None:
         return None
@@ -1357,17 +1353,6 @@ def _prune_refs(obj: Any, dropped: set[str]) -> Any:
 # -- the command line and the pipeline ----------------------------------------------------
 
 
-def _files(inputs: list[str]) -> Iterator[Path]:
-    for p in inputs:
-        path = Path(p)
-        if path.is_dir():
-            for f in sorted(path.rglob("*")):
-                if f.is_file() and f.suffix.lower() in (".xml", ".ccda", ".cda"):
-                    yield f
-        else:
-            yield path
-
-
 def is_document(path: Path) -> bool:
     """A ClinicalDocument (not a section or entry fragment), judged by its root tag."""
     try:
@@ -1400,7 +1385,9 @@ def convert_paths(
         import sys
 
         sources.append(("<stdin>", sys.stdin.buffer.read(MAX_BYTES + 1)))
-    paths = list(_files([p for p in inputs if p != "-"]))
+    from fhirtwin.ingest import source_files  # the same file walk as `fhirtwin ingest`
+
+    paths = list(source_files([p for p in inputs if p != "-"], "ccda"))
     for name, data in sources:
         done, failed = _one(name, data, out, validate, console, done, failed)
     for path in paths:

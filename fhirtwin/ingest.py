@@ -25,7 +25,7 @@ from fhirtwin import bus
 from fhirtwin.hl7v2 import HL7ParseError, split_batch
 from fhirtwin.mllp import inspect
 
-__all__ = ["IngestRecord", "hl7v2_patient_key", "ingest", "records_of"]
+__all__ = ["IngestRecord", "hl7v2_patient_key", "ingest", "records_of", "source_files"]
 
 SUFFIXES = {
     "hl7v2": (".hl7", ".txt", ".msg", ".hl7v2"),
@@ -52,7 +52,7 @@ def hl7v2_patient_key(message: bytes) -> bytes | None:
         return None
 
 
-def _files(paths: Iterable[str], kind: str) -> Iterator[Path]:
+def source_files(paths: Iterable[str], kind: str) -> Iterator[Path]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
@@ -123,7 +123,7 @@ def ingest(
         if err is not None:
             failures.append(str(err))
 
-    for path in _files(paths, kind):
+    for path in source_files(paths, kind):
         counts["files"] += 1
         for rec in records_of(path, kind):
             headers = [
