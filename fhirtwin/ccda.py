@@ -1092,8 +1092,9 @@ def make(doc: Doc, rule: Rule, el: Any) -> dict[str, Any] | None:
     rid = _resource_id(doc, rule, el)
     res: dict[str, Any] = {"resourceType": rule.resource, "id": rid}
     doc.made[key] = res  # before evaluating: a rule may refer back to itself
-    other = doc.by_id.get((rule.resource, rid))
     body = evaluate(doc, el, rule.elements) or {}
+    # looked up after the body: evaluating it may have made a resource with this id
+    other = doc.by_id.get((rule.resource, rid))
     if other is not None and rule.merge:
         for k, v in body.items():
             other.setdefault(k, v)

@@ -305,3 +305,20 @@ def test_corpus_documents_convert_to_valid_bundles(corpus: Path) -> None:
     assert failures == []
     assert converted >= 36
     assert len(refused) <= 10
+
+
+def test_every_resource_has_its_own_id(bundle: dict) -> None:
+    """A resource made while another is being made (a panel's members) never shares
+    its id: the twin store would keep only one of them."""
+    keys = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in bundle["entry"]]
+    assert len(keys) == len(set(keys))
+
+
+def test_corpus_bundles_have_unique_ids(corpus: Path) -> None:
+    for path in _corpus_documents(corpus):
+        try:
+            out = ccda.convert(path.read_bytes(), source=path.name)
+        except ccda.CcdaError:
+            continue
+        keys = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in out["entry"]]
+        assert len(keys) == len(set(keys)), path.name
