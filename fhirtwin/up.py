@@ -131,6 +131,15 @@ class Supervisor:
                     [*py, "worker", "normalize", "--source", "hl7v2", *validate, *mappings],
                 )
             )
+        # one normalizer per export kind, so `fhirtwin ingest --from ccda|csv|fhir` works
+        # against `fhirtwin up` as it does for HL7 v2 (idle unless something is ingested)
+        for kind in ("ccda", "csv", "fhir"):
+            kids.append(
+                Child(
+                    f"normalize-{kind}",
+                    [*py, "worker", "normalize", "--source", kind, *validate, *mappings],
+                )
+            )
         return kids
 
     def start(self) -> dict[str, Any]:
