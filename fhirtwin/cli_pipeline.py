@@ -44,7 +44,10 @@ RedisOpt = Annotated[
 ]
 
 GROUPS = {
-    "normalize-hl7v2": ("fhirtwin-normalize-hl7v2", [bus.RAW_TOPICS["hl7v2"]]),
+    **{
+        f"normalize-{kind}": (f"fhirtwin-normalize-{kind}", [bus.RAW_TOPICS[kind]])
+        for kind in ("hl7v2", "ccda", "csv", "fhir")  # the normalizers `fhirtwin up` runs
+    },
     "assemble": ("fhirtwin-assemble", [bus.RESOURCES]),
     "snapshot": ("fhirtwin-snapshot", [bus.TWIN_EVENTS]),
     "audit": ("fhirtwin-audit-sequencer", [bus.AUDIT]),
