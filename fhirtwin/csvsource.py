@@ -105,6 +105,7 @@ class Table:
     rules: list[ResourceRule]
     maps: dict[str, dict[str, Any]] = field(default_factory=dict)
     consts: dict[str, Any] = field(default_factory=dict)
+    allowed: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -170,6 +171,7 @@ def load_profile(name_or_path: str | Path, mappings: Path | None = None) -> Prof
                 rules,
                 {**maps, **(raw.get("maps") or {})},
                 consts,
+                {c: [str(v) for v in vs] for c, vs in (raw.get("allowed") or {}).items()},
             )
         )
     return Profile(path.name, path, tables)
@@ -241,7 +243,10 @@ def _cond(row: _Row, cond: Any) -> bool:
                     return False
                 continue
             have = row.get(col)
-            if isinstance(want, list):
+            if isinstance(want, dict) and set(want) == {"regex"}:
+                if not re.fullmatch(str(want["regex"]), have):
+                    return False
+            elif isinstance(want, list):
                 if have not in [str(w) for w in want]:
                     return False
             elif isinstance(want, bool):
@@ -355,6 +360,9 @@ def convert_row(table: Table, values: dict[str, str]) -> RowResult:
     for col in table.required:
         if not row.get(col):
             raise RowError("required column is empty", col)
+    for col, allowed in table.allowed.items():
+        if (have := row.get(col)) and have not in allowed:
+            raise RowError(f"{have!r} is not one of {', '.join(allowed)}", col)
     resources = []
     for rule in table.rules:
         if rule.when is not None and not _cond(row, rule.when):
@@ -450,10 +458,16 @@ def _csv_files(inputs: list[str]) -> dict[str, Path]:
 
 
 def convert_dir(
-    inputs: list[str], profile: Profile, *, validate: bool = True
+    inputs: list[str],
+    profile: Profile,
+    *,
+    validate: bool = True,
+    no_resource: dict[str, int] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], list[RowError], dict[str, int]]:
     """Every table of the profile found in ``inputs`` → resources per patient key
-    (``_shared`` for rows naming none), the bad rows, and rows read per table."""
+    (``_shared`` for rows naming none), the bad rows, and rows read per table.
+    ``no_resource``, when given, receives per table the count of good rows whose rules
+    made no resource (every ``when`` false, e.g. claims_transactions' transfers)."""
     from fhirtwin.validation import validate_resource
 
     files = _csv_files(inputs)
@@ -470,6 +484,10 @@ def convert_dir(
                 errors.append(result)
                 continue
             rows[table.name] += 1
+            if not result.resources:
+                if no_resource is not None:
+                    no_resource[table.name] = no_resource.get(table.name, 0) + 1
+                continue
             if validate:
                 problems = [p for r in result.resources for p in validate_resource(r)]
                 if problems:
@@ -500,7 +518,8 @@ def convert_paths(
     except ProfileError as exc:
         console.print(str(exc), style="red", markup=False)
         return 3
-    groups, errors, rows = convert_dir(inputs, prof, validate=validate)
+    no_resource: dict[str, int] = {}
+    groups, errors, rows = convert_dir(inputs, prof, validate=validate, no_resource=no_resource)
     if not rows:
         console.print(f"[red]no CSV file of profile {prof.name!r} in {', '.join(inputs)}[/red]")
         return 2
@@ -521,6 +540,10 @@ def convert_paths(
         f"{sum(rows.values())} rows of {len(rows)} tables → {patients} patient Bundle(s)"
         f"{' + _shared.json' if SHARED in groups else ''}; {len(errors)} bad row(s)"
     )
+    if no_resource:
+        # rows the rules deliberately turn into nothing: said, so that none is lost unseen
+        per = ", ".join(f"{t} {n}" for t, n in no_resource.items())
+        console.print(f"{sum(no_resource.values())} row(s) made no resource by rule ({per})")
     return 1 if errors else 0
 
 
@@ -580,6 +603,8 @@ def convert_record(rec: bus.Record, validate: bool, mappings: Path | None) -> li
                 f"{problems[0]}; fix the rule in mappings/csv/, then replay this dead letter",
                 {**where, "error": "validate", "problems": problems[:50]},
             )
+    if not result.resources:
+        return []  # the rules make nothing of this row (e.g. a claims transfer): nothing to send
     control = f"{filename}:{line}"
     event_ms = fhir_time_ms(result.event_time)
     try:
