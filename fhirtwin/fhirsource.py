@@ -59,6 +59,8 @@ __all__ = [
 
 REF_KEY_SYSTEM = "urn:fhirtwin:fhir-ref"
 SHARED = "_shared"
+DELETED = "_deleted"  # convert: the DELETE entries that take effect, as one batch Bundle
+STDIN = "<stdin>"  # the file name of standard input in messages and the report
 DEFAULT_SCOPE = "default"
 _NS = uuid.UUID("6f1c1d3e-3c55-4c38-9a62-2f0c8a1f7e21")  # ids made for entries without one
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")
@@ -205,8 +207,41 @@ class Normalised:
     units: list[Unit] = field(default_factory=list)
     problems: list[dict[str, str]] = field(default_factory=list)  # validation, path + error
     unresolved: list[dict[str, str]] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)  # entries without a resource
+    skipped: list[dict[str, str]] = field(default_factory=list)  # entries that are not data
+    # DELETE entries that take effect: path, url, ref (``Type/id``) and message
+    deletions: list[dict[str, str]] = field(default_factory=list)
+    # operations fhirtwin cannot carry out (PATCH, conditional DELETE): path, url, message
+    unsupported: list[dict[str, str]] = field(default_factory=list)
     scope: str = DEFAULT_SCOPE
+
+
+def _entry_label(path: str) -> str:
+    """``Bundle.entry[3]`` → ``entry[3]`` (how a message names an entry)."""
+    return path.removeprefix("Bundle.")
+
+
+def _entry_index(path: str) -> int:
+    """``Bundle.entry[3]…`` → 3 (-1 for a path outside the entries)."""
+    m = re.match(r"Bundle\.entry\[(\d+)\]", path)
+    return int(m[1]) if m else -1
+
+
+def _target(url: str) -> str | None:
+    """The ``Type/id`` a request URL names (relative or absolute, ``_history`` dropped);
+    None for a conditional (``Type?…``), type-level or operation URL."""
+    if "?" in url or "$" in url:
+        return None
+    m = _REL.match(url.rstrip("/"))
+    return f"{m['type']}/{m['id']}" if m else None
+
+
+def _version_ms(entry: dict[str, Any], res: dict[str, Any] | None) -> int | None:
+    """When this version was made: ``meta.lastUpdated``, else ``response.lastModified``."""
+    meta = res.get("meta") if isinstance(res, dict) else None
+    if isinstance(meta, dict) and (ms := fhir_time_ms(meta.get("lastUpdated"))) is not None:
+        return ms
+    response = entry.get("response")
+    return fhir_time_ms(response.get("lastModified")) if isinstance(response, dict) else None
 
 
 def _entry_id(entry: dict[str, Any], res: dict[str, Any], full: str, seed: str) -> str:
@@ -241,8 +276,14 @@ def normalise_bundle(
 
     out = Normalised(scope=scope)
     configured = tuple(b.rstrip("/") for b in bases)
+    deletes: list[tuple[int, dict[str, Any], str, str]] = []  # (index, entry, path, url)
     if bundle.get("resourceType") != "Bundle":
-        pairs: list[tuple[dict[str, Any], dict[str, Any], str]] = [({}, bundle, "")]
+        pairs: list[tuple[dict[str, Any], dict[str, Any], str]] = []
+        if bundle.get("resourceType") == "OperationOutcome":
+            # e.g. a line of a Bulk export's error file: about the export, not data
+            out.skipped.append({"path": "", "reason": "OperationOutcome (an error report)"})
+        else:
+            pairs.append(({}, bundle, ""))
     else:
         pairs = []
         for i, entry in enumerate(bundle.get("entry") or ()):
@@ -251,8 +292,34 @@ def normalise_bundle(
                 out.problems.append({"path": where, "error": "an entry must be an object"})
                 continue
             res = entry.get("resource")
+            request = entry.get("request")
+            method = url = ""
+            if isinstance(request, dict):
+                method = str(request.get("method") or "").upper()
+                url = str(request.get("url") or "")
+            if method == "DELETE":  # a resource in it, if any, is not data (and is ignored)
+                deletes.append((i, entry, where, url))
+                continue
+            if method in ("GET", "HEAD"):
+                out.skipped.append({"path": where, "reason": f"a read ({method} {url})"})
+                continue
+            if method == "PATCH":
+                out.unsupported.append(
+                    {
+                        "path": where,
+                        "method": method,
+                        "url": url,
+                        "message": f"not supported yet: PATCH {url} at {_entry_label(where)}",
+                    }
+                )
+                continue
+            if method == "POST" and "$" in url.split("?", 1)[0]:
+                out.skipped.append(
+                    {"path": where, "reason": f"an operation call ({method} {url}), not data"}
+                )
+                continue
             if res is None:
-                req = entry.get("request") or entry.get("response") or {}
+                req = request or entry.get("response") or {}
                 out.skipped.append(
                     {"path": where, "reason": f"no resource ({orjson.dumps(req).decode()[:120]})"}
                 )
@@ -266,6 +333,11 @@ def normalise_bundle(
             if isinstance(search, dict) and search.get("mode") == "outcome":
                 out.skipped.append(
                     {"path": where, "reason": "searchset outcome (OperationOutcome)"}
+                )
+                continue
+            if res.get("resourceType") == "OperationOutcome":
+                out.skipped.append(
+                    {"path": where, "reason": "OperationOutcome: about the exchange, not data"}
                 )
                 continue
             pairs.append((entry, res, f"{where}.resource"))
@@ -291,6 +363,8 @@ def normalise_bundle(
                 own_bases.append(m["base"])
     if own_bases and not any(b in configured for b in own_bases):
         out.scope = own_bases[0]  # ids are that server's: scope the patient keys by it
+    if bundle.get("resourceType") == "Bundle":
+        pairs = _deletions(bundle.get("type") == "history", pairs, deletes, out)
     known = (*configured, *own_bases, *_bases_from_env())
     for _entry, res, where in pairs:
         _normalise_refs(
@@ -308,6 +382,94 @@ def normalise_bundle(
             continue
         out.units.append(Unit(res, where, patient_of(res)))
     return out
+
+
+def _deletions(
+    history: bool,
+    pairs: list[tuple[dict[str, Any], dict[str, Any], str]],
+    deletes: list[tuple[int, dict[str, Any], str, str]],
+    out: Normalised,
+) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+    """Decide what the DELETE entries (and, in a history Bundle, the older versions) of
+    one Bundle do; the resource entries that stay. Ids are assigned by now.
+
+    * history: each ``Type/id`` keeps only its newest entry (the greatest
+      ``meta.lastUpdated`` / ``response.lastModified`` when all have one, else the first:
+      a history lists newest first); when that is a DELETE, it is a deletion.
+    * any other type (transaction, batch, Bulk ``deleted`` files): a DELETE of a resource
+      that the same Bundle also writes does nothing (a transaction applies DELETEs
+      first); any other DELETE is a deletion.
+
+    A conditional or type-level DELETE names no resource: unsupported, like PATCH.
+    """
+    index_of = {where: _entry_index(where) for _, _, where in pairs}
+
+    def deletion(where: str, url: str, ref: str) -> None:
+        out.deletions.append(
+            {
+                "path": where,
+                "url": url,
+                "ref": ref,
+                "message": f"not supported yet: DELETE {url} at {_entry_label(where)}",
+            }
+        )
+
+    targets: list[tuple[int, dict[str, Any], str, str, str]] = []
+    for i, entry, where, url in deletes:
+        ref = _target(url) or _target(str(entry.get("fullUrl") or ""))
+        if ref is None:
+            out.unsupported.append(
+                {
+                    "path": where,
+                    "method": "DELETE",
+                    "url": url,
+                    "message": f"not supported yet: DELETE {url} at {_entry_label(where)}"
+                    " (names no single resource)",
+                }
+            )
+            continue
+        targets.append((i, entry, where, url, ref))
+    written = {f"{res.get('resourceType')}/{res.get('id')}": where for _, res, where in pairs}
+    if not history:
+        for _, _, where, url, ref in targets:
+            if ref in written:
+                out.skipped.append(
+                    {
+                        "path": where,
+                        "reason": f"DELETE {url} undone by {_entry_label(written[ref])} of "
+                        "the same Bundle (a transaction applies DELETEs first)",
+                    }
+                )
+            else:
+                deletion(where, url, ref)
+        return pairs
+    # history: the versions of each resource, resource entries and DELETEs alike
+    versions: dict[str, list[tuple[int, int | None, str, str | None]]] = {}
+    for entry, res, where in pairs:
+        ref = f"{res.get('resourceType')}/{res.get('id')}"
+        versions.setdefault(ref, []).append((index_of[where], _version_ms(entry, res), where, None))
+    for i, entry, where, url, ref in targets:
+        versions.setdefault(ref, []).append((i, _version_ms(entry, None), where, url))
+    keep: set[str] = set()
+    for ref, found in versions.items():
+        if all(ms is not None for _, ms, _, _ in found):
+            newest = max(found, key=lambda v: (v[1], -v[0]))
+        else:
+            newest = min(found, key=lambda v: v[0])
+        for v in found:
+            if v is not newest:
+                out.skipped.append(
+                    {
+                        "path": v[2].removesuffix(".resource"),
+                        "reason": f"an older version of {ref} (history: "
+                        f"{_entry_label(newest[2].removesuffix('.resource'))} is newer)",
+                    }
+                )
+        if newest[3] is None:
+            keep.add(newest[2])
+        else:
+            deletion(newest[2], newest[3], ref)
+    return [p for p in pairs if p[2] in keep]
 
 
 # -- the pipeline ---------------------------------------------------------------------
@@ -385,6 +547,27 @@ def convert_record(rec: bus.Record, validate: bool, mappings: Path | None) -> li
                 "control_id": control,
             },
         )
+    refused = sorted(norm.unsupported + norm.deletions, key=lambda d: _entry_index(d["path"]))
+    if refused:
+        # The twin store has no deletion (nor PATCH) yet: applying the rest of the record
+        # would keep what the source deleted, so the whole record waits as a dead letter,
+        # every such entry listed, to be replayed once the store can apply it.
+        listed = "; ".join(d["message"] for d in refused[:5])
+        more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
+        raise SourceError(
+            "map",
+            f"{loc}: {len(refused)} operation(s) the twin store cannot apply: {listed}{more}; "
+            "replay this dead letter once it can",
+            {
+                "error": "not supported yet",
+                **where,
+                "control_id": control,
+                "count": len(refused),
+                "operations": [
+                    {k: d[k] for k in ("path", "url", "message")} for d in refused[:1000]
+                ],
+            },
+        )
     groups: dict[str | None, list[dict[str, Any]]] = {}
     for unit in norm.units:
         groups.setdefault(unit.patient, []).append(unit.resource)
@@ -422,6 +605,11 @@ class ConvertReport:
     references: int = 0
     duplicates: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    deletions: list[dict[str, Any]] = field(default_factory=list)  # file, line, path, url, ref
+    deletion_entries: int = 0  # DELETE entries read that name one resource
+    deleted: int = 0  # DELETE entries written to _deleted.json (not undone by a later copy)
+    unsupported: list[dict[str, Any]] = field(default_factory=list)  # file, line, path, message
+    unsupported_count: int = 0
     outputs: list[Path] = field(default_factory=list)
 
     def add(self, name: str, item: dict[str, Any]) -> None:
@@ -443,6 +631,11 @@ class ConvertReport:
             "unresolved": self.unresolved,
             "duplicates_replaced": self.duplicates,
             "skipped": self.skipped,
+            "deletion_entries": self.deletion_entries,
+            "deleted": self.deleted,
+            "deletions": self.deletions,
+            "unsupported_count": self.unsupported_count,
+            "unsupported": self.unsupported,
         }
 
 
@@ -516,6 +709,7 @@ class _Converter:
         self.report = ConvertReport()
         self.spool = _Spool(tmp)
         self.index: dict[str, int] = {}  # Type/id → sequence number of its last version
+        self.deleted: dict[str, int] = {}  # Type/id → sequence number of its last DELETE
         self.by_identifier: dict[str, str] = {}  # Type?identifier=sys|val → Type/id
         self.seq = 0
         self.groups: dict[str, int] = {}  # group → resources spooled
@@ -549,6 +743,22 @@ class _Converter:
         for u in norm.unresolved:
             self.report.unresolved_count += 1
             self.report.add("unresolved", {**loc, **u})
+        for x in norm.unsupported:
+            self.report.unsupported_count += 1
+            self.report.add("unsupported", {**loc, **x})
+        where = f"{loc['file']}:{line}" if line is not None else loc["file"]
+        for d in norm.deletions:
+            # a later copy of the resource undoes the deletion; an earlier one is dropped
+            ref = d["ref"]
+            self.seq += 1
+            self.report.deletion_entries += 1
+            self.report.add("deletions", {**loc, **{k: d[k] for k in ("path", "url", "ref")}})
+            self.index.pop(ref, None)
+            self.deleted[ref] = self.seq
+            rtype, rid = ref.split("/", 1)
+            self.groups[DELETED] = self.groups.get(DELETED, 0) + 1
+            stub = {"resourceType": rtype, "id": rid}
+            self.spool.write(DELETED, orjson.dumps([self.seq, where, d["path"], stub]) + b"\n")
         for unit in norm.units:
             res = unit.resource
             ref = f"{res['resourceType']}/{res['id']}"
@@ -556,49 +766,28 @@ class _Converter:
             if ref in self.index:
                 self.report.duplicates += 1
             self.index[ref] = self.seq
+            self.deleted.pop(ref, None)
             for key in _identifier_keys(res):
                 self.by_identifier.setdefault(key, ref)
             group = unit.patient or SHARED
             self.groups[group] = self.groups.get(group, 0) + 1
-            where = f"{loc['file']}:{line}" if line is not None else loc["file"]
             self.spool.write(group, orjson.dumps([self.seq, where, unit.path, res]) + b"\n")
 
-    def take_file(self, path: Path, progress: Callable[[int], None]) -> None:
-        self.report.files += 1
-        name = str(path)
-        if path.suffix.lower() in (".ndjson", ".jsonl"):
-            with path.open("rb") as fh:
-                for n, raw in enumerate(fh, 1):
-                    progress(len(raw))
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = orjson.loads(raw)
-                    except orjson.JSONDecodeError as exc:
-                        self.report.read += 1
-                        self.report.invalid_resources += 1
-                        self.report.add(
-                            "invalid",
-                            {"file": name, "line": n, "path": "", "error": f"not JSON: {exc}"},
-                        )
-                        continue
-                    self.take(obj, name, n)
-            return
-        size = path.stat().st_size
-        if size > _MAX_JSON_FILE:
+    def take_line(self, raw: bytes, name: str, n: int) -> None:
+        """One NDJSON line (blank lines are skipped by the callers)."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            self.report.read += 1
             self.report.invalid_resources += 1
             self.report.add(
-                "invalid",
-                {
-                    "file": name,
-                    "path": "",
-                    "error": f"{size} bytes: too large for one JSON document (use NDJSON)",
-                },
+                "invalid", {"file": name, "line": n, "path": "", "error": f"not JSON: {exc}"}
             )
-            progress(size)
             return
-        data = path.read_bytes()
-        progress(len(data))
+        self.take(obj, name, n)
+
+    def take_document(self, data: bytes, name: str) -> None:
+        """One JSON document: a Bundle or a single resource."""
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -607,6 +796,76 @@ class _Converter:
             self.report.add("invalid", {"file": name, "path": "", "error": f"not JSON: {exc}"})
             return
         self.take(obj, name, None)
+
+    def _too_large(self, name: str, size: int) -> None:
+        self.report.invalid_resources += 1
+        self.report.add(
+            "invalid",
+            {
+                "file": name,
+                "path": "",
+                "error": f"{size} bytes: too large for one JSON document (use NDJSON)",
+            },
+        )
+
+    def take_file(self, path: Path, progress: Callable[[int], None]) -> None:
+        self.report.files += 1
+        name = str(path)
+        if path.suffix.lower() in (".ndjson", ".jsonl"):
+            with path.open("rb") as fh:
+                for n, raw in enumerate(fh, 1):
+                    progress(len(raw))
+                    if raw.strip():
+                        self.take_line(raw, name, n)
+            return
+        size = path.stat().st_size
+        if size > _MAX_JSON_FILE:
+            self._too_large(name, size)
+            progress(size)
+            return
+        data = path.read_bytes()
+        progress(len(data))
+        self.take_document(data, name)
+
+    def take_stream(self, fh: IO[bytes], progress: Callable[[int], None]) -> None:
+        """Standard input: NDJSON (streamed line by line), a Bundle or a single resource.
+
+        Which one is decided by the first non-blank line: a whole JSON object on one line
+        (``{…}``) starts NDJSON (a one-line document is a one-line NDJSON); anything else
+        (``{`` alone, a pretty-printed document) is read as one JSON document.
+        """
+        self.report.files += 1
+        lines = iter(fh)  # one iterator: reading on after the first line
+        n = 0
+        first = b""
+        for raw in lines:
+            n += 1
+            progress(len(raw))
+            if raw.strip():
+                first = raw
+                break
+        if not first:
+            return  # empty input: nothing to convert
+        head = first.strip()
+        if head.startswith(b"{") and head.endswith(b"}"):
+            self.take_line(first, STDIN, n)
+            for raw in lines:
+                n += 1
+                progress(len(raw))
+                if raw.strip():
+                    self.take_line(raw, STDIN, n)
+            return
+        rest = fh.read(_MAX_JSON_FILE + 1 - len(first))
+        progress(len(rest))
+        data = first + rest
+        if len(data) > _MAX_JSON_FILE:
+            size = len(data)
+            while chunk := fh.read(1 << 20):  # drain, counting, without keeping it
+                size += len(chunk)
+                progress(len(chunk))
+            self._too_large(STDIN, size)
+            return
+        self.take_document(data, STDIN)
 
     # pass 2: resolve against the whole input, write one Bundle per group
     def resolve(self, res: dict[str, Any], where: str, path: str) -> None:
@@ -620,12 +879,20 @@ class _Converter:
                     self._unresolved(
                         where, at, ref, "conditional reference matches no resource of the input"
                     )
+                elif got not in self.index:
+                    self._unresolved(where, at, ref, f"matches {got}, deleted in the input")
+                    return None
                 return got
             m = _REL.match(ref)
             if m is None:
                 self._unresolved(where, at, ref, "not a FHIR reference")
-            elif f"{m['type']}/{m['id']}" not in self.index:
-                self._unresolved(where, at, ref, "no such resource in the input")
+            elif (key := f"{m['type']}/{m['id']}") not in self.index:
+                reason = (
+                    "deleted in the input"
+                    if key in self.deleted
+                    else "no such resource in the input"
+                )
+                self._unresolved(where, at, ref, reason)
             return None
 
         _walk_refs(res, path or res["resourceType"], check)
@@ -638,20 +905,31 @@ class _Converter:
         item: dict[str, Any] = {"file": file, **({"line": int(line)} if line else {})}
         self.report.add("unresolved", {**item, "path": path, "reference": ref, "reason": reason})
 
-    def write_all(self, sink: Callable[[str, Iterator[bytes]], None]) -> None:
+    def write_all(self, sink: Callable[[str, Iterator[bytes]], int]) -> None:
+        """Each group's Bundle through ``sink`` (which returns the entries it wrote); a
+        group left with no entry (all replaced or deleted later) is not written."""
         self.spool.close()
-        for group in sorted(self.groups, key=lambda g: (g == SHARED, g)):
-            sink(group, self._entries(group))
+        order = {SHARED: 1, DELETED: 2}
+        for group in sorted(self.groups, key=lambda g: (order.get(g, 0), g)):
+            written = sink(group, self._entries(group))
             if group == SHARED:
-                self.report.shared = self.groups[group]
-            else:
+                self.report.shared = written
+            elif group == DELETED:
+                self.report.deleted = written
+            elif written:
                 self.report.patients += 1
 
     def _entries(self, group: str) -> Iterator[bytes]:
+        if group == DELETED:
+            for seq, _where, _path, stub in self.spool.read(group):
+                ref = f"{stub['resourceType']}/{stub['id']}"
+                if self.deleted.get(ref) == seq:  # else a later copy or DELETE replaces it
+                    yield orjson.dumps({"request": {"method": "DELETE", "url": ref}})
+            return
         for seq, where, path, res in self.spool.read(group):
             ref = f"{res['resourceType']}/{res['id']}"
             if self.index.get(ref) != seq:
-                continue  # a later copy of the same resource replaces this one
+                continue  # a later copy (or DELETE) of the same resource replaces this one
             self.resolve(res, where, path)
             self.report.written[res["resourceType"]] += 1
             entry: dict[str, Any] = {}
@@ -669,7 +947,9 @@ def _bundle_head(group: str) -> bytes:
 
 def _file_name(group: str) -> str:
     return (
-        f"{group}.json" if _ID.match(group) or group == SHARED else f"{uuid.uuid5(_NS, group)}.json"
+        f"{group}.json"
+        if _ID.match(group) or group in (SHARED, DELETED)
+        else f"{uuid.uuid5(_NS, group)}.json"
     )
 
 
@@ -680,30 +960,45 @@ def convert_files(
     validate: bool = True,
     bases: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
+    stdin: IO[bytes] | None = None,
 ) -> ConvertReport:
-    """Convert files and folders; write ``<patient id>.json`` per patient, ``_shared.json``
-    and ``_report.json`` to ``out`` (or the Bundles as lines to stdout). The report."""
+    """Convert files and folders (``-``: standard input, see ``_Converter.take_stream``);
+    write ``<patient id>.json`` per patient, ``_shared.json``, ``_deleted.json`` and
+    ``_report.json`` to ``out`` (or the Bundles as lines to stdout). The report."""
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fhirtwin-spool-", dir=out))
+    step = progress or (lambda n: None)
     try:
         conv = _Converter(out, validate, bases, tmp)
-        for path in _files(inputs):
-            conv.take_file(path, progress or (lambda n: None))
+        for name in inputs:
+            if name == "-":
+                conv.take_stream(stdin or sys.stdin.buffer, step)
+                continue
+            for path in _files([name]):
+                conv.take_file(path, step)
 
-        def sink(group: str, entries: Iterator[bytes]) -> None:
+        def sink(group: str, entries: Iterator[bytes]) -> int:
+            first = next(entries, None)
+            if first is None:
+                return 0  # nothing left in this group: no empty Bundle
+            n = 1
             if out is None:
-                sys.stdout.buffer.write(
-                    _bundle_head(group).rstrip(b"\n") + b",".join(entries) + b"]}\n"
-                )
-                return
+                sys.stdout.buffer.write(_bundle_head(group).rstrip(b"\n") + first)
+                for e in entries:
+                    sys.stdout.buffer.write(b"," + e)
+                    n += 1
+                sys.stdout.buffer.write(b"]}\n")
+                return n
             target = out / _file_name(group)
             with target.open("wb") as fh:
-                fh.write(_bundle_head(group))
-                for i, e in enumerate(entries):
-                    fh.write(b",\n" + e if i else e)
+                fh.write(_bundle_head(group) + first)
+                for e in entries:
+                    fh.write(b",\n" + e)
+                    n += 1
                 fh.write(b"\n]}\n")
             conv.report.outputs.append(target)
+            return n
 
         conv.write_all(sink)
         if out is not None:
@@ -723,11 +1018,13 @@ def convert_paths(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    missing = [p for p in inputs if not Path(p).exists()]
+    missing = [p for p in inputs if p != "-" and not Path(p).exists()]
     if missing:
         console.print(f"[red]cannot read {missing[0]}: no such file or folder[/red]")
         return 2
-    total = sum(p.stat().st_size for p in _files(inputs))
+    files = [p for p in inputs if p != "-"]
+    # standard input has no size to show progress against
+    total = None if "-" in inputs else sum(p.stat().st_size for p in _files(files))
     bar = Progress(
         TextColumn("converting"),
         BarColumn(),
@@ -744,6 +1041,9 @@ def convert_paths(
     for item in report.invalid[:20]:
         line = f":{item['line']}" if "line" in item else ""
         console.print(f"[red]{item['file']}{line}: {item['path']}: {item['error']}[/red]")
+    for item in report.unsupported[:20]:
+        line = f":{item['line']}" if "line" in item else ""
+        console.print(f"{item['file']}{line}: {item['message']}", style="red", markup=False)
     for item in report.unresolved[:10]:
         line = f":{item['line']}" if "line" in item else ""
         console.print(
@@ -775,6 +1075,23 @@ def convert_paths(
             else ""
         )
     )
+    if report.deletion_entries:
+        summary.print(
+            f"deletions: {report.deletion_entries} DELETE entr(ies) read; {report.deleted} "
+            f"written as DELETE entries ({DELETED}"
+            + (".json)" if out is not None else ")")
+            + (
+                f", {report.deletion_entries - report.deleted} undone by a later copy"
+                if report.deletion_entries > report.deleted
+                else ""
+            )
+            + "; earlier copies of deleted resources left out"
+        )
+    if report.unsupported_count:
+        summary.print(
+            f"[red]{report.unsupported_count} operation(s) not supported yet (PATCH, "
+            "conditional DELETE): not applied (see above)[/red]"
+        )
     if validate:
         summary.print(
             f"FHIR R4 validation: {written} valid, {report.invalid_resources} invalid (left out, see above)"
@@ -783,4 +1100,4 @@ def convert_paths(
         summary.print(f"[red]{report.invalid_resources} unreadable resource(s) (see above)[/red]")
     if profile:
         console.print("[yellow]--profile is for CSV; ignored for FHIR input[/yellow]")
-    return 1 if report.invalid_resources else 0
+    return 1 if report.invalid_resources or report.unsupported_count else 0

@@ -112,7 +112,6 @@ def test_transaction_urn_uuid_references_become_type_id() -> None:
                 ),
                 "request": {"method": "POST", "url": "Observation"},
             },
-            {"request": {"method": "DELETE", "url": "Observation/old"}},
         ],
     }
     units = convert_record(record(bundle), True, None)
@@ -130,6 +129,13 @@ def test_transaction_urn_uuid_references_become_type_id() -> None:
     assert unit.event_ms == 1704164645000  # the latest clinical time in the unit
     if "patient_identifiers" in Converted.__dataclass_fields__:
         assert idents(unit) == (patient_ref_key(P_UUID),)
+    # The twin store cannot apply a delete yet: the whole bundle goes to the dead letters
+    # with the entry named, rather than being half applied.
+    bundle["entry"].append({"request": {"method": "DELETE", "url": "Observation/old"}})
+    with pytest.raises(
+        SourceError, match=r"not supported yet: DELETE Observation/old at entry\[3\]"
+    ):
+        convert_record(record(bundle), True, None)
 
 
 def test_absolute_reference_with_the_bundles_base_becomes_relative(tmp_path: Path) -> None:
@@ -281,12 +287,6 @@ def test_every_bundle_type(btype: str) -> None:
     if btype == "history":
         for e in entries:
             e["response"] = {"status": "200"}
-        entries.append(
-            {
-                "request": {"method": "DELETE", "url": "Observation/gone"},
-                "response": {"status": "204"},
-            }
-        )
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "id": f"b-{btype}",
