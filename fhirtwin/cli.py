@@ -31,6 +31,8 @@ class Source(StrEnum):
     fhir = "fhir"
     csv = "csv"
     ccda = "ccda"
+    note = "note"
+    notes = "notes"  # the pipeline's name for the same source
 
 
 @app.callback()
@@ -84,8 +86,24 @@ def convert(
     profile: Annotated[
         str | None, typer.Option("--profile", help="CSV profile in mappings/csv/ (e.g. synthea).")
     ] = None,
+    patient: Annotated[
+        str | None,
+        typer.Option(
+            "--patient",
+            help="Notes: whom a plain-text note is about (Patient/<id> or system|value).",
+        ),
+    ] = None,
 ) -> None:
     """Convert messages to FHIR R4 Bundles: one <stem>.json per message."""
+    if source in (Source.note, Source.notes):
+        from fhirtwin import notes
+
+        code = notes.convert_paths(
+            inputs, out, validate=validate, profile=profile, console=err, patient=patient
+        )
+        if code:
+            raise typer.Exit(code)
+        return
     if source != Source.hl7v2:
         _convert_other(source.value, inputs, out, validate=validate, profile=profile)
         return

@@ -46,7 +46,7 @@ RedisOpt = Annotated[
 GROUPS = {
     **{
         f"normalize-{kind}": (f"fhirtwin-normalize-{kind}", [bus.RAW_TOPICS[kind]])
-        for kind in ("hl7v2", "ccda", "csv", "fhir")  # the normalizers `fhirtwin up` runs
+        for kind in ("hl7v2", "ccda", "csv", "fhir", "notes")  # the normalizers `fhirtwin up` runs
     },
     "assemble": ("fhirtwin-assemble", [bus.RESOURCES]),
     "snapshot": ("fhirtwin-snapshot", [bus.TWIN_EVENTS]),
@@ -315,11 +315,20 @@ def ingest(
         str, typer.Option("--from", help=f"source kind: {', '.join(bus.SOURCE_KINDS)}")
     ] = "hl7v2",
     kafka: KafkaOpt = None,
+    patient: Annotated[
+        str | None,
+        typer.Option(
+            "--patient",
+            help="notes: whom plain-text notes are about (Patient/<id> or system|value)",
+        ),
+    ] = None,
 ) -> None:
     """Put files on the raw topic of their kind (original bytes, with a progress bar)."""
     from fhirtwin.ingest import ingest as do_ingest
 
     bootstrap = _kafka_only(kafka)
+    source = "notes" if source == "note" else source
+    extra = [("fhirtwin-patient", patient.encode())] if patient else []
     if source not in bus.RAW_TOPICS:
         err.print(
             f"[red]unknown source kind {source!r}; one of {', '.join(bus.SOURCE_KINDS)}[/red]"
@@ -338,7 +347,9 @@ def ingest(
         transient=False,
     ) as bar:
         task = bar.add_task("ingest", total=None)
-        counts = do_ingest(bootstrap, source, paths, progress=lambda n: bar.advance(task, n))
+        counts = do_ingest(
+            bootstrap, source, paths, progress=lambda n: bar.advance(task, n), headers=extra
+        )
     out.print(
         f"ingested {counts['records']} records ({counts['bytes']:,} bytes) from {counts['files']} "
         f"files into {bus.RAW_TOPICS[source]}"

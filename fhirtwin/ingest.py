@@ -16,7 +16,7 @@ Every record carries ``fhirtwin-source-kind``, ``fhirtwin-filename`` and
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ SUFFIXES = {
     "fhir": (".json", ".ndjson"),
     "csv": (".csv",),
     "ccda": (".xml", ".ccda", ".cda"),
-    "notes": (".txt", ".note", ".md"),
+    "notes": (".txt", ".note", ".md", ".json", ".ndjson", ".xml", ".ccda", ".cda", ".hl7"),
 }
 
 
@@ -109,6 +109,7 @@ def ingest(
     paths: Iterable[str],
     *,
     progress: Callable[[int], None] | None = None,
+    headers: Sequence[tuple[str, bytes]] = (),
 ) -> dict[str, int]:
     """Put every record of ``paths`` on ``ehr.<kind>``; returns counts. Raises on a write
     that Kafka did not acknowledge (nothing is reported as ingested that is not durable)."""
@@ -128,6 +129,7 @@ def ingest(
         for rec in records_of(path, kind):
             headers = [
                 *rec.headers,
+                *headers,
                 ("fhirtwin-received-at", str(int(time.time() * 1000)).encode()),
             ]
             while True:

@@ -131,9 +131,9 @@ class Supervisor:
                     [*py, "worker", "normalize", "--source", "hl7v2", *validate, *mappings],
                 )
             )
-        # one normalizer per export kind, so `fhirtwin ingest --from ccda|csv|fhir` works
+        # one normalizer per export kind, so `fhirtwin ingest --from ccda|csv|fhir|notes` works
         # against `fhirtwin up` as it does for HL7 v2 (idle unless something is ingested)
-        for kind in ("ccda", "csv", "fhir"):
+        for kind in ("ccda", "csv", "fhir", "notes"):
             kids.append(
                 Child(
                     f"normalize-{kind}",
