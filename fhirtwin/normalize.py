@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -98,6 +100,42 @@ PLUGINS = {
 }
 
 
+# -- notes inside other sources → ehr.notes ------------------------------------------
+
+_TEXT_CONTENT = ("text/plain", "text/markdown", "text/x-markdown", "text/html")
+_V2_TEXT_OBX = re.compile(rb"(?:^|[\r\n])OBX\|[^|\r\n]*\|(?:TX|FT)\|")
+
+
+def _carries_text(kind: str, value: bytes) -> bool:
+    """Raw records the notes reader takes whole: HL7 v2 with TX/FT OBX text, C-CDA."""
+    if kind == "hl7v2":
+        return bool(_V2_TEXT_OBX.search(value))
+    return kind == "ccda"
+
+
+def _text_docref(res: dict[str, Any]) -> bool:
+    if res.get("resourceType") != "DocumentReference":
+        return False
+    for content in res.get("content") or ():
+        att = content.get("attachment") if isinstance(content, dict) else None
+        if isinstance(att, dict) and isinstance(att.get("data"), str):
+            ctype = str(att.get("contentType") or "").split(";")[0].strip().lower()
+            if ctype in _TEXT_CONTENT:
+                return True
+    return False
+
+
+def _to_notes(rec: bus.Record, value: bytes, key: bytes | None, identifiers: list[str]) -> Out:
+    headers = [
+        ("fhirtwin-source-kind", b"notes"),
+        ("fhirtwin-filename", rec.header("fhirtwin-filename", rec.ref).encode()),
+        ("fhirtwin-derived-from", rec.ref.encode()),
+    ]
+    if identifiers:
+        headers.append(("fhirtwin-patient-identifiers", orjson.dumps(identifiers)))
+    return Out(bus.RAW_TOPICS["notes"], value, key, headers)
+
+
 def converter(kind: str) -> Converter | None:
     if kind not in CONVERTERS and kind in PLUGINS:
         try:
@@ -132,14 +170,33 @@ class NormalizeWorker:
         mappings: Path | None = None,
         mpi: MPIConfig | None = None,
         group: str | None = None,
+        notes_fanout: bool | None = None,
     ) -> None:
         self.kind = kind
+        # Text notes that arrive inside other sources also go to ehr.notes, where the NLP
+        # worker reads them (its own consumer group: NLP never slows the HL7 v2 feed).
+        if notes_fanout is None:
+            notes_fanout = os.environ.get("FHIRTWIN_NOTES_FANOUT", "1") != "0"
+        self.notes_fanout = notes_fanout and kind != "notes"
         self.validate = validate
         self.mappings = mappings
         self.resolver = Resolver(redis.Redis.from_url(redis_url), mpi)
         self.stream = StreamWorker(
             bootstrap, group or f"fhirtwin-normalize-{kind}", [bus.RAW_TOPICS[kind]], self.handle
         )
+
+    def _notes_of(
+        self, rec: bus.Record, conv: Converted, twin: str, identifiers: list[str]
+    ) -> list[Out]:
+        """DocumentReferences with text (Synthea's and Bulk exports' notes) → ehr.notes,
+        with the patient's linked identifiers so the facts join the same twin."""
+        if self.kind in ("hl7v2", "ccda"):
+            return []  # these go whole (see _carries_text): the reader needs the source
+        return [
+            _to_notes(rec, orjson.dumps(r), twin.encode(), identifiers)
+            for r in conv.resources
+            if _text_docref(r)
+        ]
 
     def run(self, stop: threading.Event, idle_exit: float | None = None) -> int:
         return self.stream.run(stop, idle_exit=idle_exit)
@@ -181,5 +238,9 @@ class NormalizeWorker:
                 ("fhirtwin-source-record", rec.ref.encode()),
             ]
             outs.append(Out(bus.RESOURCES, orjson.dumps(event), twin.encode(), headers))
+            if self.notes_fanout:
+                outs += self._notes_of(rec, conv, twin, identity.identifiers if identity else [])
+        if self.notes_fanout and converted and _carries_text(self.kind, rec.value):
+            outs.append(_to_notes(rec, rec.value, rec.key, []))
         LATENCY.labels(f"normalize-{self.kind}").observe(time.perf_counter() - t0)
         return outs
