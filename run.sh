@@ -21,6 +21,9 @@ HTTP_PORT=${HTTP_PORT:-8080}
 
 echo "== fhirtwin convert --from hl7v2 examples/hl7v2 --out out/hl7v2 --report"
 $FT convert --from hl7v2 examples/hl7v2 --out out/hl7v2 --report
+echo
+echo "== fhirtwin convert --from note examples/notes --out out/notes   (clinical note → coded FHIR)"
+$FT convert --from note examples/notes --out out/notes
 
 echo
 echo "== fhirtwin up   (log: out/up.log)"
@@ -43,6 +46,8 @@ echo "== fhirtwin send --port $MLLP_PORT examples/hl7v2/adt-a01-admit.hl7 exampl
 $FT send --port "$MLLP_PORT" --wait 30 examples/hl7v2/adt-a01-admit.hl7 examples/hl7v2/oru-r01-cmp.hl7
 echo "== fhirtwin ingest --from hl7v2 examples/hl7v2 examples/bad"
 $FT ingest --from hl7v2 examples/hl7v2 examples/bad
+echo "== fhirtwin ingest --from notes examples/notes   (an admission note about MRN448812)"
+$FT ingest --from notes examples/notes
 echo "== fhirtwin status --wait"
 $FT status --wait --timeout 120
 echo
