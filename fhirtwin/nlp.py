@@ -131,6 +131,7 @@ class NoteRules:
     allergy_cue: re.Pattern[str] | None
     family_relations: dict[str, tuple[str, str]]
     default_relation: tuple[str, str]
+    observation_categories: dict[str, tuple[str, str]]
 
 
 def _note_rules(nlp_dir: Path, sections: dict[str, Any]) -> NoteRules:
@@ -154,6 +155,11 @@ def _note_rules(nlp_dir: Path, sections: dict[str, Any]) -> NoteRules:
             raise NlpRulesError(f"{path}: family_relations.{word}: expected [CODE, display]")
         relations[str(word).lower()] = (str(pair[0]), str(pair[1]))
     default = data.get("default_relation") or ["FAMMEMB", "family member"]
+    categories: dict[str, tuple[str, str]] = {}
+    for kind, pair in (data.get("observation_categories") or {}).items():
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise NlpRulesError(f"{path}: observation_categories.{kind}: expected [code, display]")
+        categories[str(kind)] = (str(pair[0]), str(pair[1]))
     return NoteRules(
         section_attrs={str(k): dict(v or {}) for k, v in attrs.items()},
         section_roles={str(k): str(v) for k, v in (sections.get("roles") or {}).items()},
@@ -163,6 +169,7 @@ def _note_rules(nlp_dir: Path, sections: dict[str, Any]) -> NoteRules:
         allergy_cue=cue,
         family_relations=relations,
         default_relation=(str(default[0]), str(default[1])),
+        observation_categories=categories,
     )
 
 

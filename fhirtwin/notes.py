@@ -631,8 +631,7 @@ def note_resources(
             "category": [
                 _code(
                     "http://terminology.hl7.org/CodeSystem/observation-category",
-                    "vital-signs",
-                    "Vital Signs",
+                    *rules.observation_categories.get(ms.kind, ("vital-signs", "Vital Signs")),
                 )
             ],
             "code": {

@@ -431,3 +431,15 @@ def test_notes_inside_other_sources_reach_the_nlp_worker(
         ]
         assert len(pna) == 1, [r["resourceType"] for r in held]
         assert sum(r["resourceType"] == "Patient" for r in held) == 1
+
+
+def test_pain_scores_are_surveys_not_vital_signs() -> None:
+    ((_, resources),) = notes.convert(
+        b"Pain 7/10. BP 120/80.", source="p.txt", patient="Patient/1", validate=True
+    )
+    cats = {
+        r["code"]["coding"][0]["code"]: r["category"][0]["coding"][0]["code"]
+        for r in resources
+        if r["resourceType"] == "Observation"
+    }
+    assert cats == {"72514-3": "survey", "85354-9": "vital-signs"}
