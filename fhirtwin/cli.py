@@ -224,6 +224,7 @@ def _summary(
 
 
 from fhirtwin.cli_audit import register as register_audit  # noqa: E402
+from fhirtwin.cli_auth import register as register_auth  # noqa: E402
 from fhirtwin.cli_consent import register as register_consent  # noqa: E402
 from fhirtwin.cli_pipeline import register  # noqa: E402  (after `app` exists)
 from fhirtwin.cli_results import register as register_results  # noqa: E402
@@ -234,6 +235,7 @@ register_consent(app)
 register_subscribers(app)
 register_audit(app)
 register_results(app)
+register_auth(app)
 
 if __name__ == "__main__":
     app()

@@ -180,6 +180,8 @@ def up(
     out.print(f"  Redis      {info['redis']}  ({redis_kind})")
     out.print(f"  MLLP       {info['mllp']}")
     out.print(f"  health     {info['http']}/health   metrics {info['http']}/metrics")
+    if sup.dev_token:  # docs/auth.md; `fhirtwin token` prints a fresh one
+        out.print(f"  token      {sup.dev_token}", highlight=False, soft_wrap=True)
     out.print(f"  workers    {', '.join(c.name for c in sup.children)}")
     out.print("Ctrl-C stops everything.", style="dim")
     try:

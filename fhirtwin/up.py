@@ -79,6 +79,8 @@ class Supervisor:
     metrics_dir: str = ""
     http_thread: threading.Thread | None = None
     _http_server: Any = None
+    authority: Any = None  # fhirtwin.auth.Authority
+    dev_token: str = ""  # the embedded default's development client's bearer token
 
     # -- start -------------------------------------------------------------------------
 
@@ -177,6 +179,21 @@ class Supervisor:
         ok = all(v == "up" for v in parts.values())
         return {"status": "ok" if ok else "degraded", "parts": parts}
 
+    def make_authority(self) -> Any:
+        """SMART Backend Services (docs/auth.md); the embedded default (no --kafka/--redis)
+        keeps its keys beside its state file and gets a development client and token."""
+        from fhirtwin.auth import Authority, default_key_dir
+
+        embedded = not (self.cfg.redis or self.cfg.kafka)
+        authority = Authority(
+            redis.Redis.from_url(self.redis_url),
+            token_url=f"http://127.0.0.1:{self.cfg.http_port}/auth/token",
+            key_dir=default_key_dir() if embedded else None,
+        )
+        if embedded:
+            self.dev_token = authority.dev_token()
+        return authority
+
     def start_http(self) -> None:
         import uvicorn
         from fastapi import FastAPI
@@ -198,6 +215,11 @@ class Supervisor:
         @api.get("/metrics")
         def metrics() -> Response:
             return Response(render(), media_type="text/plain; version=0.0.4")
+
+        from fhirtwin.auth import router as auth_router
+
+        self.authority = self.make_authority()
+        api.include_router(auth_router(self.authority))  # /auth/token, /fhir/.well-known/…
 
         config = uvicorn.Config(
             api, host="127.0.0.1", port=self.cfg.http_port, log_level="warning", lifespan="off"
