@@ -18,8 +18,12 @@ key                         type   content
 ``ft:{T}:meta``             hash   created/updated times, Kafka offsets applied, merged_into
 ==========================  =====  ==========================================================
 
-Global keys: ``ft:twins`` (set of live twin ids) and ``ft:id:<system|value>`` (identifier →
-twin id), which the MPI owns.
+Global keys: ``ft:twins`` (set of live twin ids), ``ft:id:<system|value>`` (identifier →
+twin id), which the MPI owns, and ``ft:ref:<Type/id>`` (set of the twins that have held that
+resource; the FHIR API's read by id). The reference index is written after each apply (an
+idempotent ``SADD``); it may name a twin since merged away (readers follow ``merged_into``)
+or several twins (a Practitioner in two patients' messages): readers check each twin's
+``cur`` hash, which stays the truth.
 
 **Idempotence.** A version is identified by its content hash. The *order key* of a version
 is its event time (the source message's time, zero-padded ms) followed by its hash; the
@@ -357,6 +361,8 @@ class TwinStore:
         pipe = self.r.pipeline(transaction=False)
         if not shared:
             pipe.sadd("ft:twins", twin)
+        for res in resources:
+            pipe.sadd(f"ft:ref:{res['resourceType']}/{res['id']}", twin)
         if ids:
             pipe.sadd(f"{self.base(twin)}:ids", *ids)
             for ident in ids:
@@ -429,6 +435,16 @@ class TwinStore:
 
     def _follow(self, twin: str) -> str:
         return follow_merges(self.r, twin)
+
+    def holders(self, ref: str) -> list[str]:
+        """The live twins whose current resources include ``ref`` (``Type/id``)."""
+        found = sorted({self._follow(t.decode()) for t in self.r.smembers(f"ft:ref:{ref}")})
+        if not found:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for t in found:
+            pipe.hexists(f"{self.base(t)}:cur", ref)
+        return [t for t, has in zip(found, pipe.execute(), strict=True) if has]
 
     def twins(self) -> list[str]:
         return sorted(t.decode() for t in self.r.smembers("ft:twins"))
@@ -560,12 +576,12 @@ class TwinStore:
         """Delete every twin and identity key — for `fhirtwin rebuild`. Returns the count.
 
         Only what fhir.resources rebuilds: twins (``ft:{…}``), identifiers, demographic
-        keys and the twin index. Subscribers, pseudonyms, the audit tree and dead-letter
-        bookkeeping are not derived from that topic and stay.
+        keys, the reference index and the twin index. Subscribers, pseudonyms, the audit
+        tree and dead-letter bookkeeping are not derived from that topic and stay.
         """
         n = 0
         batch: list[bytes] = []
-        for pattern in ("ft:{*", "ft:id:*", "ft:demo:*"):
+        for pattern in ("ft:{*", "ft:id:*", "ft:ref:*", "ft:demo:*"):
             for key in self.r.scan_iter(match=pattern, count=2000):
                 batch.append(key)
                 if len(batch) >= 1000:
