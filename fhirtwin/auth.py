@@ -75,6 +75,12 @@ AUDIT_SCOPE = "fhirtwin/audit"
 PRIVILEGED_SCOPES = frozenset({ADMIN_SCOPE, AUDIT_SCOPE})
 DEV_CLIENT_ID = "fhirtwin-dev"
 DEV_SCOPES = ("system/*.rs", ADMIN_SCOPE, AUDIT_SCOPE)
+# The embedded default's reader: a client that reads as the "dev" subscriber (treatment
+# purpose, default permit, patients' own consents still apply; no snapshots), so a
+# newcomer's first token can read twins. Subscriber clients never get admin/audit scopes,
+# so administration uses DEV_CLIENT_ID.
+DEV_READER_ID = "fhirtwin-dev-reader"
+DEV_SUBSCRIBER = "dev"
 
 MAX_ASSERTION_LIFETIME_S = 300  # exp at most 5 minutes ahead …
 CLOCK_SKEW_S = 10  # … give or take a client clock this far ahead
@@ -530,17 +536,48 @@ class Authority:
         self.r.set(TOKEN_URL_KEY, self.token_url)
         return DEV_CLIENT_ID
 
+    def ensure_dev_reader(self) -> str:
+        """Register the development reader: the ``dev`` subscriber (API only, no snapshots)
+        and a client reading as it, with the development client's key. Its id."""
+        from fhirtwin.subscribers import Registry, make_subscriber
+
+        registry = Registry(self.r)
+        if registry.get(DEV_SUBSCRIBER) is None:
+            sub = make_subscriber(
+                DEV_SUBSCRIBER,
+                actor=[f"urn:fhirtwin:client|{DEV_READER_ID}"],
+                purpose=["TREAT"],
+                scope="patient-privacy",
+                default="permit",
+            )
+            sub.extra["api_only"] = True
+            registry.put(sub)
+        key = self._load_or_create(DEV_KEY, "dev-client.jwk", "P-384")
+        public = dict(key.as_dict(private=False))
+        public.update(use="sig", alg="ES384")
+        current = self.client(DEV_READER_ID)
+        if current is None or current["jwks"] != {"keys": [public]}:
+            self.register_client(DEV_READER_ID, {"keys": [public]}, ["system/*.rs"], DEV_SUBSCRIBER)
+        return DEV_READER_ID
+
     def dev_token(self, scopes: Iterable[str] = ("system/*.rs",)) -> str:
-        """A fresh access token for the development client, got through :meth:`issue` with a
-        client assertion signed by its key, as any client would."""
-        self.ensure_dev_client()
+        """A fresh access token for the embedded default, got through :meth:`issue` with a
+        client assertion signed by the development key, as any client would: from the
+        development reader (reads twins as the ``dev`` subscriber) unless an admin or
+        audit scope is asked for, then from the development client."""
+        scopes = list(scopes)
+        if {ADMIN_SCOPE, AUDIT_SCOPE} & set(scopes):
+            client_id = self.ensure_dev_client()
+        else:
+            self.ensure_dev_client()
+            client_id = self.ensure_dev_reader()
         key = self._load_or_create(DEV_KEY, "dev-client.jwk", "P-384")
         now = int(time.time())
         assertion = jwt.encode(
             {"alg": "ES384", "typ": "JWT", "kid": key.kid},
             {
-                "iss": DEV_CLIENT_ID,
-                "sub": DEV_CLIENT_ID,
+                "iss": client_id,
+                "sub": client_id,
                 "aud": self.token_url,
                 "exp": now + 240,
                 "iat": now,

@@ -916,8 +916,12 @@ class SnapshotPublisher:
 
     def run(self, stop: threading.Event, idle_exit: float | None = None) -> int:
         bus.ensure_topics(self.bootstrap, [AUDIT_TOPIC])
-        self._ensure([s.topic for s in self.registry.all()])
+        self._ensure([s.topic for s in self._subscribers()])
         return self.stream.run(stop, idle_exit=idle_exit)
+
+    def _subscribers(self) -> list[Subscriber]:
+        """Subscribers that take snapshots (an ``api_only`` one reads through the API)."""
+        return [s for s in self.registry.all() if not s.extra.get("api_only")]
 
     def _ensure(self, topics: Iterable[str]) -> None:
         new = [t for t in topics if t not in self._topics]
@@ -969,7 +973,7 @@ class SnapshotPublisher:
                 work.merged.append(ev["merged"])
         if not recs:
             return outs
-        subs = self.registry.all()
+        subs = self._subscribers()
         self._ensure(s.topic for s in subs)
         now = self.clock()
         produced: list[Out] = []

@@ -393,7 +393,7 @@ def test_keys_kept_with_0600(authority: Authority, tmp_path: Path) -> None:
         assert mode == 0o600, (name, oct(mode))
     # a second authority on the same key dir (a restart) accepts the first one's tokens
     again = Authority(authority.r, token_url=TOKEN_URL, key_dir=tmp_path / "keys")
-    assert again.verify_bearer(f"Bearer {token}").client_id == auth.DEV_CLIENT_ID
+    assert again.verify_bearer(f"Bearer {token}").client_id == auth.DEV_READER_ID
 
 
 def test_keys_in_redis_are_shared(r: redis.Redis) -> None:
@@ -468,7 +468,8 @@ def test_fhirtwin_token_prints_only_the_token(
     assert res.exit_code == 0, res.output
     assert res.stdout.count("\n") == 1 and res.stdout.count(".") == 2
     p = server.verify_bearer(f"Bearer {res.stdout.strip()}")
-    assert p == Principal(auth.DEV_CLIENT_ID, frozenset({"system/*.rs"}), None)
+    # the embedded default's first token reads twins, as the "dev" subscriber
+    assert p == Principal(auth.DEV_READER_ID, frozenset({"system/*.rs"}), auth.DEV_SUBSCRIBER)
 
     res = _cli(["token", "--redis", redis_url, "--scope", "system/Observation.rs fhirtwin/audit"])
     assert res.exit_code == 0, res.output
@@ -481,7 +482,7 @@ def test_fhirtwin_token_prints_only_the_token(
     write_state({"pid": os.getpid(), "redis": redis_url, "http": "http://127.0.0.1:8080"})
     res = _cli(["token"])
     assert res.exit_code == 0, res.output
-    assert server.verify_bearer(f"Bearer {res.stdout.strip()}").client_id == auth.DEV_CLIENT_ID
+    assert server.verify_bearer(f"Bearer {res.stdout.strip()}").client_id == auth.DEV_READER_ID
 
     res = _cli(["token", "--scope", "system/*.cud"])
     assert res.exit_code == 2
