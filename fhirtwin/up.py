@@ -221,6 +221,21 @@ class Supervisor:
         self.authority = self.make_authority()
         api.include_router(auth_router(self.authority))  # /auth/token, /fhir/.well-known/…
 
+        from fhirtwin.api import kafka_audit
+        from fhirtwin.api import router as fhir_router
+        from fhirtwin.subscribers import Registry
+        from fhirtwin.twin import TwinStore
+
+        client = redis.Redis.from_url(self.redis_url)
+        api.include_router(  # /fhir: the FHIR REST API (docs/api.md), after /fhir/.well-known
+            fhir_router(
+                TwinStore(client),
+                Registry(client),
+                authenticate=self.authority.verify_bearer,
+                audit=kafka_audit(self.bootstrap),
+            )
+        )
+
         config = uvicorn.Config(
             api, host="127.0.0.1", port=self.cfg.http_port, log_level="warning", lifespan="off"
         )
