@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,24 @@ def drain(
     validate: bool = False,
     mappings: Path | None = None,
     idle: float = 2.0,
+    kinds: Sequence[str] = ("hl7v2",),
 ) -> tuple[int, int]:
-    """Run a normalize worker until idle and an assembler beside it until it has caught up;
-    (records normalized, records assembled)."""
+    """Run a normalize worker per source kind, in order, each until idle, and an assembler
+    beside them until it has caught up; (records normalized, records assembled)."""
     stop = threading.Event()
     assembler = AssembleWorker(bootstrap, redis_url)
     thread = threading.Thread(target=assembler.run, args=(stop,))
     thread.start()
     try:
-        n = NormalizeWorker(bootstrap, redis_url, validate=validate, mappings=mappings).run(
-            threading.Event(), idle_exit=idle
-        )
+        n = 0
+        for kind in kinds:
+            worker = NormalizeWorker(
+                bootstrap, redis_url, kind, validate=validate, mappings=mappings
+            )
+            n += worker.run(threading.Event(), idle_exit=idle)
         wait_for(
             lambda: bus.group_lag(bootstrap, "fhirtwin-assemble", [bus.RESOURCES]) == 0,
+            timeout=120,
             what="the assembler to catch up",
         )
     finally:

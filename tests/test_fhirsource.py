@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import redis
 from typer.testing import CliRunner
 
 from fhirtwin import bus
-from fhirtwin.assemble import AssembleWorker
 from fhirtwin.cli import app
 from fhirtwin.fhirsource import (
     SHARED,
@@ -26,7 +24,7 @@ from fhirtwin.ingest import ingest
 from fhirtwin.normalize import Converted, NormalizeWorker, SourceError
 from fhirtwin.twin import TwinStore
 from fhirtwin.validation import validate_bundle
-from tests.pipeline import records, wait_for
+from tests.pipeline import drain, records
 
 SMART = "smart-sample-bulk-fhir-10-patients"
 SYNTHEA_FHIR = "synthea-csv-fhir-10pt/output/fhir"
@@ -434,23 +432,7 @@ def test_synthea_fhir_bundles_convert(corpus: Path, tmp_path: Path) -> None:
 
 
 def drain_fhir(bootstrap: str, redis_url: str, idle: float = 2.0) -> tuple[int, int]:
-    stop = threading.Event()
-    assembler = AssembleWorker(bootstrap, redis_url)
-    thread = threading.Thread(target=assembler.run, args=(stop,))
-    thread.start()
-    try:
-        n = NormalizeWorker(bootstrap, redis_url, "fhir", validate=True).run(
-            threading.Event(), idle_exit=idle
-        )
-        wait_for(
-            lambda: bus.group_lag(bootstrap, "fhirtwin-assemble", [bus.RESOURCES]) == 0,
-            timeout=120,
-            what="the assembler to catch up",
-        )
-    finally:
-        stop.set()
-        thread.join(30)
-    return n, assembler.stream.processed
+    return drain(bootstrap, redis_url, validate=True, idle=idle, kinds=["fhir"])
 
 
 def _spine_links_patient_identifiers() -> bool:

@@ -6,7 +6,6 @@ import base64
 import csv
 import json
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,12 @@ import redis
 from typer.testing import CliRunner
 
 from fhirtwin import bus, notes
-from fhirtwin.assemble import AssembleWorker
 from fhirtwin.cli import app
 from fhirtwin.ingest import ingest
-from fhirtwin.normalize import NormalizeWorker, SourceError
+from fhirtwin.normalize import SourceError
 from fhirtwin.twin import TwinStore
 from fhirtwin.validation import validate_resource
-from tests.pipeline import records, wait_for
+from tests.pipeline import drain, records
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NOTE = FIXTURES / "notes" / "clinic-note.txt"
@@ -261,22 +259,7 @@ def test_ingested_notes_join_the_patients_twin(kafka: str, redis_url: str, tmp_p
     (tmp_path / "bad.txt").write_text("Denies chest pain.")  # no patient: a dead letter
     counts = ingest(kafka, "notes", [str(tmp_path)])
     assert counts["records"] == 2
-    stop = threading.Event()
-    assembler = AssembleWorker(kafka, redis_url)
-    thread = threading.Thread(target=assembler.run, args=(stop,))
-    thread.start()
-    try:
-        n = NormalizeWorker(kafka, redis_url, "notes", validate=True).run(
-            threading.Event(), idle_exit=2.0
-        )
-        wait_for(
-            lambda: bus.group_lag(kafka, "fhirtwin-assemble", [bus.RESOURCES]) == 0,
-            timeout=120,
-            what="the assembler to catch up",
-        )
-    finally:
-        stop.set()
-        thread.join(30)
+    n, _ = drain(kafka, redis_url, validate=True, kinds=["notes"])
     assert n == 2
     dead = records(kafka, bus.DEADLETTER)
     assert len(dead) == 1
@@ -395,23 +378,7 @@ def test_notes_inside_other_sources_reach_the_nlp_worker(
     (tmp_path / "DocumentReference.ndjson").write_text(json.dumps(doc) + "\n")
     ingest(kafka, "fhir", [str(tmp_path)])
     ingest(kafka, "hl7v2", [str(MDM)])
-    stop = threading.Event()
-    assembler = AssembleWorker(kafka, redis_url)
-    thread = threading.Thread(target=assembler.run, args=(stop,))
-    thread.start()
-    try:
-        for kind in ("fhir", "hl7v2", "notes"):
-            NormalizeWorker(kafka, redis_url, kind, validate=True).run(
-                threading.Event(), idle_exit=2.0
-            )
-        wait_for(
-            lambda: bus.group_lag(kafka, "fhirtwin-assemble", [bus.RESOURCES]) == 0,
-            timeout=120,
-            what="the assembler to catch up",
-        )
-    finally:
-        stop.set()
-        thread.join(30)
+    drain(kafka, redis_url, validate=True, kinds=["fhir", "hl7v2", "notes"])
     assert records(kafka, bus.DEADLETTER) == []
     forwarded = records(kafka, bus.RAW_TOPICS["notes"])
     assert len(forwarded) == 2
