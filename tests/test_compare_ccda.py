@@ -7,31 +7,16 @@ from __future__ import annotations
 
 import base64
 import gzip
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from tests.bench_module import load_bench
 
-
-def _load(name: str) -> ModuleType:
-    """Import a module from bench/ by file path (shared with the other bench tests)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-C = _load("_compare")
+C = load_bench("_compare")
 
 
 def bundle(*resources: dict[str, Any]) -> dict[str, Any]:
@@ -360,7 +345,7 @@ def test_c_rules_are_all_ccda_only_and_d_rules_hl7v2_only() -> None:
 def test_script_scores_each_kind_apart_and_reports_a_missing_ccda_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conformance = _load("conformance")
+    conformance = load_bench("conformance")
     monkeypatch.setitem(sys.modules, "fhirtwin.ccda", None)  # import raises ImportError
     (tmp_path / "d.ccda").write_bytes(cda())
     (tmp_path / "e.json").write_text(

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from tests.bench_module import load_bench
 
-
-def _load(name: str) -> ModuleType:
-    """Import a module from bench/ by file path."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-C = _load("_compare")
+C = load_bench("_compare")
 EX = C.EXAMPLE_PREFIX
 
 
@@ -332,7 +316,7 @@ def test_numbers_compare_numerically_and_systems_ignore_trailing_slash() -> None
 
 def test_script_reads_pairs_and_skips_non_json(tmp_path: Path) -> None:
     """The script scores .json pairs, skips XML ones with a message, and honours --min-score."""
-    conformance = _load("conformance")
+    conformance = load_bench("conformance")
     (tmp_path / "m.hl7").write_bytes(b"MSH|^~\\&|A\r")
     (tmp_path / "e.json").write_text(
         '{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient",'

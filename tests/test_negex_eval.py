@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from fhirtwin.nlp_context import ContextRulesError, add_context, load_context_rules
+from tests.bench_module import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
 NLP_DIR = ROOT / "nlp"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "negex"
 
 
-def _load(name: str) -> ModuleType:
-    """Import a module from bench/ by file path."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-E = _load("negex_eval")
+E = load_bench("negex_eval")
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +255,7 @@ def test_missing_rules_file(tmp_path: Path) -> None:
         load_context_rules(tmp_path)
 
 
-def test_project_rules_load() -> None:
+def test_project_rulesload_bench() -> None:
     rules = load_context_rules(NLP_DIR)
     literals = {r.literal for r in rules}
     assert "evaluate for" in literals  # re-added as POSSIBLE_EXISTENCE
