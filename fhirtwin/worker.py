@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 import redis
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from fhirtwin import bus
 from fhirtwin.metrics import DEADLETTERS, MESSAGES_IN, MESSAGES_OUT
@@ -41,6 +41,15 @@ class Out:
     value: bytes
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+# Commit errors that mean "this member no longer owns these partitions".
+_REBALANCED = {
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError._ASSIGNMENT_LOST,
+}
 
 
 def dead_letter(
@@ -144,10 +153,24 @@ class StreamWorker:
                 ends: dict[tuple[str, int], int] = {}
                 for rec in recs:
                     ends[(rec.topic, rec.partition)] = rec.offset + 1
-                consumer.commit(
-                    offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()],
-                    asynchronous=False,
-                )
+                try:
+                    consumer.commit(
+                        offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()],
+                        asynchronous=False,
+                    )
+                except KafkaException as exc:
+                    # The group moved on without us (a rebalance, or a heartbeat starved on
+                    # a loaded machine): whoever owns the partitions now consumes this batch
+                    # again. Its outputs are already durable and applying them is
+                    # idempotent, so this is a duplicate, never a loss. Keep running.
+                    if exc.args[0].code() not in _REBALANCED:
+                        raise
+                    log.warning(
+                        "%s: commit refused (%s); the batch will be redelivered",
+                        self.group,
+                        exc.args[0].str(),
+                    )
+                    continue
                 self.processed += len(recs)
         finally:
             producer.flush(10)
