@@ -959,20 +959,31 @@ def _sort(resources: list[dict[str, Any]], twins: list[str], spec: str) -> list[
 # -- HTTP ----------------------------------------------------------------------------------
 
 
+_WHOLE = re.compile(r"[0-9]+")
+# Beyond any result count (and int() refuses strings of more than 4300 digits).
+_WHOLE_CAP = 10**15
+
+
+def _whole(name: str, raw: str) -> int:
+    """A non-negative whole number in ASCII digits (``str.isdigit`` would also pass
+    superscripts and circled digits, which ``int`` cannot read); huge values are capped."""
+    text = raw.strip()
+    if not _WHOLE.fullmatch(text):
+        shown = raw if len(raw) <= 40 else raw[:40] + "…"
+        raise ApiError(400, "invalid", f"{name}={shown!r}: expected a whole number")
+    text = text.lstrip("0") or "0"
+    return _WHOLE_CAP if len(text) > 15 else min(int(text), _WHOLE_CAP)
+
+
 def _count(params: Mapping[str, str]) -> int:
     raw = params.get("_count")
     if raw is None:
         return DEFAULT_COUNT
-    if not raw.strip().isdigit():
-        raise ApiError(400, "invalid", f"_count={raw!r}: expected a whole number")
-    return min(int(raw), MAX_COUNT)
+    return min(_whole("_count", raw), MAX_COUNT)
 
 
 def _offset(params: Mapping[str, str]) -> int:
-    raw = params.get("_offset", "0")
-    if not raw.strip().isdigit():
-        raise ApiError(400, "invalid", f"_offset={raw!r}: expected a whole number")
-    return int(raw)
+    return _whole("_offset", params.get("_offset", "0"))
 
 
 def _entry(base: str, res: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
