@@ -457,6 +457,10 @@ class _Ctx:
     now: datetime
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     views: dict[str, View] = field(default_factory=dict)
+    # Searches and $everything: the references actually sent on this page. The access
+    # events are built at flush and name only these (None: everything found was sent).
+    sent: set[str] | None = None
+    pending: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FhirApi:
@@ -532,22 +536,39 @@ class FhirApi:
         allowed: bool,
         reason: str = "",
     ) -> None:
-        twin = view.twin if view else None
-        event = audit_access(
-            ctx.principal,
-            ctx.sub,
-            twin,
-            view.patient_id if view else None,
-            interaction=interaction,
-            query=query,
-            disclosed=disclosed,
-            allowed=allowed,
-            now=ctx.now,
-            reason=reason,
+        ctx.pending.append(
+            {
+                "view": view,
+                "interaction": interaction,
+                "query": query,
+                "disclosed": list(disclosed),
+                "allowed": allowed,
+                "reason": reason,
+            }
         )
-        ctx.events.append((twin or ctx.principal.client_id, event))
 
     def flush(self, ctx: _Ctx) -> None:
+        """Send the request's audit events (Kafka must take them before any data goes)."""
+        for p in ctx.pending:
+            view = p["view"]
+            twin = view.twin if view else None
+            disclosed = p["disclosed"]
+            if ctx.sent is not None:  # a page: what was sent, not all that matched
+                disclosed = [ref for ref in disclosed if ref in ctx.sent]
+            event = audit_access(
+                ctx.principal,
+                ctx.sub,
+                twin,
+                view.patient_id if view else None,
+                interaction=p["interaction"],
+                query=p["query"],
+                disclosed=disclosed,
+                allowed=p["allowed"],
+                now=ctx.now,
+                reason=p["reason"],
+            )
+            ctx.events.append((twin or ctx.principal.client_id, event))
+        ctx.pending.clear()
         if ctx.events:
             self.audit(ctx.events)
             ctx.events.clear()
@@ -1152,12 +1173,14 @@ def router(
         if "_type" in params:
             types = {t.strip() for v in params.getlist("_type") for t in v.split(",") if t.strip()}
         count, offset = _count(params), _offset(params)
+        ctx.sent = set()
         try:
             found = api.everything(ctx, pid, since=since, types=types, query=query_of(request))
+            page = found[offset : offset + count]
+            ctx.sent = {_ref(x) for x in page}
         finally:
             api.flush(ctx)
         base = base_of(request)
-        page = found[offset : offset + count]
         bundle = _page_bundle(
             base,
             f"Patient/{pid}/$everything",
@@ -1187,22 +1210,29 @@ def router(
                     f"_include={inc!r}: only {rtype}:patient and {rtype}:subject are supported",
                 )
         sort_spec = ",".join(v for k, v in params if k == "_sort")
+        base = base_of(request)
+        ctx.sent = set()
         try:
             found, twins = api.search(ctx, rtype, params, query=query_of(request))
             order = _sort(found, twins, sort_spec)
+            chosen = order[offset : offset + count]
+            entries = [_entry(base, found[i], "match") for i in chosen]
+            sent = {_ref(found[i]) for i in chosen}
+            if includes and allows(ctx.principal, "Patient", "r"):
+                seen: set[str] = set()
+                for i in chosen:
+                    view = ctx.views[twins[i]]
+                    pref = f"Patient/{view.patient_id}"
+                    if view.patient_id and pref not in seen and pref in view.by_ref:
+                        seen.add(pref)
+                        entries.append(_entry(base, view.by_ref[pref], "include"))
+                        sent.add(pref)
+                        for p in ctx.pending:  # the included Patient is disclosed too
+                            if p["view"] is view:
+                                p["disclosed"].append(pref)
+            ctx.sent = sent
         finally:
             api.flush(ctx)
-        base = base_of(request)
-        chosen = order[offset : offset + count]
-        entries = [_entry(base, found[i], "match") for i in chosen]
-        if includes and allows(ctx.principal, "Patient", "r"):
-            seen: set[str] = set()
-            for i in chosen:
-                view = ctx.views[twins[i]]
-                pref = f"Patient/{view.patient_id}"
-                if view.patient_id and pref not in seen and pref in view.by_ref:
-                    seen.add(pref)
-                    entries.append(_entry(base, view.by_ref[pref], "include"))
         bundle = _page_bundle(
             base,
             rtype,

@@ -459,3 +459,35 @@ def test_real_token_end_to_end(env: Env) -> None:
     # a garbage token is a 401 OperationOutcome with a Bearer challenge
     r = httpx.get(f"{env.base}/Patient/{env.a}", headers={"Authorization": "Bearer x.y.z"})
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_audit_names_only_what_the_page_sent(env: Env) -> None:
+    """A search or $everything page audits the resources sent on that page (and the
+    included Patient), not everything that matched."""
+    client = "pager-client"
+    h = bearer(client, "open")
+    r = get(env, "Observation", h, patient=env.a, _count=2, _include="Observation:patient")
+    assert r.status_code == 200
+    sent = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in r.json()["entry"]}
+    assert len([s for s in sent if s.startswith("Observation/")]) == 2
+    assert f"Patient/{env.a}" in sent
+    r = get(env, f"Patient/{env.a}/$everything", h, _count=3)
+    assert r.status_code == 200 and len(r.json()["entry"]) == 3
+    page = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in r.json()["entry"]}
+
+    def disclosed(ev: dict[str, Any]) -> set[str]:
+        return {
+            e["what"]["reference"]
+            for e in ev.get("entity", [])
+            if e.get("role", {}).get("code") == "4"
+        }
+
+    queries = [
+        ev
+        for ev in env.audits(client)
+        if any("PatientQuery" in str(p) for p in ev.get("meta", {}).get("profile", []))
+        or "PatientQuery" in orjson.dumps(ev).decode()
+    ]
+    shown = [disclosed(ev) for ev in queries if disclosed(ev)]
+    assert sent in shown and page in shown
+    assert all(len(d) <= 3 for d in shown)
