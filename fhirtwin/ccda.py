@@ -1369,10 +1369,6 @@ def convert_paths(
     inputs: list[str], out: Path | None, *, validate: bool, profile: str | None, console: Any
 ) -> int:
     """``fhirtwin convert --from ccda FILE... --out DIR``: one Bundle per document."""
-    missing = [p for p in inputs if p != "-" and not Path(p).exists()]
-    if missing:
-        console.print(f"[red]cannot read {missing[0]}: no such file or folder[/red]")
-        return 2
     try:
         rules_for(None)
     except RulesError as exc:

@@ -95,17 +95,13 @@ def convert(
     ] = None,
 ) -> None:
     """Convert messages to FHIR R4 Bundles: one <stem>.json per message."""
-    if source in (Source.note, Source.notes):
-        from fhirtwin import notes
-
-        code = notes.convert_paths(
-            inputs, out, validate=validate, profile=profile, console=err, patient=patient
-        )
-        if code:
-            raise typer.Exit(code)
-        return
     if source != Source.hl7v2:
-        _convert_other(source.value, inputs, out, validate=validate, profile=profile)
+        kind = "notes" if source == Source.note else source.value
+        if patient and kind != "notes":
+            err.print("[red]--patient is for notes (--from note) only[/red]")
+            raise typer.Exit(2)
+        options = {"patient": patient} if patient else {}
+        _convert_other(kind, inputs, out, validate=validate, profile=profile, **options)
         return
     messages = _inputs(inputs)
     to_stdout = out is None
@@ -159,20 +155,34 @@ def convert(
 
 
 def _convert_other(
-    kind: str, inputs: list[str], out: Path | None, *, validate: bool, profile: str | None
+    kind: str,
+    inputs: list[str],
+    out: Path | None,
+    *,
+    validate: bool,
+    profile: str | None,
+    **options: str,
 ) -> None:
     """Other sources live in their own modules (fhirtwin.normalize.PLUGINS), each with a
-    ``convert_paths(inputs, out, *, validate, profile, console) -> exit code``."""
+    ``convert_paths(inputs, out, *, validate, profile, console, **options) -> exit code``;
+    ``options`` are the kind's own (notes: ``patient``). A missing input is refused here,
+    once for every kind."""
     import importlib
 
     from fhirtwin.normalize import PLUGINS
 
+    missing = [p for p in inputs if p != "-" and not Path(p).exists()]
+    if missing:
+        err.print(f"[red]cannot read {missing[0]}: no such file or folder[/red]")
+        raise typer.Exit(2)
     try:
         module = importlib.import_module(PLUGINS[kind])
     except ModuleNotFoundError:
         err.print(f"[red]converting from {kind} is not available yet[/red]")
         raise typer.Exit(2) from None
-    code = module.convert_paths(inputs, out, validate=validate, profile=profile, console=err)
+    code = module.convert_paths(
+        inputs, out, validate=validate, profile=profile, console=err, **options
+    )
     if code:
         raise typer.Exit(code)
 

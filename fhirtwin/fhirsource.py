@@ -1018,10 +1018,6 @@ def convert_paths(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    missing = [p for p in inputs if p != "-" and not Path(p).exists()]
-    if missing:
-        console.print(f"[red]cannot read {missing[0]}: no such file or folder[/red]")
-        return 2
     files = [p for p in inputs if p != "-"]
     # standard input has no size to show progress against
     total = None if "-" in inputs else sum(p.stat().st_size for p in _files(files))

@@ -825,10 +825,6 @@ def convert_paths(
     """``fhirtwin convert --from note FILE... [--patient P] --out DIR``: a Bundle per note."""
     from fhirtwin.ingest import source_files
 
-    missing = [p for p in inputs if p != "-" and not Path(p).exists()]
-    if missing:
-        console.print(f"[red]cannot read {missing[0]}: no such file or folder[/red]")
-        return 2
     files: list[tuple[str, bytes]] = []
     for p in inputs:
         if p == "-":
