@@ -476,13 +476,16 @@ def note_resources(
     subj = note.subject
     enc = {"reference": note.encounter} if note.encounter else None
     day = note.date
-    groups: dict[tuple[str, ...], tuple[dict[str, Any], list[Any]]] = {}
+    # One resource per concept and assertion, listing every mention of it.
+    made: dict[tuple[str, ...], dict[str, Any]] = {}
+    said: dict[tuple[str, ...], list[Any]] = {}
 
-    def add(key: tuple[str, ...], make: Any, m: Any) -> None:
-        if key not in groups:
-            groups[key] = (make(), [])
-        groups[key][1].append(m)
+    def first(key: tuple[str, ...], m: Any) -> bool:
+        """Note mention ``m`` under ``key``; True when its resource is still to be made."""
+        said.setdefault(key, []).append(m)
+        return key not in made
 
+    key: tuple[str, ...]
     for m in analysis.mentions:
         c = m.concept
         if m.hypothetical:
@@ -492,8 +495,8 @@ def note_resources(
                 if m.negated:
                     continue  # "no family history of X": FamilyMemberHistory cannot say so
                 rel = rules.family_relations.get(m.relative or "", rules.default_relation)
-
-                def fmh(rel: tuple[str, str] = rel, c: Any = c, m: Any = m) -> dict[str, Any]:
+                key = ("FamilyMemberHistory", rel[0], c.id)
+                if first(key, m):
                     r: dict[str, Any] = {
                         "resourceType": "FamilyMemberHistory",
                         "status": "completed",
@@ -505,9 +508,7 @@ def note_resources(
                     }
                     if day:
                         r["date"] = day
-                    return r
-
-                add(("FamilyMemberHistory", rel[0], c.id), fmh, m)
+                    made[key] = r
                 continue
             if m.negated:
                 ver = "refuted"
@@ -517,9 +518,9 @@ def note_resources(
                 ver = "confirmed"
             when = "historical" if m.historical else "current"
             clin = rules.clinical_status.get(c.category, {}).get(when, "active")
-
-            def cond(ver: str = ver, clin: str = clin, c: Any = c, m: Any = m) -> dict[str, Any]:
-                r: dict[str, Any] = {"resourceType": "Condition"}
+            key = ("Condition", c.id, ver, clin)
+            if first(key, m):
+                r = {"resourceType": "Condition"}
                 if ver != "refuted":
                     r["clinicalStatus"] = _code(_CLIN, clin)
                 r["verificationStatus"] = _code(_VER, ver)
@@ -536,17 +537,15 @@ def note_resources(
                 if day:
                     r["recordedDate"] = day
                 r["evidence"] = [{"detail": [{"reference": doc_ref}]}]
-                return r
-
-            add(("Condition", c.id, ver, clin), cond, m)
+                made[key] = r
         elif c.category in ("medication", "allergen"):
             if m.family:
                 continue
             if m.allergy or c.category == "allergen":
                 ver = "refuted" if m.negated else "unconfirmed" if m.uncertain else "confirmed"
-
-                def allergy(ver: str = ver, c: Any = c, m: Any = m) -> dict[str, Any]:
-                    r: dict[str, Any] = {
+                key = ("AllergyIntolerance", c.id, ver)
+                if first(key, m):
+                    r = {
                         "resourceType": "AllergyIntolerance",
                         # ait-1: a clinical status unless entered in error
                         "clinicalStatus": _code(
@@ -562,9 +561,7 @@ def note_resources(
                         r["encounter"] = enc
                     if day:
                         r["recordedDate"] = day
-                    return r
-
-                add(("AllergyIntolerance", c.id, ver), allergy, m)
+                    made[key] = r
                 continue
             if m.negated:
                 status = rules.medication_status.get("negated", "not-taken")
@@ -574,9 +571,9 @@ def note_resources(
                 status = rules.medication_status.get("historical", "completed")
             else:
                 status = rules.medication_status.get("current", "active")
-
-            def med(status: str = status, c: Any = c, m: Any = m) -> dict[str, Any]:
-                r: dict[str, Any] = {
+            key = ("MedicationStatement", c.id, status, m.sig.text if m.sig is not None else "")
+            if first(key, m):
+                r = {
                     "resourceType": "MedicationStatement",
                     "status": status,
                     "medicationCodeableConcept": _cc(c, m.text),
@@ -589,37 +586,29 @@ def note_resources(
                 r["derivedFrom"] = [{"reference": doc_ref}]
                 if (dose := _dosage(m.sig)) is not None:
                     r["dosage"] = [dose]
-                return r
-
-            sig_key = m.sig.text if m.sig is not None else ""
-            add(("MedicationStatement", c.id, status, sig_key), med, m)
+                made[key] = r
         elif c.category == "procedure":
-            if m.family:
-                continue
-            if m.negated or m.uncertain or m.planned:
+            if m.family or m.negated or m.uncertain or m.planned:
                 # "no evidence of pneumonia on chest x-ray" negates the finding, not the
                 # x-ray; a possible or planned procedure is not a fact either
                 continue
-            status = "completed"
-
-            def proc(status: str = status, c: Any = c, m: Any = m) -> dict[str, Any]:
-                r: dict[str, Any] = {
+            key = ("Procedure", c.id, "completed")
+            if first(key, m):
+                r = {
                     "resourceType": "Procedure",
-                    "status": status,
+                    "status": "completed",
                     "code": _cc(c, m.text),
                     "subject": subj,
                 }
                 if enc:
                     r["encounter"] = enc
-                return r
-
-            add(("Procedure", c.id, status), proc, m)
+                made[key] = r
 
     out: list[dict[str, Any]] = []
-    for key, (res, mentions) in groups.items():
+    for key, res in made.items():
         res["id"] = str(uuid.uuid5(_NS, doc_id + "|" + "|".join(key)))
         res["meta"] = meta
-        res["extension"] = [_source_ext(doc_ref, m) for m in mentions]
+        res["extension"] = [_source_ext(doc_ref, m) for m in said[key]]
         out.append(_ordered(res))
     for ms in analysis.measurements:
         obs: dict[str, Any] = {
