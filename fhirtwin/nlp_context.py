@@ -375,12 +375,9 @@ def load_context_config(nlp_dir: Path) -> ContextConfig:
 
 
 _MAX_EXPANSION = 256
-_PLAIN_WORD = re.compile(r"[a-z0-9]+")
 
 
-def _phrases(
-    pattern: list[dict[str, Any]], one_token: Callable[[str], bool] | None = None
-) -> list[str] | None:
+def _phrases(pattern: list[dict[str, Any]], one_token: Callable[[str], bool]) -> list[str] | None:
     """The phrases a token pattern of LOWER literals and sets (OP absent or "?") matches;
     None when it uses anything else or expands to too many."""
     options: list[list[str]] = []
@@ -399,14 +396,8 @@ def _phrases(
         # A word that is not one token on its own never equals a token of a note, so it
         # never matched and must not start matching as a phrase: a multi-word entry
         # (medspaCy's default "risks of" rule lists ["risks of", "risk of"] as one token
-        # set) or one the tokenizer splits ("s/p" is s / p). Without the tokenizer, only
-        # plain letters and digits are known to stay one token.
-        if one_token is None:
-            if any(not _PLAIN_WORD.fullmatch(w) for w in words if " " not in w):
-                return None
-            words = [w for w in words if " " not in w]
-        else:
-            words = [w for w in words if " " not in w and one_token(w)]
+        # set) or one the tokenizer splits ("s/p" is s / p).
+        words = [w for w in words if " " not in w and one_token(w)]
         if not words:
             return []
         options.append(words + ([""] if tok.get("OP") == "?" else []))
@@ -418,7 +409,7 @@ def _phrases(
     return list(dict.fromkeys(p for p in phrases if p))
 
 
-def as_phrases(rules: list[Any], tokenize: Callable[[str], list[str]] | None = None) -> list[Any]:
+def as_phrases(rules: list[Any], tokenize: Callable[[str], list[str]]) -> list[Any]:
     """Rewrite token-pattern rules that only list lower-case words as phrase rules.
 
     Same matches, much cheaper: medspaCy runs token patterns through spaCy's Matcher,
@@ -430,13 +421,13 @@ def as_phrases(rules: list[Any], tokenize: Callable[[str], list[str]] | None = N
     from medspacy.context import ConTextRule
 
     def one_token(word: str) -> bool:
-        return tokenize is not None and tokenize(word) == [word]
+        return tokenize(word) == [word]
 
     out: list[Any] = []
     for rule in rules:
         phrases = None
         if isinstance(rule.pattern, list) and rule.on_match is None and rule.on_modifies is None:
-            phrases = _phrases(rule.pattern, one_token if tokenize is not None else None)
+            phrases = _phrases(rule.pattern, one_token)
         if phrases is None:
             out.append(rule)
             continue
