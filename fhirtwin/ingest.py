@@ -124,18 +124,19 @@ def ingest(
         if err is not None:
             failures.append(str(err))
 
+    extra = list(headers)
     for path in source_files(paths, kind):
         counts["files"] += 1
         for rec in records_of(path, kind):
-            headers = [
+            record_headers = [
                 *rec.headers,
-                *headers,
+                *extra,
                 ("fhirtwin-received-at", str(int(time.time() * 1000)).encode()),
             ]
             while True:
                 try:
                     producer.produce(
-                        topic, rec.value, rec.key, headers=headers, on_delivery=delivered
+                        topic, rec.value, rec.key, headers=record_headers, on_delivery=delivered
                     )
                     break
                 except BufferError:
