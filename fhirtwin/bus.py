@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,23 @@ ALL_TOPICS = (
 SINGLE_PARTITION = {AUDIT, AUDIT_CHECKPOINTS}
 
 log = logging.getLogger("fhirtwin.kafka")
-_QUIET = {"log_level": 3}  # librdkafka: errors only (it reports broker restarts as warnings)
+
+
+def _site_conf() -> dict[str, str]:
+    """librdkafka settings from the environment, for every client: FHIRTWIN_KAFKA_CONF_<KEY>,
+    KEY with dots as underscores (FHIRTWIN_KAFKA_CONF_SECURITY_PROTOCOL=SASL_SSL,
+    …_SASL_MECHANISM, …_SASL_USERNAME, …_SASL_PASSWORD, …_SSL_CA_LOCATION). The Helm chart
+    fills them from its values and Kubernetes Secrets (docs/deploy.md)."""
+    prefix = "FHIRTWIN_KAFKA_CONF_"
+    return {
+        k[len(prefix) :].lower().replace("_", "."): v
+        for k, v in os.environ.items()
+        if k.startswith(prefix) and v
+    }
+
+
+# librdkafka: errors only (it reports broker restarts as warnings); plus the site's SASL/TLS
+_QUIET: dict[str, Any] = {"log_level": 3, **_site_conf()}
 
 
 def _logger() -> logging.Logger:
@@ -105,12 +122,17 @@ def consumer(bootstrap: str, group: str, **extra: Any) -> Any:
     return Consumer(conf)
 
 
+def _replication() -> int:
+    """$FHIRTWIN_KAFKA_REPLICATION_FACTOR (default 1: the embedded broker; a cluster sets 3)."""
+    return int(os.environ.get("FHIRTWIN_KAFKA_REPLICATION_FACTOR") or 1)
+
+
 def ensure_topics(bootstrap: str, topics: Sequence[str] = ALL_TOPICS, partitions: int = 4) -> None:
     """Create the topics that do not exist yet (idempotent)."""
     admin = _admin(bootstrap)
     existing = set(admin.list_topics(timeout=10).topics)
     new = [
-        NewTopic(t, 1 if t in SINGLE_PARTITION else partitions, 1)
+        NewTopic(t, 1 if t in SINGLE_PARTITION else partitions, _replication())
         for t in topics
         if t not in existing
     ]

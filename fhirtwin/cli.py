@@ -233,6 +233,7 @@ def _summary(
         console.print(f"[red]{failed} message(s) could not be converted (see above)[/red]")
 
 
+from fhirtwin.cli_api import register as register_api  # noqa: E402
 from fhirtwin.cli_audit import register as register_audit  # noqa: E402
 from fhirtwin.cli_auth import register as register_auth  # noqa: E402
 from fhirtwin.cli_consent import register as register_consent  # noqa: E402
@@ -246,6 +247,7 @@ register_subscribers(app)
 register_audit(app)
 register_results(app)
 register_auth(app)
+register_api(app)
 
 if __name__ == "__main__":
     app()

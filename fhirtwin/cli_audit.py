@@ -23,11 +23,15 @@ def register(app: typer.Typer) -> None:
     worker_app.command("audit")(worker_audit)
 
 
-def worker_audit(kafka: KafkaOpt = None, redis_url: RedisOpt = None) -> None:
+def worker_audit(
+    kafka: KafkaOpt = None,
+    redis_url: RedisOpt = None,
+    metrics_port: Annotated[int, typer.Option(help="serve /metrics on this port (0: off)")] = 0,
+) -> None:
     """The audit sequencer: twin.audit → Merkle tree in Redis + signed checkpoints."""
     from fhirtwin.audit import AuditSequencer
 
-    run_worker(lambda ep: AuditSequencer(ep.kafka, ep.redis), kafka, redis_url)
+    run_worker(lambda ep: AuditSequencer(ep.kafka, ep.redis), kafka, redis_url, metrics_port)
 
 
 def _events(kafka: str) -> list[dict[str, Any]]:

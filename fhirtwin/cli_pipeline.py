@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -75,11 +74,9 @@ def _kafka_only(kafka: str | None) -> str:
 
 
 def _logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
-        stream=sys.stderr,
-    )
+    from fhirtwin.logs import configure
+
+    configure()  # $FHIRTWIN_LOG_FORMAT=json: one JSON object per line, no PHI (fhirtwin/logs.py)
 
 
 def run_worker(
@@ -90,7 +87,9 @@ def run_worker(
 ) -> None:
     """What every `fhirtwin worker …` does: JSON logs, find the servers, expose metrics,
     stop cleanly on SIGTERM/SIGINT, and run the worker ``make`` builds."""
-    from fhirtwin.metrics import serve
+    import os
+
+    from fhirtwin.metrics import serve, watch_worker
     from fhirtwin.worker import install_stop_signals
 
     _logging()
@@ -98,7 +97,11 @@ def run_worker(
     serve(metrics_port)
     stop = threading.Event()
     install_stop_signals(stop)
-    make(ep).run(stop)
+    worker = make(ep)  # /health, /ready and consumer lag (fhirtwin/metrics.py)
+    watch_worker(
+        worker, ep.redis, stop, lag=bool(metrics_port or os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    )
+    worker.run(stop)
 
 
 def _iso(ms: int | str) -> str:
@@ -207,7 +210,7 @@ def mllp(
     metrics_port: Annotated[int, typer.Option(help="serve /metrics on this port (0: off)")] = 0,
 ) -> None:
     """The MLLP listener alone: ACK each HL7 v2 message once Kafka has it."""
-    from fhirtwin.metrics import serve
+    from fhirtwin.metrics import serve, set_ready
     from fhirtwin.mllp import Limits, MLLPServer
     from fhirtwin.worker import install_stop_signals
 
@@ -220,7 +223,12 @@ def mllp(
         max_frame_bytes=max_frame, idle_timeout=idle_timeout, max_connections=max_connections
     )
     server = MLLPServer(bootstrap, host=host, port=port, limits=limits)
-    server.run(stop, ready=lambda p: err.print(f"MLLP listening on {host}:{p}"))
+
+    def ready(p: int) -> None:
+        set_ready()  # /ready on --metrics-port
+        err.print(f"MLLP listening on {host}:{p}")
+
+    server.run(stop, ready=ready)
 
 
 def worker_normalize(

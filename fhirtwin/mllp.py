@@ -43,7 +43,14 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from fhirtwin import bus, hl7v2
-from fhirtwin.metrics import ACKS, DEADLETTERS, MESSAGES_IN, MESSAGES_OUT, MLLP_CONNECTIONS
+from fhirtwin.metrics import (
+    ACKS,
+    DEADLETTERS,
+    LATENCY,
+    MESSAGES_IN,
+    MESSAGES_OUT,
+    MLLP_CONNECTIONS,
+)
 
 __all__ = [
     "ErrorDetail",
@@ -664,10 +671,14 @@ class _Connection(asyncio.Protocol):
             return
         out = []
         acks = self.server.ack_counters
+        shift = time.monotonic() + self.server.timeout_backstop  # deadline = received + backstop
         while pending and pending[0].final:
-            code, ack = pending.popleft().ack()
+            entry = pending.popleft()
+            code, ack = entry.ack()
             out.append(START_BLOCK + ack + END_BLOCK)
             acks[code].inc()
+            if entry.deadline:  # 0.0: an oversized frame, answered at once
+                self.server.ack_seconds.observe(shift - entry.deadline)
         transport = self.transport
         if transport is not None and not self.closed and not transport.is_closing():
             transport.write(b"".join(out))
@@ -747,6 +758,7 @@ class MLLPServer:
         self.conns: set[_Connection] = set()
         self.closing = False
         self.ack_counters = {code: ACKS.labels(code) for code in ("AA", "AE", "AR")}
+        self.ack_seconds = LATENCY.labels("mllp-ack")  # frame received → ACK written
         self._in_hl7 = MESSAGES_IN.labels(_HL7_TOPIC)
         self._out = {t: MESSAGES_OUT.labels(t) for t in (_HL7_TOPIC, bus.DEADLETTER)}
         self._loop: asyncio.AbstractEventLoop | None = None

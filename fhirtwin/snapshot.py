@@ -28,6 +28,7 @@ import redis
 
 from fhirtwin import bus
 from fhirtwin.consent import INDETERMINATE, ConsentError, Decision, Policy, prepare
+from fhirtwin.metrics import SNAPSHOT_DECISIONS
 from fhirtwin.subscribers import Registry, Subscriber
 from fhirtwin.twin import TwinStore
 from fhirtwin.worker import Out, StreamWorker, dead_letter
@@ -1050,6 +1051,7 @@ class SnapshotPublisher:
             except ConsentError as exc:  # a consent the engine cannot read: fail closed
                 policy = None
                 req = Decision(INDETERMINATE, False, reasons=(f"{exc.where}: {exc.message}",))
+            SNAPSHOT_DECISIONS.labels(req.decision, "true" if req.allowed else "false").inc()
             if not req.allowed:
                 notice: list[Out] = []
                 if self._had_access(sub.id, twin):

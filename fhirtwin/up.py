@@ -196,45 +196,11 @@ class Supervisor:
 
     def start_http(self) -> None:
         import uvicorn
-        from fastapi import FastAPI
-        from fastapi.responses import JSONResponse, Response
 
-        from fhirtwin.metrics import render
-
-        api = FastAPI(title="fhirtwin", docs_url="/docs")
-
-        @api.get("/health")
-        def health() -> JSONResponse:
-            h = self.health()
-            return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
-
-        @api.get("/ready")
-        def ready() -> JSONResponse:
-            return health()
-
-        @api.get("/metrics")
-        def metrics() -> Response:
-            return Response(render(), media_type="text/plain; version=0.0.4")
-
-        from fhirtwin.auth import router as auth_router
+        from fhirtwin.cli_api import build_app  # the app `fhirtwin api` serves too
 
         self.authority = self.make_authority()
-        api.include_router(auth_router(self.authority))  # /auth/token, /fhir/.well-known/…
-
-        from fhirtwin.api import kafka_audit
-        from fhirtwin.api import router as fhir_router
-        from fhirtwin.subscribers import Registry
-        from fhirtwin.twin import TwinStore
-
-        client = redis.Redis.from_url(self.redis_url)
-        api.include_router(  # /fhir: the FHIR REST API (docs/api.md), after /fhir/.well-known
-            fhir_router(
-                TwinStore(client),
-                Registry(client),
-                authenticate=self.authority.verify_bearer,
-                audit=kafka_audit(self.bootstrap),
-            )
-        )
+        api = build_app(self.authority, self.bootstrap, self.redis_url, live=self.health)
 
         config = uvicorn.Config(
             api, host="127.0.0.1", port=self.cfg.http_port, log_level="warning", lifespan="off"

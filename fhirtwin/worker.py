@@ -25,7 +25,7 @@ import redis
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from fhirtwin import bus
-from fhirtwin.metrics import DEADLETTERS, MESSAGES_IN, MESSAGES_OUT
+from fhirtwin.metrics import DEADLETTERS, MESSAGES_IN, MESSAGES_OUT, beat
 
 __all__ = ["Out", "StreamWorker", "dead_letter", "install_stop_signals"]
 
@@ -118,6 +118,7 @@ class StreamWorker:
 
         try:
             while not stop.is_set():
+                beat()  # liveness: /health answers 503 if this loop stops turning
                 # A short wait: consume() blocks until the batch is full or the time is up, so
                 # this bounds the latency a quiet feed adds per stage (~20 ms, not 200).
                 msgs = consumer.consume(self.batch, 0.02)
