@@ -21,6 +21,8 @@ import orjson
 import redis
 
 from fhirtwin import bus
+from fhirtwin.crypto import CryptoError, ErasedError, open_event
+from fhirtwin.erasure import ERASED_DROPPED
 from fhirtwin.metrics import LATENCY, TWIN_UPDATES
 from fhirtwin.twin import TwinStore
 from fhirtwin.worker import Out, StreamWorker, dead_letter
@@ -30,9 +32,26 @@ __all__ = ["AssembleWorker", "apply_event", "rebuild"]
 log = logging.getLogger("fhirtwin.assemble")
 
 
+def read_event(store: TwinStore, rec: bus.Record) -> dict[str, Any]:
+    """The event of a ``fhir.resources`` record, opened with its twin's key (the record key).
+
+    ErasedError for an erased twin; CryptoError for a value fhirtwin did not seal."""
+    twin = (rec.key or b"").decode()
+    if not twin:
+        raise KeyError("no record key: events on fhir.resources are keyed by their twin id")
+    event: dict[str, Any] = orjson.loads(open_event(store.keys, twin, rec.value))
+    if event.get("twin") != twin:
+        raise KeyError(f"event of twin {event.get('twin')!r} under record key {twin!r}")
+    return event
+
+
 def apply_event(store: TwinStore, rec: bus.Record) -> list[Out]:
     """Apply one ``fhir.resources`` record to the store; the twin events it causes."""
-    event: dict[str, Any] = orjson.loads(rec.value)
+    try:
+        event = read_event(store, rec)
+    except ErasedError:
+        ERASED_DROPPED.labels("assemble").inc()
+        return []
     twin = event["twin"]
     outs: list[Out] = []
     decision = event.get("identity") or {}
@@ -100,7 +119,7 @@ class AssembleWorker:
             t0 = time.perf_counter()
             try:
                 out.append(apply_event(self.store, rec))
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            except (orjson.JSONDecodeError, KeyError, TypeError, CryptoError) as exc:
                 out.append(
                     [
                         dead_letter(
@@ -122,8 +141,8 @@ def rebuild(bootstrap: str, redis_url: str, *, flush: bool = True) -> dict[str, 
     n = 0
     for rec in bus.read_topic(bootstrap, bus.RESOURCES):
         try:
-            apply_event(store, rec)
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            apply_event(store, rec)  # an erased twin's events no longer open: skipped
+        except (orjson.JSONDecodeError, KeyError, TypeError, CryptoError):
             log.warning("skipping %s: not a fhirtwin event", rec.ref)
             continue
         n += 1

@@ -237,6 +237,7 @@ from fhirtwin.cli_api import register as register_api  # noqa: E402
 from fhirtwin.cli_audit import register as register_audit  # noqa: E402
 from fhirtwin.cli_auth import register as register_auth  # noqa: E402
 from fhirtwin.cli_consent import register as register_consent  # noqa: E402
+from fhirtwin.cli_keys import register as register_keys  # noqa: E402
 from fhirtwin.cli_pipeline import register  # noqa: E402  (after `app` exists)
 from fhirtwin.cli_results import register as register_results  # noqa: E402
 from fhirtwin.cli_subscribers import register as register_subscribers  # noqa: E402
@@ -247,6 +248,7 @@ register_subscribers(app)
 register_audit(app)
 register_results(app)
 register_auth(app)
+register_keys(app)
 register_api(app)
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ def build_app(
     app.include_router(auth_router(authority))  # /auth/token, /fhir/.well-known/…
 
     client = redis.Redis.from_url(redis_url)
+    from fhirtwin.api_erase import router as erase_router
+
+    app.include_router(  # POST /fhir/Patient/{id}/$erase (docs/security.md): before the 405
+        erase_router(TwinStore(client), authenticate=authority.verify_bearer, bootstrap=bootstrap)
+    )
     app.include_router(  # /fhir: the FHIR REST API (docs/api.md), after /fhir/.well-known
         fhir_router(
             TwinStore(client),

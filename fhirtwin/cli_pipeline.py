@@ -629,12 +629,19 @@ def dl_show(
     if found is None:
         err.print(f"[red]no dead letter {dl_id!r}; `fhirtwin deadletter list` shows the ids[/red]")
         raise typer.Exit(1)
+    from fhirtwin.crypto import CryptoError
+
+    try:
+        original = found.original
+    except CryptoError as exc:
+        err.print(f"[red]the original bytes cannot be read: {exc}[/red]")
+        raise typer.Exit(1) from None
     if raw:
-        sys.stdout.buffer.write(found.record.value)
+        sys.stdout.buffer.write(original)
         return
     sys.stdout.write(orjson.dumps(found.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.stdout.write("--- original bytes ---\n")
-    sys.stdout.write(found.record.value.decode("utf-8", "replace").replace("\r", "\n") + "\n")
+    sys.stdout.write(original.decode("utf-8", "replace").replace("\r", "\n") + "\n")
 
 
 @dl_app.command("replay")

@@ -68,6 +68,19 @@ class DeadLetter:
             return head
         return bus.RAW_TOPICS.get(self.kind, bus.RAW_TOPICS["hl7v2"])  # e.g. mllp/<peer>
 
+    @property
+    def original(self) -> bytes:
+        """The original bytes in clear: raw records and fhir.resources events are stored
+        sealed (fhirtwin/crypto.py); an expired or erased key gives CryptoError."""
+        from fhirtwin.crypto import default_keyring, is_sealed_raw, open_event
+
+        value = self.record.value
+        if is_sealed_raw(value):
+            return default_keyring().open_raw(value)
+        if self.topic == bus.RESOURCES and self.record.key:
+            return open_event(default_keyring(), self.record.key.decode(), value)
+        return value
+
     def as_dict(self, replayed: bool = False) -> dict[str, Any]:
         return {
             "id": self.id,

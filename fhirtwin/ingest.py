@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fhirtwin import bus
+from fhirtwin.crypto import default_keyring, seal_raw_record
 from fhirtwin.hl7v2 import HL7ParseError, split_batch
 from fhirtwin.mllp import inspect
 
@@ -125,6 +126,7 @@ def ingest(
             failures.append(str(err))
 
     extra = list(headers)
+    keys = default_keyring()  # sealed with today's epoch key (fhirtwin/crypto.py)
     for path in source_files(paths, kind):
         counts["files"] += 1
         for rec in records_of(path, kind):
@@ -133,11 +135,10 @@ def ingest(
                 *extra,
                 ("fhirtwin-received-at", str(int(time.time() * 1000)).encode()),
             ]
+            value, key, sealed = seal_raw_record(keys, rec.value, rec.key, record_headers)
             while True:
                 try:
-                    producer.produce(
-                        topic, rec.value, rec.key, headers=record_headers, on_delivery=delivered
-                    )
+                    producer.produce(topic, value, key, headers=sealed, on_delivery=delivered)
                     break
                 except BufferError:
                     producer.poll(0.05)

@@ -43,6 +43,7 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from fhirtwin import bus, hl7v2
+from fhirtwin.crypto import KeyRing, default_keyring
 from fhirtwin.metrics import (
     ACKS,
     DEADLETTERS,
@@ -279,6 +280,11 @@ class Header:
 
 _LEAD = "\x0b\x1c\x00 \t\r\n"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _blind(keys: KeyRing, key: bytes | None) -> bytes | None:
+    """A raw record's key (the patient's PID-3, for ordering) as its blind index."""
+    return keys.blind(key.decode("utf-8", "replace")).encode() if key else None
 
 
 def inspect(frame: bytes) -> Header:
@@ -594,7 +600,8 @@ class _Connection(asyncio.Protocol):
             time.monotonic() + server.timeout_backstop,
         )
         self.pending.append(entry)
-        server.produce(_HL7_TOPIC, frame, head.key, headers, entry)
+        keys = server.keys  # sealed with today's epoch key, keyed by a blind index (crypto.py)
+        server.produce(_HL7_TOPIC, keys.seal_raw(frame), _blind(keys, head.key), headers, entry)
 
     def _reject(self, frame: bytes, exc: hl7v2.HL7ParseError, received: bytes) -> None:
         """AR (not HL7 / no MSH) or AE (an HL7 message we cannot read), after dead-lettering."""
@@ -646,7 +653,7 @@ class _Connection(asyncio.Protocol):
             time.monotonic() + self.server.timeout_backstop,
         )
         self.pending.append(entry)
-        self.server.produce(bus.DEADLETTER, frame, None, headers, entry)
+        self.server.produce(bus.DEADLETTER, self.server.keys.seal_raw(frame), None, headers, entry)
 
     def _oversized(self, head: bytes, size: int) -> None:
         limit = self.limits.max_frame_bytes
@@ -752,6 +759,7 @@ class MLLPServer:
         self.host = host
         self.port = port
         self.limits = limits
+        self.keys = default_keyring()
         self.producer_config = dict(producer_config or {})
         # librdkafka times a write out itself after kafka_timeout; this is only the backstop.
         self.timeout_backstop = limits.kafka_timeout + 1.0

@@ -1,7 +1,10 @@
 """Patient identity (MPI): which twin a message's patient belongs to, and why.
 
-Rules come from ``mappings/mpi.yaml``. The state is in Redis: ``ft:id:<system|value>`` →
-twin id (and ``ft:demo:<key>`` → twin id for the optional demographic match). A new
+Rules come from ``mappings/mpi.yaml``. The state is in Redis: ``ft:id:<blind>`` → twin id,
+where ``<blind>`` is a keyed hash of ``system|value`` (``fhirtwin/crypto.py``: no identifier
+is stored in clear), and ``ft:demo:<blind>`` → twin id for the optional demographic match.
+``ft:erased:id:<blind>`` → twin id marks an identifier of an erased patient: a message that
+names it again resolves to the erased twin, which takes no data. A new
 identifier is claimed with ``SET NX``, so two workers that see a new patient at once agree
 on one twin. The decision (rule, identifiers, matches) travels with the event on
 ``fhir.resources`` and is stored with the twin, so it can be explained and survives a rebuild.
@@ -20,6 +23,7 @@ from typing import Any
 import redis
 import yaml
 
+from fhirtwin.crypto import KeyRing, default_keyring
 from fhirtwin.twin import follow_merges
 
 __all__ = ["Identity", "MPIConfig", "Resolver", "linking_identifiers", "split_patients"]
@@ -147,15 +151,28 @@ class Identity:
 class Resolver:
     """Finds or creates the twin of a message's patient (state in Redis)."""
 
-    def __init__(self, client: redis.Redis, cfg: MPIConfig | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, cfg: MPIConfig | None = None, keys: KeyRing | None = None
+    ) -> None:
         self.r: Any = client
         self.cfg = cfg or MPIConfig.load()
+        self.keys = keys or default_keyring()
+
+    def _k(self, ident: str) -> str:
+        return f"ft:id:{self.keys.blind(ident)}"
 
     def _lookup(self, idents: list[str]) -> dict[str, str]:
         if not idents:
             return {}
-        vals = self.r.mget([f"ft:id:{i}" for i in idents])
+        vals = self.r.mget([self._k(i) for i in idents])
         return {i: v.decode() for i, v in zip(idents, vals, strict=True) if v}
+
+    def _erased(self, idents: list[str]) -> str | None:
+        """The erased twin one of these identifiers belonged to, if any."""
+        if not idents:
+            return None
+        vals = self.r.mget([f"ft:erased:id:{self.keys.blind(i)}" for i in idents])
+        return next((v.decode() for v in vals if v), None)
 
     def _follow(self, twin: str) -> str:
         return follow_merges(self.r, twin)
@@ -179,6 +196,8 @@ class Resolver:
         prior_ids: list[str] = []
         for p in priors:
             prior_ids += [i for i in linking_identifiers(p, self.cfg) if i not in prior_ids]
+        if erased := self._erased(idents + prior_ids):
+            return Identity(twin=erased, rule="erased")
 
         known = {i: self._follow(t) for i, t in self._lookup(idents).items()}
         prior_known = {i: self._follow(t) for i, t in self._lookup(prior_ids).items()}
@@ -191,15 +210,15 @@ class Resolver:
             # Identifier change (A47) or merge into a not-yet-known number: keep the twin.
             twin, rule = prior_twins[0], "identifier-change"
         elif subjects and self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
-            found = self.r.get(f"ft:demo:{dk}")
+            found = self.r.get(f"ft:demo:{self.keys.blind(dk)}")
             twin, rule = (found.decode(), "demographic") if found else ("", "new")
         else:
             twin, rule = "", "new"
         if not twin:
             twin = str(uuid.uuid4())
             # Claim the first identifier; a racing worker may have claimed it first.
-            if idents and not self.r.set(f"ft:id:{idents[0]}", twin, nx=True):
-                got = self.r.get(f"ft:id:{idents[0]}")
+            if idents and not self.r.set(self._k(idents[0]), twin, nx=True):
+                got = self.r.get(self._k(idents[0]))
                 twin, rule = (got.decode(), "identifier") if got else (twin, rule)
         identity = Identity(twin=twin, rule=rule, matched=sorted(known))
         for i in idents:
@@ -211,18 +230,18 @@ class Resolver:
         if identity.identifiers:
             pipe = self.r.pipeline(transaction=False)
             for i in identity.identifiers:
-                pipe.set(f"ft:id:{i}", twin, nx=True)
+                pipe.set(self._k(i), twin, nx=True)
             if subjects and self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
-                pipe.set(f"ft:demo:{dk}", twin, nx=True)
+                pipe.set(f"ft:demo:{self.keys.blind(dk)}", twin, nx=True)
             pipe.execute()
         if priors:
             others = [t for t in prior_twins if t != twin]
             if others:
                 identity.merge_from = others[0]
                 identity.rule = "merge"
-                self.r.mset({f"ft:id:{i}": twin for i in prior_known})
+                self.r.mset({self._k(i): twin for i in prior_known})
             for i in prior_ids:
                 if i not in prior_known:
                     identity.identifiers.append(i)
-                    self.r.set(f"ft:id:{i}", twin, nx=True)
+                    self.r.set(self._k(i), twin, nx=True)
         return identity

@@ -16,6 +16,7 @@ The event on ``fhir.resources`` (JSON)::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -31,6 +32,14 @@ import orjson
 import redis
 
 from fhirtwin import bus
+from fhirtwin.crypto import (
+    SEALED_HEADERS,
+    CryptoError,
+    KeyRing,
+    open_raw_headers,
+    seal_event,
+)
+from fhirtwin.erasure import ERASED_DROPPED
 from fhirtwin.metrics import CONVERSION_ERRORS, LATENCY
 from fhirtwin.mpi import MPIConfig, Resolver
 from fhirtwin.twin import fhir_time_ms
@@ -125,7 +134,9 @@ def _text_docref(res: dict[str, Any]) -> bool:
     return False
 
 
-def _to_notes(rec: bus.Record, value: bytes, key: bytes | None, identifiers: list[str]) -> Out:
+def _to_notes(
+    keys: KeyRing, rec: bus.Record, value: bytes, key: bytes | None, identifiers: list[str]
+) -> Out:
     headers = [
         ("fhirtwin-source-kind", b"notes"),
         ("fhirtwin-filename", rec.header("fhirtwin-filename", rec.ref).encode()),
@@ -133,7 +144,8 @@ def _to_notes(rec: bus.Record, value: bytes, key: bytes | None, identifiers: lis
     ]
     if identifiers:
         headers.append(("fhirtwin-patient-identifiers", orjson.dumps(identifiers)))
-    return Out(bus.RAW_TOPICS["notes"], value, key, headers)
+    sealed = [(k, keys.seal_raw(v) if k in SEALED_HEADERS else v) for k, v in headers]
+    return Out(bus.RAW_TOPICS["notes"], keys.seal_raw(value), key, sealed)
 
 
 def converter(kind: str) -> Converter | None:
@@ -193,7 +205,7 @@ class NormalizeWorker:
         if self.kind in ("hl7v2", "ccda"):
             return []  # these go whole (see _carries_text): the reader needs the source
         return [
-            _to_notes(rec, orjson.dumps(r), twin.encode(), identifiers)
+            _to_notes(self.resolver.keys, rec, orjson.dumps(r), twin.encode(), identifiers)
             for r in conv.resources
             if _text_docref(r)
         ]
@@ -204,18 +216,33 @@ class NormalizeWorker:
     def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
         return [self.handle_one(rec) for rec in recs]
 
-    def handle_one(self, rec: bus.Record) -> list[Out]:
+    def handle_one(self, sealed: bus.Record) -> list[Out]:
         t0 = time.perf_counter()
+        try:  # raw records are sealed with an epoch key (fhirtwin/crypto.py)
+            keys = self.resolver.keys
+            rec = dataclasses.replace(
+                sealed,
+                value=keys.open_raw(sealed.value),
+                headers=open_raw_headers(keys, sealed.headers),
+            )
+        except CryptoError as exc:
+            CONVERSION_ERRORS.labels("decrypt", type(exc).__name__).inc()
+            return [dead_letter(sealed, stage="decrypt", reason=str(exc))]
         try:
             converted = convert_record(
                 self.kind, rec, validate=self.validate, mappings=self.mappings
             )
         except SourceError as exc:
             CONVERSION_ERRORS.labels(exc.stage, exc.error.get("error", exc.stage)[:60]).inc()
-            return [dead_letter(rec, stage=exc.stage, reason=exc.reason, error=exc.error)]
+            # the dead letter keeps the original (sealed) bytes and headers
+            return [dead_letter(sealed, stage=exc.stage, reason=exc.reason, error=exc.error)]
         outs: list[Out] = []
         for conv in converted:
             identity = self.resolver.resolve(conv.resources, conv.patient_identifiers)
+            if identity is not None and identity.rule == "erased":
+                # the patient asked to be forgotten: nothing of this message is kept
+                ERASED_DROPPED.labels(f"normalize-{self.kind}").inc()
+                continue
             twin = identity.twin if identity else SHARED_TWIN
             event = {
                 "v": 1,
@@ -237,10 +264,11 @@ class NormalizeWorker:
                 ("fhirtwin-source-kind", self.kind.encode()),
                 ("fhirtwin-source-record", rec.ref.encode()),
             ]
-            outs.append(Out(bus.RESOURCES, orjson.dumps(event), twin.encode(), headers))
+            value = seal_event(self.resolver.keys, twin, orjson.dumps(event))
+            outs.append(Out(bus.RESOURCES, value, twin.encode(), headers))
             if self.notes_fanout:
                 outs += self._notes_of(rec, conv, twin, identity.identifiers if identity else [])
         if self.notes_fanout and converted and _carries_text(self.kind, rec.value):
-            outs.append(_to_notes(rec, rec.value, rec.key, []))
+            outs.append(_to_notes(self.resolver.keys, rec, rec.value, rec.key, []))
         LATENCY.labels(f"normalize-{self.kind}").observe(time.perf_counter() - t0)
         return outs

@@ -33,6 +33,7 @@ import orjson
 import redis
 
 from fhirtwin import bus
+from fhirtwin.crypto import ErasedError, seal_event
 from fhirtwin.subscribers import Registry, Subscriber
 from fhirtwin.twin import TwinStore
 from fhirtwin.validation import validate_bundle, validate_resource
@@ -263,7 +264,11 @@ class ResultsWorker:
             ("fhirtwin-source-record", rec.ref.encode()),
             (H_SUBSCRIBER, sub.id.encode()),
         ]
-        return Out(bus.RESOURCES, orjson.dumps(event), twin.encode(), headers)
+        try:
+            sealed = seal_event(self.store.keys, twin, orjson.dumps(event))
+        except ErasedError:
+            raise ResultError(f"key {rec.key!r}: that patient was erased; result refused") from None
+        return Out(bus.RESOURCES, sealed, twin.encode(), headers)
 
     def locate(self, sub: Subscriber, key: str) -> str:
         """The twin behind a snapshot key the subscriber was given, or ResultError."""

@@ -28,6 +28,7 @@ import redis
 
 from fhirtwin import bus
 from fhirtwin.consent import INDETERMINATE, ConsentError, Decision, Policy, prepare
+from fhirtwin.crypto import default_keyring, seal_event
 from fhirtwin.metrics import SNAPSHOT_DECISIONS
 from fhirtwin.subscribers import Registry, Subscriber
 from fhirtwin.twin import TwinStore
@@ -112,7 +113,8 @@ def find_twin(store: TwinStore, consent: Mapping[str, Any]) -> str:
 
 
 def consent_event(twin: str, consent: dict[str, Any], *, now_ms: int, record: str) -> bytes:
-    """The ``fhir.resources`` event (normalize's envelope) that files a Consent in a twin.
+    """The ``fhir.resources`` value (normalize's envelope, sealed with the twin's key like
+    every event there) that files a Consent in a twin.
 
     ``event_ms`` is the time of the put, so a later put (a withdrawal) is the newer version.
     ``identity`` is empty: filing a consent is not an identity decision.
@@ -132,7 +134,7 @@ def consent_event(twin: str, consent: dict[str, Any], *, now_ms: int, record: st
         "merge_from": None,
         "resources": [consent],
     }
-    return orjson.dumps(event)
+    return seal_event(default_keyring(), twin, orjson.dumps(event))
 
 
 # -- snapshot content -------------------------------------------------------------------
@@ -886,6 +888,7 @@ class _Work:
     twins: dict[str, bool] = field(default_factory=dict)  # twin → every subscriber?
     changed: dict[str, set[str]] = field(default_factory=dict)  # twin → changed types
     merged: list[str] = field(default_factory=list)
+    erased: list[str] = field(default_factory=list)
 
 
 class SnapshotPublisher:
@@ -905,6 +908,7 @@ class SnapshotPublisher:
         self.registry = Registry(client)
         self.clock = clock or (lambda: datetime.now(UTC))
         self.staged: dict[tuple[str, str], bool] = {}
+        self.forget: set[str] = set()  # erased twins: drop subscriber state after the batch
         self.stream = StreamWorker(
             bootstrap,
             group,
@@ -935,6 +939,9 @@ class SnapshotPublisher:
         if self.staged:
             self.registry.set_access((s, t, ok) for (s, t), ok in self.staged.items())
             self.staged.clear()
+        for twin in self.forget:
+            self.registry.forget_twin(twin)
+        self.forget.clear()
 
     def _had_access(self, sub: str, twin: str) -> bool:
         if (sub, twin) in self.staged:
@@ -966,6 +973,10 @@ class SnapshotPublisher:
                 continue
             if not isinstance(twin, str) or twin.startswith("_"):
                 continue
+            if ev.get("type") == "erase":
+                erased = ev.get("erased") or [twin]
+                work.erased += [t for t in erased if isinstance(t, str)]
+                continue
             types = {c.split("/", 1)[0] for c in changed}
             everyone = ev.get("type") == "merge" or bool(types & {"Consent", "Patient"})
             work.twins[twin] = work.twins.get(twin, False) or everyone
@@ -982,6 +993,12 @@ class SnapshotPublisher:
             for sub in subs:
                 if self._had_access(sub.id, gone):
                     produced += self._notice(sub, gone, None, None, now, reason="merged")
+        for gone in work.erased:  # the subscriber must delete what it holds of the patient
+            work.twins.pop(gone, None)
+            for sub in subs:
+                if self._had_access(sub.id, gone):
+                    produced += self._notice(sub, gone, None, None, now, reason="erased")
+            self.forget.add(gone)
         for twin, everyone in work.twins.items():
             concerned = [s for s in subs if everyone or any(s.wants(t) for t in work.changed[twin])]
             if concerned:
@@ -1020,8 +1037,8 @@ class SnapshotPublisher:
                 [("fhirtwin-kind", b"withdrawal")],
             )
         ]
-        if d is None:  # a merge moved the patient away: record the notice itself
-            d = Decision("NOT_APPLICABLE", False, reasons=(f"twin merged: {reason}",))
+        if d is None:  # a merge moved the patient away, or erasure: record the notice itself
+            d = Decision("NOT_APPLICABLE", False, reasons=(f"twin {reason}",))
             out.append(
                 _audit_out(
                     audit_decision(

@@ -290,6 +290,19 @@ class Registry:
         values = self.r.hmget(f"{self.key(sub_id)}:access", list(twins))
         return {t: (None if v is None else v == b"1") for t, v in zip(twins, values, strict=True)}
 
+    def forget_twin(self, twin: str) -> None:
+        """After an erasure: every subscriber's pseudonym and resource ids of the twin go;
+        the access entry stays ``0`` (results about it are refused)."""
+        pipe = self.r.pipeline(transaction=False)
+        for raw in self.r.smembers(IDS_KEY):
+            key = self.key(raw.decode())
+            pseudo = self.r.get(f"{key}:pseudo:{twin}")
+            pipe.delete(f"{key}:pseudo:{twin}", f"{key}:rid:{twin}")
+            pipe.hset(f"{key}:access", twin, "0")
+            if pseudo is not None:
+                pipe.hdel(f"{key}:twinof", pseudo)
+        pipe.execute()
+
     def set_access(self, changes: Iterable[tuple[str, str, bool]]) -> None:
         pipe = self.r.pipeline(transaction=False)
         for sub_id, twin, ok in changes:

@@ -5,21 +5,30 @@ Every key of a twin shares the Redis Cluster hash tag ``{<twin id>}``:
 ==========================  =====  ==========================================================
 key                         type   content
 ==========================  =====  ==========================================================
-``ft:{T}:cur``              hash   ``Type/id`` → current resource JSON
+``ft:{T}:cur``              hash   ``Type/id`` → current resource JSON, sealed
 ``ft:{T}:ver``              hash   ``Type/id`` → order key of the current version (see below)
-``ft:{T}:vers``             hash   ``Type/id|hash`` → JSON of every version ever seen
+``ft:{T}:vers``             hash   ``Type/id|hash`` → JSON of every version ever seen, sealed
 ``ft:{T}:vinfo``            hash   ``Type/id|hash`` → ``event ms|known ms|topic/partition/offset``
 ``ft:{T}:hist``             zset   ``Type/id|hash`` scored by the time fhirtwin first knew it
 ``ft:{T}:tl``               zset   ``Type/id`` scored by clinical time (the timeline)
 ``ft:{T}:set:<name>``       set    derived state: problems, medications, allergies
 ``ft:{T}:latest:<name>``    hash   derived state: vitals / labs, code → ``clinical ms|Type/id``
-``ft:{T}:ids``              set    patient identifiers (``system|value``) linked to the twin
-``ft:{T}:links``            list   identity decisions (JSON), newest first
-``ft:{T}:meta``             hash   created/updated times, Kafka offsets applied, merged_into
+``ft:{T}:ids``              hash   blind index → patient identifier (``system|value``), sealed
+``ft:{T}:links``            list   identity decisions (JSON, sealed), newest first
+``ft:{T}:meta``             hash   created/updated times, Kafka offsets applied, merged_into,
+                                   ``gen`` (bumped by every apply that changes ``cur``)
+``ft:{T}:erased``           string the tombstone an erasure leaves (no other key of T remains)
 ==========================  =====  ==========================================================
 
-Global keys: ``ft:twins`` (set of live twin ids), ``ft:id:<system|value>`` (identifier →
-twin id), which the MPI owns, and ``ft:ref:<Type/id>`` (set of the twins that have held that
+**Encryption at rest** (``fhirtwin/crypto.py``): every value marked *sealed* is AES-256-GCM
+under the twin's own data key, with associated data ``<twin>|<Type/id>|<hash>`` for resource
+versions (``<twin>|ids``, ``<twin>|links`` for the others), so a ciphertext moved to another
+field or twin does not open. Lookup keys hold no identifier in clear: ``ft:id:<blind>`` and
+``ft:idv:<blind>`` are keyed hashes of ``system|value`` and of the bare value.
+
+Global keys: ``ft:twins`` (set of live twin ids), ``ft:id:<blind(system|value)>`` and
+``ft:idv:<blind(value)>`` (identifier → twin id), which the MPI owns, and
+``ft:ref:<Type/id>`` (set of the twins that have held that
 resource; the FHIR API's read by id). The reference index is written after each apply (an
 idempotent ``SADD``); it may name a twin since merged away (readers follow ``merged_into``)
 or several twins (a Practitioner in two patients' messages): readers check each twin's
@@ -45,7 +54,10 @@ from typing import Any
 import orjson
 import redis
 
+from fhirtwin.crypto import ErasedError, KeyRing, default_keyring
+
 __all__ = [
+    "TWIN_SUFFIXES",
     "AppliedEvent",
     "TwinStore",
     "clinical_time_ms",
@@ -58,6 +70,20 @@ __all__ = [
 # Derived-state categories.
 STATE_SETS = ("problems", "medications", "allergies")
 STATE_LATEST = ("vitals", "labs")
+# Every key of a twin but its tombstone (``ft:{T}:<suffix>``).
+TWIN_SUFFIXES = (
+    "cur",
+    "ver",
+    "vers",
+    "vinfo",
+    "hist",
+    "tl",
+    "ids",
+    "links",
+    "meta",
+    *(f"set:{n}" for n in STATE_SETS),
+    *(f"latest:{n}" for n in STATE_LATEST),
+)
 
 VITAL_LOINC = {
     "85354-9",  # blood pressure panel
@@ -227,6 +253,7 @@ def state_op(resource: dict[str, Any]) -> str:
 #       ref, hash, json, clinical ms ("" if none), state op ("" if none)
 _APPLY = r"""
 local base = KEYS[1]
+if redis.call('EXISTS', base .. ':erased') == 1 then return {'erased'} end
 local merged = redis.call('HGET', base .. ':meta', 'merged_into')
 if merged then return {'merged', merged} end
 local know, evt15, src = ARGV[1], ARGV[2], ARGV[3]
@@ -278,6 +305,14 @@ if ARGV[4] ~= '' then
   local prev = tonumber(redis.call('HGET', meta, ARGV[4]) or '-1')
   if tonumber(ARGV[5]) > prev then redis.call('HSET', meta, ARGV[4], ARGV[5]) end
 end
+if #changed > 0 then
+  -- the twin's generation: readers' caches (the API's views) compare it, O(1)
+  if redis.call('HEXISTS', meta, 'gen') == 0 then
+    local t = redis.call('TIME')  -- seeded past any value from before a flush or rebuild
+    redis.call('HSET', meta, 'gen', t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  redis.call('HINCRBY', meta, 'gen', 1)
+end
 return changed
 """
 
@@ -286,6 +321,7 @@ return changed
 class AppliedEvent:
     twin: str
     changed: list[str]
+    erased: bool = False  # the twin was erased: nothing was written
 
 
 def _evt15(ms: int) -> str:
@@ -295,13 +331,31 @@ def _evt15(ms: int) -> str:
 class TwinStore:
     """Reads and idempotent writes of twins in Redis (a redis-py client is passed in)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, keys: KeyRing | None = None) -> None:
         self.r: Any = client  # redis-py's reply types are bytes | str unions; we use bytes
+        self.keys = keys or default_keyring()
         self._apply = client.register_script(_APPLY)
 
     @classmethod
     def connect(cls, url: str) -> TwinStore:
         return cls(redis.Redis.from_url(url))
+
+    # -- sealing -----------------------------------------------------------------------
+
+    def _open(self, twin: str, blob: bytes, aad: str) -> bytes:
+        return self.keys.open(twin, blob, aad.encode())
+
+    def _load(self, twin: str, ref: str, digest: str, blob: bytes) -> dict[str, Any]:
+        body: dict[str, Any] = orjson.loads(self._open(twin, blob, f"{twin}|{ref}|{digest}"))
+        return body
+
+    def id_key(self, ident: str) -> str:
+        """The lookup key of an identifier ``system|value`` (a blind index)."""
+        return f"ft:id:{self.keys.blind(ident)}"
+
+    def value_key(self, value: str) -> str:
+        """The lookup key of a bare identifier value (any system)."""
+        return f"ft:idv:{self.keys.blind(value)}"
 
     # -- writes ------------------------------------------------------------------------
 
@@ -310,17 +364,9 @@ class TwinStore:
         return f"ft:{{{twin}}}"
 
     @staticmethod
-    def _args(
-        resources: Sequence[dict[str, Any]],
-        event_ms: int,
-        known_ms: int,
-        src: str,
-    ) -> list[Any]:
-        partition_field = offset = ""
-        if src.count("/") >= 2:
-            topic, part, off = src.rsplit("/", 2)
-            partition_field, offset = f"off:{topic}/{part}", off
-        args: list[Any] = [known_ms, _evt15(event_ms), src, partition_field, offset, len(resources)]
+    def _prepare(resources: Sequence[dict[str, Any]]) -> list[tuple[str, str, bytes, Any, str]]:
+        """(ref, hash, plain JSON, clinical ms, state op) per resource: sealed per twin later."""
+        out = []
         for res in resources:
             ref = f"{res['resourceType']}/{res['id']}"
             meta = res.get("meta")
@@ -330,7 +376,26 @@ class TwinStore:
                 body = orjson.dumps(res, option=orjson.OPT_SORT_KEYS)
                 digest = hashlib.sha256(body).hexdigest()[:32]
             clin = clinical_time_ms(res)
-            args += [ref, digest, body, "" if clin is None else clin, state_op(res)]
+            out.append((ref, digest, body, "" if clin is None else clin, state_op(res)))
+        return out
+
+    def _args(
+        self,
+        twin: str,
+        prepared: list[tuple[str, str, bytes, Any, str]],
+        event_ms: int,
+        known_ms: int,
+        src: str,
+    ) -> list[Any]:
+        partition_field = offset = ""
+        if src.count("/") >= 2:
+            topic, part, off = src.rsplit("/", 2)
+            partition_field, offset = f"off:{topic}/{part}", off
+        args: list[Any] = [known_ms, _evt15(event_ms), src, partition_field, offset, len(prepared)]
+        seal = self.keys.seal
+        for ref, digest, body, clin, op in prepared:
+            sealed = seal(twin, body, f"{twin}|{ref}|{digest}".encode())
+            args += [ref, digest, sealed, clin, op]
         return args
 
     def apply(
@@ -348,8 +413,12 @@ class TwinStore:
 
         ``shared``: resources of messages that name no patient; kept, but not listed as a twin.
         """
-        args = self._args(resources, event_ms, known_ms, src)
+        prepared = self._prepare(resources)
         for _ in range(16):
+            try:
+                args = self._args(twin, prepared, event_ms, known_ms, src)
+            except ErasedError:
+                return AppliedEvent(twin, [], erased=True)
             out = self._apply(keys=[self.base(twin)], args=args)
             if out and out[0] == b"merged":
                 twin = out[1].decode()
@@ -357,6 +426,8 @@ class TwinStore:
             break
         else:  # pragma: no cover - a merge cycle would be a bug
             raise RuntimeError(f"merge chain too long at twin {twin}")
+        if out and out[0] == b"erased":
+            return AppliedEvent(twin, [], erased=True)
         ids = list(identifiers)
         pipe = self.r.pipeline(transaction=False)
         if not shared:
@@ -364,14 +435,28 @@ class TwinStore:
         for res in resources:
             pipe.sadd(f"ft:ref:{res['resourceType']}/{res['id']}", twin)
         if ids:
-            pipe.sadd(f"{self.base(twin)}:ids", *ids)
-            for ident in ids:
-                pipe.set(f"ft:id:{ident}", twin)
+            self._link_ids(pipe, twin, ids)
         pipe.execute()
         return AppliedEvent(twin, [c.decode() for c in out])
 
+    def _link_ids(self, pipe: Any, twin: str, ids: Sequence[str], *, nx: bool = False) -> None:
+        blind = self.keys.blind
+        aad = f"{twin}|ids".encode()
+        pipe.hset(
+            f"{self.base(twin)}:ids",
+            mapping={blind(i): self.keys.seal(twin, i.encode(), aad) for i in ids},
+        )
+        for ident in ids:
+            pipe.set(f"ft:id:{blind(ident)}", twin, nx=nx)
+            value = ident.rsplit("|", 1)[-1]
+            if value:
+                pipe.set(f"ft:idv:{blind(value)}", twin, nx=nx)
+
     def record_link(self, twin: str, decision: dict[str, Any]) -> None:
-        self.r.lpush(f"{self.base(twin)}:links", orjson.dumps(decision))
+        self.r.lpush(f"{self.base(twin)}:links", self._seal_link(twin, decision))
+
+    def _seal_link(self, twin: str, decision: dict[str, Any]) -> bytes:
+        return self.keys.seal(twin, orjson.dumps(decision), f"{twin}|links".encode())
 
     def merge(
         self, source: str, target: str, *, known_ms: int, reason: dict[str, Any]
@@ -388,25 +473,25 @@ class TwinStore:
         self.r.hset(f"{sb}:meta", mapping={"merged_into": target, "merged_at": known_ms})
         versions = self.r.hgetall(f"{sb}:vers")
         infos = self.r.hgetall(f"{sb}:vinfo")
-        # Re-apply each version with its own event time and knowledge time.
+        # Re-apply each version with its own event time and knowledge time (decrypted with
+        # the source's key, sealed again with the target's by apply).
         grouped: dict[tuple[bytes, bytes, bytes], list[dict[str, Any]]] = {}
         for vkey, body in versions.items():
             evt, know, src = (infos.get(vkey) or b"0|0|").split(b"|", 2)
-            grouped.setdefault((evt, know, src), []).append(orjson.loads(body))
+            ref, digest = vkey.decode().rsplit("|", 1)
+            grouped.setdefault((evt, know, src), []).append(self._load(source, ref, digest, body))
         changed: list[str] = []
         for (evt, know, src), res in sorted(grouped.items()):
             changed += self.apply(
                 target, res, event_ms=int(evt), known_ms=int(know), src=src.decode()
             ).changed
-        ids = [i.decode() for i in self.r.smembers(f"{sb}:ids")]
+        ids = self.identifiers(source)
         pipe = self.r.pipeline(transaction=False)
         if ids:
-            pipe.sadd(f"{tb}:ids", *ids)
-            for ident in ids:
-                pipe.set(f"ft:id:{ident}", target)
-        entry = orjson.dumps({**reason, "merged": source, "into": target, "at": known_ms})
-        pipe.lpush(f"{tb}:links", entry)
-        pipe.lpush(f"{sb}:links", entry)
+            self._link_ids(pipe, target, ids)
+        entry = {**reason, "merged": source, "into": target, "at": known_ms}
+        pipe.lpush(f"{tb}:links", self._seal_link(target, entry))
+        pipe.lpush(f"{sb}:links", self._seal_link(source, entry))
         for suffix in ("cur", "ver", "vers", "vinfo", "hist", "tl", "ids"):
             pipe.delete(f"{sb}:{suffix}")
         for name in STATE_SETS:
@@ -423,14 +508,11 @@ class TwinStore:
         """A twin id, or any identifier (``system|value`` or a bare value such as an MRN)."""
         if self.r.sismember("ft:twins", key) or self.r.exists(f"{self.base(key)}:meta"):
             return self._follow(key)
-        twin = self.r.get(f"ft:id:{key}")
+        twin = self.r.get(self.id_key(key))
+        if not twin and "|" not in key:  # a bare value: any system
+            twin = self.r.get(self.value_key(key))
         if twin:
             return self._follow(twin.decode())
-        if "|" not in key:  # a bare value: any system
-            for k in self.r.scan_iter(match=f"ft:id:*|{_glob_escape(key)}", count=1000):
-                twin = self.r.get(k)
-                if twin:
-                    return self._follow(twin.decode())
         return None
 
     def _follow(self, twin: str) -> str:
@@ -450,7 +532,9 @@ class TwinStore:
         return sorted(t.decode() for t in self.r.smembers("ft:twins"))
 
     def identifiers(self, twin: str) -> list[str]:
-        return sorted(i.decode() for i in self.r.smembers(f"{self.base(twin)}:ids"))
+        aad = f"{twin}|ids"
+        sealed = self.r.hvals(f"{self.base(twin)}:ids")
+        return sorted(self._open(twin, v, aad).decode() for v in sealed)
 
     def counts(self, twin: str) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -467,8 +551,11 @@ class TwinStore:
         pipe.hgetall(f"{b}:ver")
         cur, ver = pipe.execute()
         out = []
+        aead = self.keys.open
         for ref, body in cur.items():
-            out.append(_with_meta(orjson.loads(body), ver.get(ref, b"")))
+            order = ver.get(ref, b"")
+            aad = b"%s|%s|%s" % (twin.encode(), ref, order[15:47])
+            out.append(_with_meta(orjson.loads(aead(twin, body, aad)), order))
         out.sort(key=lambda r: (r["resourceType"], r["id"]))
         return out
 
@@ -477,7 +564,8 @@ class TwinStore:
         body, ver = self.r.hmget(f"{b}:cur", ref), self.r.hget(f"{b}:ver", ref)
         if not body or body[0] is None:
             return None
-        return _with_meta(orjson.loads(body[0]), ver or b"")
+        order = ver or b""
+        return _with_meta(self._load(twin, ref, order[15:47].decode(), body[0]), order)
 
     def history(self, twin: str, ref: str) -> list[dict[str, Any]]:
         """Every known version of one resource, newest (by event time) first."""
@@ -493,7 +581,7 @@ class TwinStore:
                 continue
             evt, know, _src = infos[k].decode().split("|", 2)
             h = k.decode().rsplit("|", 1)[1]
-            res = _with_meta(orjson.loads(body), f"{evt}{h}|{know}".encode())
+            res = _with_meta(self._load(twin, ref, h, body), f"{evt}{h}|{know}".encode())
             out.append((evt + h, res))
         out.sort(key=lambda x: x[0], reverse=True)
         return [r for _, r in out]
@@ -553,8 +641,8 @@ class TwinStore:
         chosen = sorted(best.items())
         bodies = self.r.hmget(f"{b}:vers", [m for _, (_, m, _) in chosen])
         resources = [
-            _with_meta(orjson.loads(body), f"{order}|{know}".encode())
-            for (_, (order, _m, know)), body in zip(chosen, bodies, strict=True)
+            _with_meta(self._load(twin, ref, order[15:], body), f"{order}|{know}".encode())
+            for (ref, (order, _m, know)), body in zip(chosen, bodies, strict=True)
             if body is not None
         ]
         return {"twin": twin, "as_of_ms": known_ms, "resources": resources, "offsets": offsets}
@@ -570,7 +658,11 @@ class TwinStore:
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     def links(self, twin: str) -> list[dict[str, Any]]:
-        return [orjson.loads(x) for x in self.r.lrange(f"{self.base(twin)}:links", 0, -1)]
+        aad = f"{twin}|links"
+        return [
+            orjson.loads(self._open(twin, x, aad))
+            for x in self.r.lrange(f"{self.base(twin)}:links", 0, -1)
+        ]
 
     def flush(self) -> int:
         """Delete every twin and identity key — for `fhirtwin rebuild`. Returns the count.
@@ -581,8 +673,10 @@ class TwinStore:
         """
         n = 0
         batch: list[bytes] = []
-        for pattern in ("ft:{*", "ft:id:*", "ft:ref:*", "ft:demo:*"):
+        for pattern in ("ft:{*", "ft:id:*", "ft:idv:*", "ft:ref:*", "ft:demo:*"):
             for key in self.r.scan_iter(match=pattern, count=2000):
+                if key.endswith(b":erased"):
+                    continue  # erasure tombstones outlive a rebuild
                 batch.append(key)
                 if len(batch) >= 1000:
                     n += int(self.r.unlink(*batch))
@@ -600,10 +694,6 @@ def follow_merges(client: Any, twin: str) -> str:
             return twin
         twin = nxt.decode()
     return twin
-
-
-def _glob_escape(s: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
 def _with_meta(res: dict[str, Any], ver: bytes) -> dict[str, Any]:

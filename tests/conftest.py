@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Encryption at rest (fhirtwin/crypto.py): the test session's key-encryption key and key
+# store live in a directory of its own, shared with the workers tests start (they inherit
+# the environment), never in the user's ~/.fhirtwin.
+if "FHIRTWIN_KEYSTORE" not in os.environ:
+    _keys = Path(tempfile.mkdtemp(prefix="fhirtwin-test-keys-"))
+    os.environ["FHIRTWIN_KEYSTORE"] = f"file://{_keys / 'store'}"
+    os.environ["FHIRTWIN_KEK_FILE"] = str(_keys / "kek")
+    (_keys / "kek").write_text(base64.b64encode(secrets.token_bytes(32)).decode())
 
 
 def corpus_path() -> Path | None:

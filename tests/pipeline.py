@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -12,15 +13,16 @@ import orjson
 
 from fhirtwin import bus
 from fhirtwin.assemble import AssembleWorker
+from fhirtwin.crypto import default_keyring, open_event, open_raw_headers
 from fhirtwin.normalize import NormalizeWorker
 
 
-def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+def produce(bootstrap: str, topic: str, values: list[bytes], *, key: bytes | None = None) -> None:
     p: Any = bus.producer(bootstrap, linger_ms=5)
     for v in values:
         while True:
             try:
-                p.produce(topic, v, headers=[("fhirtwin-source-kind", b"hl7v2")])
+                p.produce(topic, v, key, headers=[("fhirtwin-source-kind", b"hl7v2")])
                 break
             except BufferError:
                 p.poll(0.05)
@@ -60,8 +62,31 @@ def drain(
     return n, assembler.stream.processed
 
 
-def records(bootstrap: str, topic: str) -> list[bus.Record]:
-    return list(bus.read_topic(bootstrap, topic, timeout=5))
+def opened(rec: bus.Record) -> bus.Record:
+    """The record as its producer meant it: fhirtwin seals raw records (epoch key) and
+    ``fhir.resources`` events (the twin's key) before they reach Kafka (fhirtwin/crypto.py)."""
+    keys = default_keyring()
+    if rec.topic == bus.RESOURCES:
+        value = open_event(keys, (rec.key or b"").decode(), rec.value)
+    else:
+        value = keys.open_raw(rec.value)
+    return dataclasses.replace(rec, value=value, headers=open_raw_headers(keys, rec.headers))
+
+
+def records(bootstrap: str, topic: str, *, sealed: bool = False) -> list[bus.Record]:
+    """Every record of the topic, opened (``sealed=True``: as stored in Kafka)."""
+    recs = list(bus.read_topic(bootstrap, topic, timeout=5))
+    return recs if sealed else [opened(r) for r in recs]
+
+
+def read_topic(bootstrap: str, topic: str, **kw: Any) -> list[bus.Record]:
+    """``bus.read_topic``, opened."""
+    return [opened(r) for r in bus.read_topic(bootstrap, topic, **kw)]
+
+
+def blind(value: str) -> bytes:
+    """The blind index fhirtwin keys a patient's raw records by (and looks identifiers up by)."""
+    return default_keyring().blind(value).encode()
 
 
 def events(bootstrap: str) -> list[dict[str, Any]]:

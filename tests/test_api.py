@@ -119,6 +119,7 @@ def env() -> Iterator[Env]:
             k.bootstrap,
             bus.RESOURCES,
             [consent_event(twin_a, CONSENT_A, now_ms=int(time.time() * 1000), record="test")],
+            key=twin_a.encode(),
         )
         drain(k.bootstrap, r.url)
 

@@ -109,7 +109,7 @@ def _caught_up(bootstrap: str) -> bool:
 
 
 def _results_events(bootstrap: str) -> list[dict[str, Any]]:
-    evs = [orjson.loads(r.value) for r in records(bootstrap, bus.RESOURCES)]
+    evs = [orjson.loads(r.value) for r in records(bootstrap, bus.RESOURCES)]  # opened
     return [e for e in evs if e["source"]["kind"] == "results"]
 
 
