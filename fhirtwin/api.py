@@ -1044,7 +1044,8 @@ def _page_bundle(
     }
 
 
-def capability_statement(base: str, now: datetime) -> dict[str, Any]:
+def capability_statement(base: str, now: datetime, *, admin: bool = False) -> dict[str, Any]:
+    """``admin``: also what ``fhirtwin.api_admin``'s router serves (when the app has it)."""
     resources = []
     for rtype in SUPPORTED_TYPES:
         params = search_params(rtype)
@@ -1076,7 +1077,7 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
                 }
             ]
         resources.append(entry)
-    return {
+    statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": _iso(now),
@@ -1117,6 +1118,11 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
             }
         ],
     }
+    if admin:
+        from fhirtwin.api_admin import admin_capabilities
+
+        admin_capabilities(statement)
+    return statement
 
 
 def router(

@@ -69,6 +69,19 @@ def build_app(
     app.include_router(auth_router(authority))  # /auth/token, /fhir/.well-known/…
 
     client = redis.Redis.from_url(redis_url)
+    from fhirtwin.api_admin import router as admin_router
+
+    app.include_router(  # /admin, Consent writes, AuditEvent (docs/api.md): before /fhir's 405
+        admin_router(
+            TwinStore(client),
+            Registry(client),
+            authority,
+            authenticate=authority.verify_bearer,
+            audit=kafka_audit(bootstrap),
+            bootstrap=bootstrap,
+            redis_url=redis_url,
+        )
+    )
     from fhirtwin.api_erase import router as erase_router
 
     app.include_router(  # POST /fhir/Patient/{id}/$erase (docs/security.md): before the 405
