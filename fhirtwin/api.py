@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import re
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,9 +36,18 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from fhirtwin import bus
-from fhirtwin.consent import INDETERMINATE, NOT_APPLICABLE, ConsentError, Decision, Policy, prepare
+from fhirtwin.consent import (
+    INDETERMINATE,
+    NOT_APPLICABLE,
+    ConsentError,
+    Decision,
+    Policy,
+    prepare,
+)
+from fhirtwin.consent import _span as consent_span
 from fhirtwin.principal import AuthError, Principal
 from fhirtwin.snapshot import (
+    _GONE,
     ACTREASON,
     BALP,
     DCM,
@@ -43,8 +55,10 @@ from fhirtwin.snapshot import (
     OBJECT_ROLE,
     SOURCE_TYPE,
     TWIN_SYSTEM,
+    _prune,
+    _references,
+    _target,
     audit_decision,
-    strip_dangling,
 )
 from fhirtwin.subscribers import Registry, Subscriber
 from fhirtwin.twin import TwinStore, clinical_time_ms, fhir_time_ms
@@ -55,6 +69,7 @@ __all__ = [
     "MAX_COUNT",
     "AuditSink",
     "FhirApi",
+    "ViewCache",
     "allows",
     "kafka_audit",
     "router",
@@ -428,24 +443,284 @@ def audit_access(
 # -- consent views -------------------------------------------------------------------------
 
 
-@dataclass
 class View:
-    """What one client may see of one twin, now."""
+    """What one subscriber may see of one twin (at one twin version, in one time window).
 
-    twin: str
-    patient_id: str | None
-    decision: Decision
-    policy: Policy | None
-    resources: list[dict[str, Any]] = field(default_factory=list)  # visible, stripped
-    by_ref: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ``permitted`` holds the resources the consent engine permits, *as stored* (type, id
+    order). What is served is :meth:`shown`: the resource without references to anything
+    outside ``permitted`` — exactly what ``snapshot.strip_dangling(permitted)`` gives for
+    it, computed per resource when it is first served (a page strips its own entries, not
+    the whole twin) and kept. A View holds no per-request state: the view cache shares it
+    between requests, so nothing may modify it or the resources it returns.
+    """
+
+    def __init__(
+        self,
+        twin: str,
+        patient_id: str | None,
+        decision: Decision,
+        policy: Policy | None,
+        permitted: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        self.twin, self.patient_id, self.decision, self.policy = twin, patient_id, decision, policy
+        self.permitted: list[dict[str, Any]] = list(permitted)
+        self.raw: dict[str, dict[str, Any]] = {_ref(r): r for r in self.permitted}
+        held = set(self.raw) | {f"urn:uuid:{r.get('id')}" for r in self.permitted}
+        self._held = frozenset(held)
+        self.types = frozenset(str(r.get("resourceType")) for r in self.permitted)
+        self._verdicts: dict[str, bool] = {}
+        self._shown: dict[str, dict[str, Any]] = {}
+        self._everything: list[dict[str, Any]] | None = None
+        self._last_updated: list[int | None] | None = None
+        self.by_ref: Mapping[str, dict[str, Any]] = _ShownByRef(self)
 
     @property
     def allowed(self) -> bool:
         return self.decision.allowed
 
+    def _keep(self, ref: str) -> bool:
+        ok = self._verdicts.get(ref)
+        if ok is None:
+            if ref.startswith("#"):
+                ok = True
+            else:
+                t = _target(ref)
+                ok = t is None or t in self._held
+            self._verdicts[ref] = ok
+        return ok
+
+    def strip(self, res: dict[str, Any]) -> dict[str, Any]:
+        """``res`` without references to resources outside the view (strip_dangling's rule:
+        contained ``#id`` and absolute references stay); ``res`` itself if nothing dangles."""
+        refs = _references(res)
+        if refs is not None and all(self._keep(ref) for ref in refs):
+            return res
+        pruned = _prune(res, self._keep)
+        return pruned if pruned is not _GONE else {"resourceType": res["resourceType"]}
+
+    def shown(self, res: dict[str, Any]) -> dict[str, Any]:
+        """The served form of a permitted resource (its current version), stripped once."""
+        ref = _ref(res)
+        out = self._shown.get(ref)
+        if out is None:
+            out = self._shown[ref] = self.strip(res)
+        return out
+
+    @property
+    def resources(self) -> list[dict[str, Any]]:
+        """Every visible resource as served (== strip_dangling(permitted)); strips them all."""
+        return [self.shown(r) for r in self.permitted]
+
+    def everything_order(self) -> list[dict[str, Any]]:
+        """``permitted`` in $everything order (Patient first, then type, id); once per view."""
+        if self._everything is None:
+            self._everything = sorted(
+                self.permitted,
+                key=lambda r: (r["resourceType"] != "Patient", r["resourceType"], r["id"]),
+            )
+        return self._everything
+
+    def last_updated(self) -> list[int | None]:
+        """meta.lastUpdated in epoch ms of each resource of :meth:`everything_order`."""
+        if self._last_updated is None:
+            self._last_updated = [
+                fhir_time_ms((r.get("meta") or {}).get("lastUpdated"))
+                for r in self.everything_order()
+            ]
+        return self._last_updated
+
+
+class _ShownByRef(Mapping[str, dict[str, Any]]):
+    """``Type/id`` → the visible resource as served (stripped on first access)."""
+
+    def __init__(self, view: View) -> None:
+        self._view = view
+
+    def __getitem__(self, ref: str) -> dict[str, Any]:
+        return self._view.shown(self._view.raw[ref])
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._view.raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._view.raw)
+
+    def __len__(self) -> int:
+        return len(self._view.raw)
+
 
 def _ref(res: Mapping[str, Any]) -> str:
     return f"{res.get('resourceType')}/{res.get('id')}"
+
+
+# -- the view cache ----------------------------------------------------------------------------
+
+# One round trip tells whether a twin changed: a digest of its ``meta`` hash (``updated``,
+# Kafka offsets, ``merged_into``, ``gen``), the sizes of ``cur`` and ``hist``, the erasure
+# tombstone, and — unless the twin carries a ``gen`` counter that every write bumps — of
+# the order keys in ``ver`` (one per current resource: its event time, content hash and
+# knowledge time, so any change of a current version changes it). Only keys and order
+# keys are read, never a resource body. It belongs in TwinStore (a ``stamp`` method); it
+# is here while twin.py is being changed. KEYS: meta, cur, hist, ver, erased.
+_STAMP_LUA = r"""
+local meta = redis.call('HGETALL', KEYS[1])
+local parts = {table.concat(meta, '\0'), redis.call('HLEN', KEYS[2]),
+               redis.call('ZCARD', KEYS[3]), redis.call('EXISTS', KEYS[5])}
+if not redis.call('HGET', KEYS[1], 'gen') then
+  parts[#parts + 1] = redis.sha1hex(table.concat(redis.call('HVALS', KEYS[4]), '\0'))
+end
+return redis.sha1hex(table.concat(parts, '|'))
+"""
+
+_NEVER = 2**62  # "no time bound", in epoch ms
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        log.warning("%s=%r is not a whole number; using %d", name, raw, default)
+        return default
+
+
+# Defaults (docs/api.md, "The view cache"): entries, MiB (estimated), seconds.
+VIEW_CACHE_ENTRIES = _env_int("FHIRTWIN_API_VIEW_CACHE_ENTRIES", 512)
+VIEW_CACHE_MB = _env_int("FHIRTWIN_API_VIEW_CACHE_MB", 256)
+VIEW_CACHE_TTL_S = _env_int("FHIRTWIN_API_VIEW_CACHE_TTL_S", 60)
+# A parsed resource takes about 5x its compact JSON in CPython (dicts, str objects):
+# measured on the bench twin (552 KB of JSON, 2.8 MB under tracemalloc).
+_PY_BYTES_PER_JSON_BYTE = 5
+
+
+def _epoch_ms(now: datetime) -> int:
+    """``now`` in epoch ms, a naive datetime read as UTC (as the consent engine reads it)."""
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    return int(now.timestamp() * 1000)
+
+
+def _time_window(consents: Iterable[Mapping[str, Any]], now_ms: int) -> tuple[int, int]:
+    """[from, until) in epoch ms around ``now_ms`` in which no time-dependent test of the
+    consent engine can change its result for these consents.
+
+    The engine compares ``now`` with instants written in the consents (provision periods
+    at every depth, ``dateTime`` and ``meta.lastUpdated`` for "recorded after now"), each
+    read as a span [first ms, first ms after it) and tested as ``now >= bound``. Every
+    string of every consent that reads as a date gives both ends of its span as
+    boundaries — more than the engine uses (a data period, a code that looks like a year),
+    which can only make a window shorter, never let a decision outlive its validity."""
+    lo, hi = -_NEVER, _NEVER
+
+    def visit(value: Any) -> None:
+        nonlocal lo, hi
+        if isinstance(value, str):
+            span = consent_span(value)
+            if span is not None:
+                for b in span:
+                    if b <= now_ms:
+                        lo = max(lo, b)
+                    else:
+                        hi = min(hi, b)
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+
+    for c in consents:
+        visit(c)
+    return lo, hi
+
+
+@dataclass(eq=False)
+class _Cached:
+    stamp: bytes
+    built_ms: int  # the request time it was built for
+    valid_from: int  # epoch ms
+    valid_until: int  # epoch ms, exclusive
+    size: int  # estimated bytes
+    view: View
+
+
+class ViewCache:
+    """Per-process LRU of consent-filtered views, bounded by entries and estimated bytes.
+
+    Key: (twin, the subscriber's whole registration). An entry is used only while the
+    twin's stamp (see ``_STAMP_LUA``) is unchanged and ``now`` is inside its time window
+    (no consent boundary crossed, and at most ``ttl_s`` after it was built).
+    """
+
+    def __init__(
+        self,
+        max_entries: int = VIEW_CACHE_ENTRIES,
+        max_bytes: int = VIEW_CACHE_MB << 20,
+        ttl_s: int = VIEW_CACHE_TTL_S,
+    ) -> None:
+        self.max_entries, self.max_bytes, self.ttl_ms = max_entries, max_bytes, ttl_s * 1000
+        self._items: OrderedDict[tuple[str, bytes], _Cached] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0 and self.max_bytes > 0 and self.ttl_ms > 0
+
+    def get(self, key: tuple[str, bytes], stamp: bytes, now_ms: int) -> View | None:
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            if entry.stamp != stamp or not entry.valid_from <= now_ms < entry.valid_until:
+                self._drop(key)
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return entry.view
+
+    def put(self, key: tuple[str, bytes], entry: _Cached) -> None:
+        if not self.enabled or entry.size > self.max_bytes:
+            return
+        entry.valid_until = min(entry.valid_until, entry.built_ms + self.ttl_ms)
+        with self._lock:
+            if key in self._items:
+                self._drop(key)
+            self._items[key] = entry
+            self.bytes += entry.size
+            while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
+                self._drop(next(iter(self._items)))
+                self.evictions += 1
+
+    def _drop(self, key: tuple[str, bytes]) -> None:
+        entry = self._items.pop(key)
+        self.bytes -= entry.size
+
+    def invalidate(self, twin: str) -> int:
+        """Drop every view of ``twin`` (e.g. an erasure in this process); how many."""
+        with self._lock:
+            keys = [k for k in self._items if k[0] == twin]
+            for k in keys:
+                self._drop(k)
+            return len(keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "entries": len(self._items),
+                "bytes": self.bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+            }
 
 
 @dataclass
@@ -461,6 +736,8 @@ class _Ctx:
     # events are built at flush and name only these (None: everything found was sent).
     sent: set[str] | None = None
     pending: list[dict[str, Any]] = field(default_factory=list)
+    # twin → its stamp, read in one pipeline for the twins a search will look at
+    stamps: dict[str, bytes] = field(default_factory=dict)
 
 
 class FhirApi:
@@ -473,24 +750,83 @@ class FhirApi:
         *,
         audit: AuditSink,
         clock: Callable[[], datetime] | None = None,
+        cache: ViewCache | None = None,
     ) -> None:
         self.store, self.registry, self.audit = store, registry, audit
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.cache = cache if cache is not None else ViewCache()
+        self._stamp_script = store.r.register_script(_STAMP_LUA)
 
     def context(self, principal: Principal) -> _Ctx:
         sub = self.registry.get(principal.subscriber) if principal.subscriber else None
         return _Ctx(principal, sub, self.clock())
 
+    # -- views -------------------------------------------------------------------------------
+
+    def stamps(self, twins: Sequence[str]) -> list[bytes]:
+        """Each twin's stamp (changes whenever what it holds changes), one round trip."""
+        if not twins:
+            return []
+        pipe = self.store.r.pipeline(transaction=False)
+        for twin in twins:
+            b = self.store.base(twin)
+            keys = [f"{b}:meta", f"{b}:cur", f"{b}:hist", f"{b}:ver", f"{b}:erased"]
+            self._stamp_script(keys=keys, client=pipe)
+        return [bytes(s) for s in pipe.execute()]
+
+    def prefetch(self, ctx: _Ctx, twins: Sequence[str]) -> None:
+        """Read the stamps of the twins a request will look at in one round trip."""
+        if not self.cache.enabled:
+            return
+        todo = [t for t in twins if t not in ctx.views and t not in ctx.stamps]
+        for twin, stamp in zip(todo, self.stamps(todo), strict=True):
+            ctx.stamps[twin] = stamp
+
     def view(self, ctx: _Ctx, twin: str) -> View:
-        """The twin as this client may see it; its request-level decision is audited."""
+        """The twin as this client may see it; its request-level decision is audited.
+
+        Served from the view cache when the twin's stamp, the subscriber's registration
+        and the consents' time window all still match; built (and cached) otherwise."""
         if twin in ctx.views:
             return ctx.views[twin]
+        sub = ctx.sub
+        now_ms = _epoch_ms(ctx.now)
+        view: View | None = None
+        key: tuple[str, bytes] | None = None
+        stamp = b""
+        if self.cache.enabled:
+            ident = orjson.dumps(sub.to_json(), option=orjson.OPT_SORT_KEYS) if sub else b""
+            key = (twin, ident)
+            # read before the twin is: a write in between makes the next request rebuild
+            stamp = ctx.stamps.pop(twin, b"") or self.stamps([twin])[0]
+            view = self.cache.get(key, stamp, now_ms)
+        if view is None:
+            view, window = self._build_view(ctx, twin)
+            if key is not None:
+                size = _PY_BYTES_PER_JSON_BYTE * window[2] + 4096
+                entry = _Cached(stamp, now_ms, window[0], window[1], size, view)
+                self.cache.put(key, entry)
+        if sub is not None:
+            event = audit_decision(
+                sub, twin, view.patient_id, view.decision, now=ctx.now, level="request"
+            )
+            _tag_client(event, ctx.principal)
+            ctx.events.append((twin, event))
+        ctx.views[twin] = view
+        return view
+
+    def _build_view(self, ctx: _Ctx, twin: str) -> tuple[View, tuple[int, int, int]]:
+        """(the view, (valid from, valid until, JSON bytes held)): the twin read, the
+        consent engine run over every resource."""
         resources = self.store.resources(twin)
+        now_ms = _epoch_ms(ctx.now)
         patient_id = next(
             (str(r["id"]) for r in resources if r.get("resourceType") == "Patient"), None
         )
         sub = ctx.sub
         policy: Policy | None = None
+        window = (-_NEVER, _NEVER)
+        held = 0
         if sub is None:
             d = Decision(NOT_APPLICABLE, False, reasons=("the client has no subscriber",))
         elif sub.deidentify != "none":
@@ -503,27 +839,26 @@ class FhirApi:
             )
         else:
             consents = [r for r in resources if r.get("resourceType") == "Consent"]
+            window = _time_window(consents, now_ms)
             try:
                 policy = prepare(consents, sub.request(), now=ctx.now, known=resources)
                 d = policy.decide()
             except ConsentError as exc:  # a consent the engine cannot read: fail closed
                 policy = None
                 d = Decision(INDETERMINATE, False, reasons=(f"{exc.where}: {exc.message}",))
-        view = View(twin, patient_id, d, policy)
+            # the policy keeps the twin's resources (its ``known`` index): count them all,
+            # from the JSON size of every 16th (serializing the whole twin costs ~2 ms)
+            if self.cache.enabled and resources:
+                sample = resources[::16]
+                held = len(orjson.dumps(sample)) * len(resources) // len(sample)
+        permitted: list[dict[str, Any]] = []
         if d.allowed and policy is not None and sub is not None:
             permitted = [
                 r
                 for r in resources
                 if sub.wants(str(r.get("resourceType"))) and policy.decide(r).allowed
             ]
-            view.resources = strip_dangling(permitted)
-            view.by_ref = {_ref(r): r for r in view.resources}
-        if sub is not None:
-            event = audit_decision(sub, twin, patient_id, d, now=ctx.now, level="request")
-            _tag_client(event, ctx.principal)
-            ctx.events.append((twin, event))
-        ctx.views[twin] = view
-        return view
+        return View(twin, patient_id, d, policy, permitted), (*window, held)
 
     def access(
         self,
@@ -645,8 +980,8 @@ class FhirApi:
             out = []
             for version in self.store.history(twin, ref):
                 if view.policy.decide(version).allowed:
-                    others = [r for r in view.resources if _ref(r) != ref]
-                    out.append(strip_dangling([version, *others])[0])
+                    # what strip_dangling([version, *the other visible resources]) keeps
+                    out.append(view.strip(version))
             self.access(
                 ctx,
                 view,
@@ -666,7 +1001,9 @@ class FhirApi:
         *,
         query: str,
     ) -> tuple[list[dict[str, Any]], list[str]]:
-        """(matches of every visible twin, sorted; the twins they come from, in order)."""
+        """(matches of every visible twin; the twins they come from, in order).
+
+        The matches are the resources as stored: serve ``ctx.views[twin].shown(res)``."""
         supported = search_params(rtype)
         filters: list[tuple[str, str]] = []
         patients: list[list[str]] = []
@@ -722,6 +1059,7 @@ class FhirApi:
                 candidates = [t for t in self.store.twins() if not t.startswith("_")]
         matches: list[dict[str, Any]] = []
         twins_of: list[str] = []
+        self.prefetch(ctx, candidates)
         for twin in candidates:
             view = self.view(ctx, twin)
             found: list[dict[str, Any]] = []
@@ -729,7 +1067,9 @@ class FhirApi:
                 wanted_patients is None
                 or any(f"Patient/{p}" in view.by_ref for p in wanted_patients)
             ):
-                for res in view.resources:
+                # matched as stored (no search parameter reads a reference); the page is
+                # served as shown (View.shown), by the caller
+                for res in view.permitted:
                     if res.get("resourceType") != rtype:
                         continue
                     if all(_match(res, n, v) for n, v in filters):
@@ -754,34 +1094,61 @@ class FhirApi:
     def everything(
         self, ctx: _Ctx, pid: str, *, since: int | None, types: set[str] | None, query: str
     ) -> list[dict[str, Any]]:
+        """Every resource of the patient's visible record, as served."""
+        page, _more = self.everything_page(
+            ctx, pid, since=since, types=types, query=query, offset=0, count=None
+        )
+        return page
+
+    def everything_page(
+        self,
+        ctx: _Ctx,
+        pid: str,
+        *,
+        since: int | None,
+        types: set[str] | None,
+        query: str,
+        offset: int,
+        count: int | None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """(one page of the patient's visible record as served, whether more follow).
+
+        Only the page's resources are stripped of dangling references (against the whole
+        view, so a reference to a withheld resource is still removed) and audited."""
         ref = f"Patient/{pid}"
         for twin in self._holders(ref):
             view = self.view(ctx, twin)
             if ref not in view.by_ref:
                 self._withheld(ctx, view, ref, "operation")
                 continue
-            out = []
-            for res in view.resources:
-                rtype = str(res.get("resourceType"))
-                if types is not None and rtype not in types:
-                    continue
-                if not allows(ctx.principal, rtype, "r"):
-                    continue
-                if since is not None:
-                    lu = fhir_time_ms((res.get("meta") or {}).get("lastUpdated"))
-                    if lu is None or lu < since:
-                        continue
-                out.append(res)
-            out.sort(key=lambda r: (r["resourceType"] != "Patient", r["resourceType"], r["id"]))
+            order = view.everything_order()
+            wanted = {
+                t
+                for t in view.types
+                if (types is None or t in types) and allows(ctx.principal, t, "r")
+            }
+            out: list[dict[str, Any]]
+            if since is None and wanted == view.types:
+                out = order  # the common case: no copy
+            else:
+                lus = view.last_updated() if since is not None else [None] * len(order)
+                out = [
+                    r
+                    for r, lu in zip(order, lus, strict=True)
+                    if r["resourceType"] in wanted
+                    and (since is None or (lu is not None and lu >= since))
+                ]
+            end = len(out) if count is None else offset + count
+            page = [view.shown(r) for r in out[offset:end]]
             self.access(
                 ctx,
                 view,
                 interaction="operation",
                 query=query,
-                disclosed=[_ref(r) for r in out],
+                disclosed=[_ref(r) for r in page],
                 allowed=True,
             )
-            return out
+            return page, end < len(out)
         if not self._holders(ref):
             self.access(
                 ctx,
@@ -1133,11 +1500,13 @@ def router(
     audit: AuditSink,
     base_url: str | None = None,
     clock: Callable[[], datetime] | None = None,
+    cache: ViewCache | None = None,
 ) -> APIRouter:
     """The ``/fhir`` router. ``authenticate(Authorization header)`` gives the Principal or
     raises AuthError; ``audit`` writes AuditEvents durably (see :func:`kafka_audit`);
-    ``base_url``: the API's public base (default: from the request)."""
-    api = FhirApi(store, registry, audit=audit, clock=clock)
+    ``base_url``: the API's public base (default: from the request); ``cache``: the view
+    cache (default: a new one sized by the ``FHIRTWIN_API_VIEW_CACHE_*`` variables)."""
+    api = FhirApi(store, registry, audit=audit, clock=clock, cache=cache)
     r = APIRouter(prefix="/fhir", route_class=_FhirRoute)
 
     def base_of(request: Request) -> str:
@@ -1181,8 +1550,15 @@ def router(
         count, offset = _count(params), _offset(params)
         ctx.sent = set()
         try:
-            found = api.everything(ctx, pid, since=since, types=types, query=query_of(request))
-            page = found[offset : offset + count]
+            page, more = api.everything_page(
+                ctx,
+                pid,
+                since=since,
+                types=types,
+                query=query_of(request),
+                offset=offset,
+                count=count,
+            )
             ctx.sent = {_ref(x) for x in page}
         finally:
             api.flush(ctx)
@@ -1194,7 +1570,7 @@ def router(
             [_entry(base, x, "match") for x in page],
             count=count,
             offset=offset,
-            more=offset + count < len(found),
+            more=more,
             now=ctx.now,
         )
         return fhir_response(bundle)
@@ -1222,7 +1598,7 @@ def router(
             found, twins = api.search(ctx, rtype, params, query=query_of(request))
             order = _sort(found, twins, sort_spec)
             chosen = order[offset : offset + count]
-            entries = [_entry(base, found[i], "match") for i in chosen]
+            entries = [_entry(base, ctx.views[twins[i]].shown(found[i]), "match") for i in chosen]
             sent = {_ref(found[i]) for i in chosen}
             if includes and allows(ctx.principal, "Patient", "r"):
                 seen: set[str] = set()
