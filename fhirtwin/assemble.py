@@ -73,12 +73,17 @@ def apply_event(store: TwinStore, rec: bus.Record) -> list[Out]:
         src=rec.ref,
         identifiers=event.get("identifiers") or (),
         shared=twin.startswith("_"),
+        deleted=event.get("deleted") or (),
     )
     # Keep every decision that changed identity (a new twin, a new identifier linked, a
     # merge, a conflict); a plain match of known identifiers is not worth a record per event.
     new_ids = set(decision.get("linked", ())) - set(decision.get("matched", ()))
     rule = decision.get("rule")
-    if rule not in (None, "identifier", "no-patient") or decision.get("conflicts") or new_ids:
+    if (
+        rule not in (None, "identifier", "no-patient", "deletion")
+        or decision.get("conflicts")
+        or new_ids
+    ):
         store.record_link(
             applied.twin,
             {**decision, "record": rec.ref, "source": event.get("source"), "at": rec.timestamp_ms},

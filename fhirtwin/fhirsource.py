@@ -410,7 +410,7 @@ def _deletions(
                 "path": where,
                 "url": url,
                 "ref": ref,
-                "message": f"not supported yet: DELETE {url} at {_entry_label(where)}",
+                "message": f"DELETE {url} at {_entry_label(where)}",
             }
         )
 
@@ -547,11 +547,11 @@ def convert_record(rec: bus.Record, validate: bool, mappings: Path | None) -> li
                 "control_id": control,
             },
         )
-    refused = sorted(norm.unsupported + norm.deletions, key=lambda d: _entry_index(d["path"]))
+    refused = sorted(norm.unsupported, key=lambda d: _entry_index(d["path"]))
     if refused:
-        # The twin store has no deletion (nor PATCH) yet: applying the rest of the record
-        # would keep what the source deleted, so the whole record waits as a dead letter,
-        # every such entry listed, to be replayed once the store can apply it.
+        # The twin store cannot apply a PATCH or a conditional DELETE: applying the rest of
+        # the record would keep what the source changed, so the whole record waits as a dead
+        # letter, every such entry listed, to be replayed once the store can apply it.
         listed = "; ".join(d["message"] for d in refused[:5])
         more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
         raise SourceError(
@@ -585,6 +585,9 @@ def convert_record(rec: bus.Record, validate: bool, mappings: Path | None) -> li
             ms = max(times) if times else None
         idents = [patient_ref_key(patient, norm.scope)] if patient else []
         out.append(_converted(resources, ms, control, idents))
+    if norm.deletions:  # applied in the twins that hold them (normalize finds them by id)
+        refs = tuple(dict.fromkeys(d["ref"] for d in norm.deletions))
+        out.append(Converted([], bundle_ms, control, deleted=refs))
     return out
 
 

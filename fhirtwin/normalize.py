@@ -42,7 +42,7 @@ from fhirtwin.crypto import (
 from fhirtwin.erasure import ERASED_DROPPED
 from fhirtwin.metrics import CONVERSION_ERRORS, LATENCY
 from fhirtwin.mpi import MPIConfig, Resolver
-from fhirtwin.twin import fhir_time_ms
+from fhirtwin.twin import TwinStore, fhir_time_ms
 from fhirtwin.worker import Out, StreamWorker, dead_letter
 
 __all__ = ["SHARED_TWIN", "NormalizeWorker", "SourceError", "convert_record"]
@@ -70,6 +70,7 @@ class Converted:
     event_ms: int | None
     control_id: str
     patient_identifiers: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()  # ``Type/id`` the source deleted (found in the twins by id)
 
 
 def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converted]:
@@ -193,6 +194,7 @@ class NormalizeWorker:
         self.validate = validate
         self.mappings = mappings
         self.resolver = Resolver(redis.Redis.from_url(redis_url), mpi)
+        self.store = TwinStore(self.resolver.r, self.resolver.keys)  # deletions: who holds it
         self.stream = StreamWorker(
             bootstrap, group or f"fhirtwin-normalize-{kind}", [bus.RAW_TOPICS[kind]], self.handle
         )
@@ -212,6 +214,41 @@ class NormalizeWorker:
 
     def run(self, stop: threading.Event, idle_exit: float | None = None) -> int:
         return self.stream.run(stop, idle_exit=idle_exit)
+
+    def _deletions(
+        self, rec: bus.Record, conv: Converted, holders: dict[str, list[str]]
+    ) -> list[Out]:
+        """One ``fhir.resources`` event per twin that holds a deleted resource."""
+        per_twin: dict[str, list[str]] = {}
+        for ref in conv.deleted:
+            for twin in holders[ref]:
+                per_twin.setdefault(twin, []).append(ref)
+        outs = []
+        for twin, refs in sorted(per_twin.items()):
+            event = {
+                "v": 1,
+                "twin": twin,
+                "event_ms": conv.event_ms if conv.event_ms is not None else rec.timestamp_ms,
+                "source": {
+                    "kind": self.kind,
+                    "record": rec.ref,
+                    "control_id": conv.control_id,
+                    "received_ms": rec.timestamp_ms,
+                    **({"replay_of": r} if (r := rec.header("fhirtwin-replay-of")) else {}),
+                },
+                "identity": {"rule": "deletion"},
+                "identifiers": [],
+                "merge_from": None,
+                "resources": [],
+                "deleted": refs,
+            }
+            headers = [
+                ("fhirtwin-source-kind", self.kind.encode()),
+                ("fhirtwin-source-record", rec.ref.encode()),
+            ]
+            value = seal_event(self.resolver.keys, twin, orjson.dumps(event))
+            outs.append(Out(bus.RESOURCES, value, twin.encode(), headers))
+        return outs
 
     def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
         return [self.handle_one(rec) for rec in recs]
@@ -236,8 +273,30 @@ class NormalizeWorker:
             CONVERSION_ERRORS.labels(exc.stage, exc.error.get("error", exc.stage)[:60]).inc()
             # the dead letter keeps the original (sealed) bytes and headers
             return [dead_letter(sealed, stage=exc.stage, reason=exc.reason, error=exc.error)]
+        deleted = {ref for conv in converted for ref in conv.deleted}
+        holders = {ref: self.store.holders(ref) for ref in sorted(deleted)}
+        if unknown := [ref for ref, twins in holders.items() if not twins]:
+            # Deleting what no twin holds is either a resource never seen or one whose record
+            # is not assembled yet: keep the whole record, to replay (idempotent) later.
+            CONVERSION_ERRORS.labels("map", "deletion of an unknown resource").inc()
+            shown = ", ".join(unknown[:5])
+            if len(unknown) > 5:
+                shown += f" (and {len(unknown) - 5} more)"
+            return [
+                dead_letter(
+                    sealed,
+                    stage="map",
+                    reason=f"{len(unknown)} DELETE(s) of resources no twin holds: {shown}; "
+                    "if they arrive later (a record not yet applied), replay this dead letter",
+                    error={"error": "deletion of an unknown resource", "refs": unknown[:1000]},
+                )
+            ]
         outs: list[Out] = []
         for conv in converted:
+            if conv.deleted:
+                outs += self._deletions(rec, conv, holders)
+            if not conv.resources:
+                continue
             identity = self.resolver.resolve(conv.resources, conv.patient_identifiers)
             if identity is not None and identity.rule == "erased":
                 # the patient asked to be forgotten: nothing of this message is kept

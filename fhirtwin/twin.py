@@ -247,10 +247,21 @@ def state_op(resource: dict[str, Any]) -> str:
     return ""
 
 
+# A deletion is a version too: its "hash" is DELETED_MARK + the event time, so it is unique
+# per deletion and, "g" sorting after every hex digit, wins a tie with a version of the same
+# event time; a version with a later event time still wins over it.
+DELETED_MARK = "g"
+
+
+def deletion_hash(event_ms: int) -> str:
+    return f"{DELETED_MARK}{_evt15(event_ms)}{'0' * 16}"
+
+
 # The script applies one event: every resource version in it, in one atomic step.
 # KEYS[1] = "ft:{T}" (all other keys of the twin derive from it: one hash tag, one slot).
 # ARGV: knowms, evt15, src, offset field, offset, n, then 5 per resource:
-#       ref, hash, json, clinical ms ("" if none), state op ("" if none)
+#       ref, hash, json, clinical ms ("" if none), state op ("" if none);
+#       then m, then 3 per deletion: ref, deletion hash, sealed marker
 _APPLY = r"""
 local base = KEYS[1]
 if redis.call('EXISTS', base .. ':erased') == 1 then return {'erased'} end
@@ -298,6 +309,35 @@ for i = 0, n - 1 do
     changed[#changed + 1] = ref
   end
 end
+local d0 = 7 + n * 5
+local m = tonumber(ARGV[d0] or '0') or 0
+for i = 0, m - 1 do
+  local j = d0 + 1 + i * 3
+  local ref, h, body = ARGV[j], ARGV[j+1], ARGV[j+2]
+  local vkey = ref .. '|' .. h
+  if redis.call('HSETNX', base .. ':vers', vkey, body) == 1 then
+    redis.call('HSET', base .. ':vinfo', vkey, evt15 .. '|' .. know .. '|' .. src)
+    redis.call('ZADD', base .. ':hist', know, vkey)
+  end
+  local order = evt15 .. h
+  local cur = redis.call('HGET', base .. ':ver', ref)
+  if (not cur) or string.sub(cur, 1, 47) < order then
+    local had = redis.call('HDEL', base .. ':cur', ref)
+    redis.call('HSET', base .. ':ver', ref, order .. '|' .. know)
+    redis.call('ZREM', base .. ':tl', ref)
+    for _, name in ipairs({STATE_SETS}) do
+      redis.call('SREM', base .. ':set:' .. name, ref)
+    end
+    for _, name in ipairs({STATE_LATEST}) do
+      local lkey = base .. ':latest:' .. name
+      local all = redis.call('HGETALL', lkey)
+      for k = 1, #all, 2 do
+        if string.sub(all[k+1], 17) == ref then redis.call('HDEL', lkey, all[k]) end
+      end
+    end
+    if had == 1 then changed[#changed + 1] = ref end
+  end
+end
 local meta = base .. ':meta'
 redis.call('HSETNX', meta, 'created', know)
 redis.call('HSET', meta, 'updated', know)
@@ -315,6 +355,9 @@ if #changed > 0 then
 end
 return changed
 """
+_LUA_SETS = "{" + ", ".join(f"'{n}'" for n in STATE_SETS) + "}"  # Lua table constructors
+_LUA_LATEST = "{" + ", ".join(f"'{n}'" for n in STATE_LATEST) + "}"
+_APPLY = _APPLY.replace("{STATE_SETS}", _LUA_SETS).replace("{STATE_LATEST}", _LUA_LATEST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +429,7 @@ class TwinStore:
         event_ms: int,
         known_ms: int,
         src: str,
+        deleted: Sequence[str] = (),
     ) -> list[Any]:
         partition_field = offset = ""
         if src.count("/") >= 2:
@@ -396,6 +440,11 @@ class TwinStore:
         for ref, digest, body, clin, op in prepared:
             sealed = seal(twin, body, f"{twin}|{ref}|{digest}".encode())
             args += [ref, digest, sealed, clin, op]
+        args.append(len(deleted))
+        digest = deletion_hash(event_ms)
+        for ref in deleted:
+            marker = orjson.dumps({"deleted": ref})
+            args += [ref, digest, seal(twin, marker, f"{twin}|{ref}|{digest}".encode())]
         return args
 
     def apply(
@@ -408,15 +457,19 @@ class TwinStore:
         src: str = "",
         identifiers: Iterable[str] = (),
         shared: bool = False,
+        deleted: Sequence[str] = (),
     ) -> AppliedEvent:
         """Apply one event's resources; follows merges (a merged twin forwards to its survivor).
 
         ``shared``: resources of messages that name no patient; kept, but not listed as a twin.
+        ``deleted``: ``Type/id`` the source deleted at ``event_ms``: each leaves the current
+        resources, the timeline and the derived state (unless a version with a later event
+        time is held); its history stays (``history`` and ``as_of`` know it was deleted).
         """
         prepared = self._prepare(resources)
         for _ in range(16):
             try:
-                args = self._args(twin, prepared, event_ms, known_ms, src)
+                args = self._args(twin, prepared, event_ms, known_ms, src, deleted)
             except ErasedError:
                 return AppliedEvent(twin, [], erased=True)
             out = self._apply(keys=[self.base(twin)], args=args)
@@ -476,14 +529,23 @@ class TwinStore:
         # Re-apply each version with its own event time and knowledge time (decrypted with
         # the source's key, sealed again with the target's by apply).
         grouped: dict[tuple[bytes, bytes, bytes], list[dict[str, Any]]] = {}
+        gone: dict[tuple[bytes, bytes, bytes], list[str]] = {}
         for vkey, body in versions.items():
             evt, know, src = (infos.get(vkey) or b"0|0|").split(b"|", 2)
             ref, digest = vkey.decode().rsplit("|", 1)
+            if digest.startswith(DELETED_MARK):
+                gone.setdefault((evt, know, src), []).append(ref)
+                continue
             grouped.setdefault((evt, know, src), []).append(self._load(source, ref, digest, body))
         changed: list[str] = []
-        for (evt, know, src), res in sorted(grouped.items()):
+        for evt, know, src in sorted(set(grouped) | set(gone)):
             changed += self.apply(
-                target, res, event_ms=int(evt), known_ms=int(know), src=src.decode()
+                target,
+                grouped.get((evt, know, src), []),
+                event_ms=int(evt),
+                known_ms=int(know),
+                src=src.decode(),
+                deleted=gone.get((evt, know, src), ()),
             ).changed
         ids = self.identifiers(source)
         pipe = self.r.pipeline(transaction=False)
@@ -571,7 +633,12 @@ class TwinStore:
         """Every known version of one resource, newest (by event time) first."""
         b = self.base(twin)
         infos = self.r.hgetall(f"{b}:vinfo")
-        keys = [k for k in infos if k.decode().rsplit("|", 1)[0] == ref]
+        keys = [  # a deletion is not a version of the resource: left out
+            k
+            for k in infos
+            if k.decode().rsplit("|", 1)[0] == ref
+            and not k.decode().rsplit("|", 1)[1].startswith(DELETED_MARK)
+        ]
         if not keys:
             return []
         bodies = self.r.hmget(f"{b}:vers", keys)
@@ -638,7 +705,7 @@ class TwinStore:
                 topic, part, off = src.rsplit("/", 2)
                 key = f"{topic}/{part}"
                 offsets[key] = max(offsets.get(key, -1), int(off))
-        chosen = sorted(best.items())
+        chosen = sorted(i for i in best.items() if not i[1][0][15:].startswith(DELETED_MARK))
         bodies = self.r.hmget(f"{b}:vers", [m for _, (_, m, _) in chosen])
         resources = [
             _with_meta(self._load(twin, ref, order[15:], body), f"{order}|{know}".encode())

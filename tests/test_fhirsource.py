@@ -127,13 +127,11 @@ def test_transaction_urn_uuid_references_become_type_id() -> None:
     assert unit.event_ms == 1704164645000  # the latest clinical time in the unit
     if "patient_identifiers" in Converted.__dataclass_fields__:
         assert idents(unit) == (patient_ref_key(P_UUID),)
-    # The twin store cannot apply a delete yet: the whole bundle goes to the dead letters
-    # with the entry named, rather than being half applied.
+    # A DELETE becomes a unit of its own: the twins that hold the resource apply it.
     bundle["entry"].append({"request": {"method": "DELETE", "url": "Observation/old"}})
-    with pytest.raises(
-        SourceError, match=r"not supported yet: DELETE Observation/old at entry\[3\]"
-    ):
-        convert_record(record(bundle), True, None)
+    units = convert_record(record(bundle), True, None)
+    assert [u.deleted for u in units] == [(), ("Observation/old",)]
+    assert units[1].resources == [] and units[0].resources == unit.resources
 
 
 def test_absolute_reference_with_the_bundles_base_becomes_relative(tmp_path: Path) -> None:

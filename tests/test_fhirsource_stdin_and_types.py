@@ -212,35 +212,35 @@ def test_corpus_bulk_export_through_stdin_equals_the_folder(corpus: Path, tmp_pa
     assert ra["unresolved_references"] == rb["unresolved_references"]
 
 
-# -- DELETE: the pipeline refuses the record, convert applies it -------------------------------
+# -- DELETE: the pipeline applies it in the twins that hold it; convert writes it out ---------
 
 
-def test_pipeline_delete_is_dead_lettered_per_entry_never_dropped() -> None:
+def test_pipeline_delete_is_a_unit_of_its_own() -> None:
     b = bundle(
         "transaction",
         [put(patient("p1")), put(observation("o1")), delete("Observation/y"), delete("Patient/x")],
     )
+    units = convert_record(record(b), True, None)
+    assert [sorted(r["id"] for r in u.resources) for u in units] == [["o1", "p1"], []]
+    assert units[1].deleted == ("Observation/y", "Patient/x")
+    assert units[1].control_id == units[0].control_id
+
+
+def test_pipeline_bulk_deleted_line_names_what_it_deletes() -> None:
+    # FHIR Bulk Data: a `deleted` output line is a transaction Bundle of DELETE entries
+    line = bundle("transaction", [delete("http://ex.org/fhir/Observation/o9")], "del-1")
+    (unit,) = convert_record(record(line, "deleted.ndjson", 4), True, None)
+    assert unit.deleted == ("Observation/o9",) and unit.resources == []
+
+
+def test_pipeline_conditional_delete_is_dead_lettered_never_dropped() -> None:
+    b = bundle("transaction", [put(patient("p1")), delete("Observation?code=1234")])
     with pytest.raises(SourceError) as info:
         convert_record(record(b), True, None)
     exc = info.value
-    assert exc.stage == "map"
-    assert exc.error["error"] == "not supported yet"
-    assert exc.error["count"] == 2
-    assert [o["message"] for o in exc.error["operations"]] == [
-        "not supported yet: DELETE Observation/y at entry[2]",
-        "not supported yet: DELETE Patient/x at entry[3]",
-    ]
-    assert "not supported yet: DELETE Observation/y at entry[2]" in exc.reason
+    assert exc.stage == "map" and exc.error["error"] == "not supported yet"
+    assert "names no single resource" in exc.error["operations"][0]["message"]
     assert "replay this dead letter" in exc.reason
-
-
-def test_pipeline_bulk_deleted_line_is_dead_lettered() -> None:
-    # FHIR Bulk Data: a `deleted` output line is a transaction Bundle of DELETE entries
-    line = bundle("transaction", [delete("http://ex.org/fhir/Observation/o9")], "del-1")
-    with pytest.raises(SourceError) as info:
-        convert_record(record(line, "deleted.ndjson", 4), True, None)
-    assert info.value.error["line"] == "4"
-    assert info.value.error["operations"][0]["url"] == "http://ex.org/fhir/Observation/o9"
 
 
 def test_delete_undone_by_a_write_of_the_same_bundle() -> None:
@@ -406,11 +406,8 @@ def test_history_order_by_time_when_entries_are_oldest_first() -> None:
 
 
 def test_history_in_the_pipeline_and_in_convert(tmp_path: Path) -> None:
-    with pytest.raises(SourceError) as info:  # a deleted version: the record waits
-        convert_record(record(_history()), True, None)
-    assert [o["message"] for o in info.value.error["operations"]] == [
-        "not supported yet: DELETE Observation/o2 at entry[1]"
-    ]
+    units = convert_record(record(_history()), True, None)  # a deleted version: a deletion
+    assert [u.deleted for u in units] == [(), ("Observation/o2",)]
     h = _history()
     del h["entry"][1], h["entry"][2]  # no deletion left: o1 v2, o1 v1, p1
     (unit,) = convert_record(record(h), True, None)
@@ -518,7 +515,8 @@ def test_corpus_spec_transaction_example(corpus: Path, tmp_path: Path) -> None:
             assert validate_resource(b) == []
         elif stem != "_report":
             assert validate_bundle(b) == [], stem
-    with pytest.raises(SourceError) as info:
+    with pytest.raises(SourceError) as info:  # the pipeline: the conditional DELETE waits
         convert_record(bus.Record("ehr.fhir", 0, 1, 0, None, src.read_bytes(), ()), True, None)
-    assert info.value.error["count"] == 2
+    assert info.value.error["count"] == 1
+    assert "Patient?identifier=123456" in info.value.error["operations"][0]["url"]
     assert SHARED not in bundles

@@ -160,3 +160,63 @@ def test_helpers() -> None:
     assert state_op(glucose("o", 1, "2026")) == "latest:labs:+:http://loinc.org|2345-7"
     with_meta = {**patient(), "meta": {"versionId": "x", "lastUpdated": "2026-01-01T00:00:00Z"}}
     assert content_hash(with_meta) == content_hash(patient())
+
+
+# -- deletions (a source's DELETE: docs/sources-fhir.md) -------------------------------------
+
+
+def test_a_deletion_takes_the_resource_out_of_the_twin_but_not_out_of_its_past(
+    store: TwinStore,
+) -> None:
+    store.apply(
+        T1,
+        [patient(), condition("active"), glucose("g1", 99, "2026-01-06")],
+        event_ms=1000,
+        known_ms=10,
+    )
+    assert store.state(T1)["problems"] == ["Condition/c1"] and store.state(T1)["labs"]
+    gone = store.apply(
+        T1, [], event_ms=2000, known_ms=20, deleted=["Condition/c1", "Observation/g1"]
+    )
+    assert sorted(gone.changed) == ["Condition/c1", "Observation/g1"]
+    assert store.resource(T1, "Condition/c1") is None
+    assert [r["resourceType"] for r in store.resources(T1)] == ["Patient"]
+    assert store.state(T1)["problems"] == [] and store.state(T1)["labs"] == {}
+    assert [ref for _, ref in store.timeline(T1)] == []
+    # its history stays, and the twin as known before the deletion still has it
+    assert len(store.history(T1, "Condition/c1")) == 1
+    then = {f"{r['resourceType']}/{r['id']}" for r in store.as_of(T1, 15)["resources"]}
+    now = {f"{r['resourceType']}/{r['id']}" for r in store.as_of(T1, 25)["resources"]}
+    assert "Condition/c1" in then and "Condition/c1" not in now
+    # redelivery and replay change nothing
+    before = store.digest(T1)
+    again = store.apply(T1, [], event_ms=2000, known_ms=30, deleted=["Condition/c1"])
+    assert again.changed == [] and store.digest(T1) == before
+
+
+def test_event_time_decides_between_a_deletion_and_a_version(store: TwinStore) -> None:
+    store.apply(T1, [condition("active")], event_ms=1000, known_ms=10)
+    store.apply(T1, [], event_ms=2000, known_ms=20, deleted=["Condition/c1"])
+    # an older version arriving late does not bring it back …
+    late = store.apply(T1, [condition("resolved")], event_ms=1500, known_ms=30)
+    assert late.changed == [] and store.resource(T1, "Condition/c1") is None
+    # … a newer one does, and a deletion that arrives after it but is older changes nothing
+    back = store.apply(T1, [condition("active", onset="2026-02-01")], event_ms=3000, known_ms=40)
+    assert back.changed == ["Condition/c1"] and store.state(T1)["problems"] == ["Condition/c1"]
+    stale = store.apply(T1, [], event_ms=2500, known_ms=50, deleted=["Condition/c1"])
+    assert stale.changed == [] and store.resource(T1, "Condition/c1") is not None
+    # a deletion and a version of the same event time: the deletion wins
+    store.apply(T1, [], event_ms=3000, known_ms=60, deleted=["Condition/c1"])
+    assert store.resource(T1, "Condition/c1") is None
+
+
+def test_a_merge_carries_deletions_along(store: TwinStore) -> None:
+    store.apply(T2, [condition("active")], event_ms=1000, known_ms=10)
+    store.apply(T2, [], event_ms=2000, known_ms=20, deleted=["Condition/c1"])
+    store.apply(T1, [patient()], event_ms=1000, known_ms=10)
+    store.merge(T2, T1, known_ms=30, reason={"rule": "merge"})
+    assert store.resource(T1, "Condition/c1") is None
+    assert len(store.history(T1, "Condition/c1")) == 1
+    # a late copy of the old version still does not resurrect it in the survivor
+    store.apply(T1, [condition("active")], event_ms=1000, known_ms=40)
+    assert store.resource(T1, "Condition/c1") is None
