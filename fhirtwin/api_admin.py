@@ -140,6 +140,8 @@ class SubscriberIn(BaseModel):
     types: list[str] | None = None
     default: str | None = None
     deidentify: str | None = None
+    # public JWK: the subscriber's topic then carries JWEs only it can open (docs/snapshots.md)
+    encryption_key: dict[str, Any] | None = None
 
 
 class NewSubscriber(SubscriberIn):
@@ -427,6 +429,7 @@ def router(
                 types=body.types,
                 default=body.default,
                 deidentify=body.deidentify,
+                encryption_key=body.encryption_key,
             )
         except SubscriberError as exc:
             raise ApiError(400, "invalid", str(exc)) from None

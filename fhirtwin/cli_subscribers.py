@@ -63,6 +63,14 @@ def subscriber_add(
         str | None,
         typer.Option("--deidentify", help="none or safe-harbor (research: safe-harbor)."),
     ] = None,
+    encryption_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--encryption-key",
+            help="The subscriber's public JWK (EC P-256/384/521 or X25519): its topic then "
+            "carries JWEs only its private key opens.",
+        ),
+    ] = None,
     replace: Annotated[bool, typer.Option(help="Replace an existing subscriber.")] = False,
     kafka: KafkaOpt = None,
     redis_url: RedisOpt = None,
@@ -70,6 +78,12 @@ def subscriber_add(
     """Register a subscriber and create its topic twin.snapshots.<ID>."""
     from fhirtwin.subscribers import Registry, SubscriberError, make_subscriber
 
+    jwk = None
+    if encryption_key is not None:
+        try:
+            jwk = orjson.loads(encryption_key.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise _fail(f"--encryption-key {encryption_key}: {exc}") from None
     try:
         sub = make_subscriber(
             sub_id,
@@ -79,9 +93,15 @@ def subscriber_add(
             types=[types] if types else None,
             default=default,
             deidentify=deidentify,
+            encryption_key=jwk,
         )
     except SubscriberError as exc:
         raise _fail(str(exc)) from None
+    if sub.encryption_key is None and sub.deidentify == "none":
+        err.print(
+            f"[yellow]warning:[/yellow] {sub.topic} will carry identified snapshots in clear; "
+            "give --encryption-key to have them sealed for the subscriber (docs/snapshots.md)"
+        )
     ep = _endpoints(kafka, redis_url)
     reg = Registry.connect(ep.redis)
     if reg.get(sub.id) is not None and not replace:

@@ -497,8 +497,16 @@ def is_sealed_raw(value: bytes | None) -> bool:
     return bool(value) and value[:4] == RAW_MAGIC  # type: ignore[index]
 
 
-# Headers of raw records that may name the patient (a Synthea file is named after them).
-SEALED_HEADERS = frozenset({"fhirtwin-filename", "fhirtwin-patient-identifiers"})
+# Headers that may name the patient (a Synthea file is named after them; a dead letter's
+# reason can quote the field it could not read).
+SEALED_HEADERS = frozenset(
+    {
+        "fhirtwin-filename",
+        "fhirtwin-patient-identifiers",
+        "fhirtwin-dl-reason",
+        "fhirtwin-dl-error",
+    }
+)
 
 
 def seal_raw_record(

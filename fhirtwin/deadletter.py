@@ -37,7 +37,21 @@ class DeadLetter:
 
     @property
     def reason(self) -> str:
-        return self.record.header("fhirtwin-dl-reason")
+        return self._opened("fhirtwin-dl-reason")
+
+    def _opened(self, name: str, default: str = "") -> str:
+        """A header that is stored sealed (fhirtwin/crypto.py SEALED_HEADERS), opened."""
+        from fhirtwin.crypto import CryptoError, default_keyring, is_sealed_raw
+
+        raw = next((v for k, v in self.record.headers if k == name), None)
+        if raw is None:
+            return default
+        if is_sealed_raw(raw):
+            try:
+                raw = default_keyring().open_raw(raw)
+            except CryptoError as exc:
+                return f"(unreadable: {exc})"
+        return raw.decode("utf-8", "replace")
 
     @property
     def source(self) -> str:
@@ -55,7 +69,7 @@ class DeadLetter:
     @property
     def error(self) -> dict[str, Any]:
         try:
-            data = orjson.loads(self.record.header("fhirtwin-dl-error", "{}"))
+            data = orjson.loads(self._opened("fhirtwin-dl-error", "{}"))
         except orjson.JSONDecodeError:
             return {}
         return data if isinstance(data, dict) else {}

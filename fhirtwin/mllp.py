@@ -637,8 +637,8 @@ class _Connection(asyncio.Protocol):
             ("fhirtwin-peer", self.peer_b),
             ("fhirtwin-control-id", control_id.encode("latin-1", "replace")),
             ("fhirtwin-dl-stage", b"mllp"),
-            ("fhirtwin-dl-reason", reason.encode("utf-8", "replace")),
-            ("fhirtwin-dl-error", orjson.dumps(error)),
+            ("fhirtwin-dl-reason", self.server.keys.seal_raw(reason.encode("utf-8", "replace"))),
+            ("fhirtwin-dl-error", self.server.keys.seal_raw(orjson.dumps(error))),
             ("fhirtwin-dl-source", b"mllp/" + self.peer_b),
             ("fhirtwin-dl-at", now),
         ]

@@ -30,7 +30,7 @@ from fhirtwin import bus
 from fhirtwin.consent import INDETERMINATE, ConsentError, Decision, Policy, prepare
 from fhirtwin.crypto import default_keyring, seal_event
 from fhirtwin.metrics import SNAPSHOT_DECISIONS
-from fhirtwin.subscribers import Registry, Subscriber
+from fhirtwin.subscribers import Registry, Subscriber, seal_for
 from fhirtwin.twin import TwinStore
 from fhirtwin.worker import Out, StreamWorker, dead_letter
 
@@ -1029,12 +1029,17 @@ class SnapshotPublisher:
             "reason": reason,
         }
         self.staged[(sub.id, twin)] = False
+        value, sealed = seal_for(sub, orjson.dumps(notice, option=orjson.OPT_SORT_KEYS))
         out = [
             Out(
                 sub.topic,
-                orjson.dumps(notice, option=orjson.OPT_SORT_KEYS),
+                value,
                 key.encode(),
-                [("fhirtwin-kind", b"withdrawal")],
+                [
+                    ("fhirtwin-kind", b"withdrawal"),
+                    ("fhirtwin-notice", notice["id"].encode()),
+                    *sealed,
+                ],
             )
         ]
         if d is None:  # a merge moved the patient away, or erasure: record the notice itself
@@ -1075,7 +1080,7 @@ class SnapshotPublisher:
                     notice = self._notice(sub, twin, patient_id, req, now, reason="access-ended")
                 else:
                     self.staged[(sub.id, twin)] = False
-                notice_id = orjson.loads(notice[0].value)["id"] if notice else None
+                notice_id = dict(notice[0].headers)["fhirtwin-notice"].decode() if notice else None
                 out.append(
                     _audit_out(
                         audit_decision(
@@ -1150,12 +1155,17 @@ class SnapshotPublisher:
             disclosed=list(zip(refs, sent, strict=True)),
             key=key,
         )
+        value, sealed = seal_for(sub, orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS))
         return [
             Out(
                 sub.topic,
-                orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS),
+                value,
                 key.encode(),
-                [("fhirtwin-kind", b"snapshot"), ("fhirtwin-snapshot", snapshot_id.encode())],
+                [
+                    ("fhirtwin-kind", b"snapshot"),
+                    ("fhirtwin-snapshot", snapshot_id.encode()),
+                    *sealed,
+                ],
             ),
             _audit_out(disclosure, twin),
         ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -80,6 +80,9 @@ class Subscriber:
     topic: str = ""
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # A public JWK (EC P-256/384/521 or X25519): every value on the subscriber's topic is
+    # then a JWE (ECDH-ES+A256KW, A256GCM) only its private key opens (open_snapshot).
+    encryption_key: dict[str, Any] | None = None
 
     def request(self) -> dict[str, Any]:
         """The consent-engine request (docs/consent.md) this subscriber makes."""
@@ -111,6 +114,8 @@ class Subscriber:
         d["types"] = list(self.types) if self.types is not None else None
         if not d["extra"]:
             del d["extra"]
+        if d["encryption_key"] is None:
+            del d["encryption_key"]
         return d
 
     @classmethod
@@ -126,6 +131,7 @@ class Subscriber:
             topic=d.get("topic") or topic_for(d["id"]),
             created=d.get("created", ""),
             extra=d.get("extra") or {},
+            encryption_key=d.get("encryption_key") or None,
         )
 
 
@@ -145,6 +151,7 @@ def make_subscriber(
     types: Sequence[str] | None = None,
     default: str | None = None,
     deidentify: str | None = None,
+    encryption_key: Mapping[str, Any] | None = None,
 ) -> Subscriber:
     """Check a registration and apply the fixed rules: research ⇒ safe-harbor and deny.
 
@@ -208,6 +215,7 @@ def make_subscriber(
         deidentify=profile,
         topic=topic_for(sub_id),
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        encryption_key=check_encryption_key(encryption_key) if encryption_key else None,
     )
     # The engine is the judge of what a request may be: scope/purpose coherence, and
     # break-glass, which it rejects for simulation subscribers (CONSENT.md rule 8).
@@ -219,6 +227,67 @@ def make_subscriber(
     if verdict.reasons:
         raise SubscriberError(f"--purpose: rejected by the consent engine: {verdict.reasons[0]}")
     return sub
+
+
+# -- snapshots sealed for their subscriber (JWE) --------------------------------------------
+
+JWE_HEADER = {"alg": "ECDH-ES+A256KW", "enc": "A256GCM"}
+_CURVES = {"EC": ("P-256", "P-384", "P-521"), "OKP": ("X25519",)}
+
+
+def _public_key(jwk: Mapping[str, Any]) -> Any:
+    from joserfc.jwk import ECKey, OKPKey
+
+    return (ECKey if jwk.get("kty") == "EC" else OKPKey).import_key(dict(jwk))
+
+
+def check_encryption_key(jwk: Mapping[str, Any]) -> dict[str, Any]:
+    """The subscriber's public encryption JWK, checked; SubscriberError says what is wrong."""
+    if not isinstance(jwk, Mapping):
+        raise SubscriberError("--encryption-key: a JWK (a JSON object)")
+    if isinstance(jwk.get("keys"), list) and len(jwk["keys"]) == 1:
+        jwk = jwk["keys"][0]  # a JWKS of one key
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty not in _CURVES or crv not in _CURVES[kty]:
+        raise SubscriberError(
+            f"--encryption-key: kty {kty!r} crv {crv!r}: expected an EC key (P-256, P-384, "
+            "P-521) or an OKP X25519 key, for ECDH-ES+A256KW"
+        )
+    if "d" in jwk:
+        raise SubscriberError(
+            "--encryption-key: this JWK holds the private key ('d'); register the public key "
+            "only and keep the private one with the subscriber"
+        )
+    if jwk.get("use") not in (None, "enc"):
+        raise SubscriberError(f"--encryption-key: use {jwk.get('use')!r}: must be 'enc'")
+    try:
+        _public_key(jwk)
+    except Exception as exc:  # joserfc raises several kinds for a malformed key
+        raise SubscriberError(f"--encryption-key: not a usable key ({exc})") from None
+    return {k: jwk[k] for k in ("kty", "crv", "x", "y", "kid", "use") if k in jwk}
+
+
+def seal_for(sub: Subscriber, value: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A value for the subscriber's topic: a JWE compact token when it registered a key
+    (plus the header saying so), else the value as it is."""
+    if not sub.encryption_key:
+        return value, []
+    from joserfc import jwe
+
+    token = jwe.encrypt_compact(dict(JWE_HEADER), value, _public_key(sub.encryption_key))
+    return token.encode(), [("fhirtwin-encryption", b"jwe")]
+
+
+def open_snapshot(value: bytes, private_jwk: Mapping[str, Any]) -> bytes:
+    """For a subscriber: the snapshot (or notice) JSON of a value on its topic, opened with
+    its private JWK. A value that is not a JWE is returned as it is."""
+    if not value.startswith(b"eyJ"):
+        return value
+    from joserfc import jwe
+    from joserfc.jwk import ECKey, OKPKey
+
+    key = (ECKey if private_jwk.get("kty") == "EC" else OKPKey).import_key(dict(private_jwk))
+    return bytes(jwe.decrypt_compact(value.decode(), key).plaintext or b"")
 
 
 class Registry:

@@ -25,6 +25,7 @@ import redis
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from fhirtwin import bus
+from fhirtwin.crypto import default_keyring
 from fhirtwin.metrics import DEADLETTERS, MESSAGES_IN, MESSAGES_OUT, beat
 
 __all__ = ["Out", "StreamWorker", "dead_letter", "install_stop_signals"]
@@ -59,8 +60,9 @@ def dead_letter(
     headers = [h for h in rec.headers if not h[0].startswith("fhirtwin-dl-")]
     headers += [
         ("fhirtwin-dl-stage", stage.encode()),
-        ("fhirtwin-dl-reason", reason.encode("utf-8", "replace")),
-        ("fhirtwin-dl-error", orjson.dumps(error or {})),
+        # what went wrong can quote the record: sealed like it (fhirtwin/crypto.py)
+        ("fhirtwin-dl-reason", default_keyring().seal_raw(reason.encode("utf-8", "replace"))),
+        ("fhirtwin-dl-error", default_keyring().seal_raw(orjson.dumps(error or {}))),
         ("fhirtwin-dl-source", rec.ref.encode()),
         ("fhirtwin-dl-at", str(int(time.time() * 1000)).encode()),
     ]

@@ -367,3 +367,81 @@ def test_erasure_tells_every_subscriber_that_had_the_patient(
     assert [n["reason"] for n in notices] == ["erased"]
     assert notices[0]["patient"] == twin  # care is not de-identified: it knows the twin id
     assert reg.r.get(f"{reg.key('care')}:pseudo:{twin}") is None
+
+
+def test_snapshots_are_sealed_for_a_subscriber_with_an_encryption_key(
+    kafka: str, redis_url: str, tmp_path: Path
+) -> None:
+    """With an encryption key registered, the subscriber's topic holds JWEs: nothing of the
+    patient is in clear anywhere in Kafka, and the subscriber's private key opens them."""
+    import threading
+
+    from joserfc.jwk import ECKey
+
+    from fhirtwin.snapshot import SNAPSHOT_GROUP, SnapshotPublisher
+    from fhirtwin.subscribers import (
+        Registry,
+        SubscriberError,
+        make_subscriber,
+        open_snapshot,
+        topic_for,
+    )
+    from tests.pipeline import wait_for
+
+    private = ECKey.generate_key("P-256")
+    public = private.as_dict(private=False)
+    with pytest.raises(SubscriberError, match="private key"):
+        make_subscriber(
+            "x", actor=["urn:oid:1.2|x"], purpose=["TREAT"], scope="patient-privacy",
+            encryption_key=private.as_dict(private=True),
+        )  # fmt: skip
+    reg = Registry.connect(redis_url)
+    reg.put(
+        make_subscriber(
+            "care",
+            actor=["urn:oid:1.2.3.4|sim-care"],
+            purpose=["TREAT"],
+            scope="patient-privacy",
+            default="permit",
+            encryption_key=public,
+        )
+    )
+    bus.ensure_topics(kafka, [topic_for("care")])
+    (tmp_path / "a.hl7").write_bytes(_adt("Q1"))
+    ingest(kafka, "hl7v2", [str(tmp_path / "a.hl7")])
+    drain(kafka, redis_url)
+    twin = TwinStore(redis.Redis.from_url(redis_url)).resolve(MRN)
+    stop = threading.Event()
+    thread = threading.Thread(target=SnapshotPublisher(kafka, redis_url).run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(
+            lambda: (
+                bus.group_lag(kafka, SNAPSHOT_GROUP, [bus.TWIN_EVENTS]) == 0
+                and reg.access("care", [twin]).get(twin) is True
+            ),
+            what="care's snapshot",
+        )
+    finally:
+        stop.set()
+        thread.join(30)
+    [snap] = [
+        r
+        for r in bus.read_topic(kafka, topic_for("care"), timeout=3)
+        if r.header("fhirtwin-kind") == "snapshot"
+    ]
+    assert snap.header("fhirtwin-encryption") == "jwe" and snap.value.count(b".") == 4
+    everything = _kafka_bytes(kafka) + [
+        b
+        for r in bus.read_topic(kafka, topic_for("care"), timeout=3)
+        for b in (r.key or b"", r.value)
+    ]
+    assert _leaks(everything) == []
+    bundle = orjson.loads(open_snapshot(snap.value, private.as_dict(private=True)))
+    assert bundle["resourceType"] == "Bundle"
+    names = [
+        e["resource"]["name"][0]["family"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    ]
+    assert names == [FAMILY]
