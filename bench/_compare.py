@@ -392,7 +392,7 @@ def _has_prior_temporary_location(values: Any, ctx: Any) -> bool:
     return False
 
 
-# ---- C-CDA (rules C1-C7) ------------------------------------------------------------------
+# ---- C-CDA (rules C1-C14) -----------------------------------------------------------------
 
 V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 _OID_ARC = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
@@ -565,6 +565,92 @@ def _negated_in_document(value: Any, ctx: Any) -> bool:
     return bool(acts) and all(a.get("negationInd") == "true" for a in acts)
 
 
+def _reaction_without_manifestation(value: Any, ctx: Any) -> bool:
+    """A reaction.severity in a reaction that has no manifestation (R4: 1..*)."""
+    el = getattr(ctx, "element", None)
+    return isinstance(el, dict) and not el.get("manifestation")
+
+
+def _source_elements_with_id(doc: CdaSource | None, res: Any) -> list[Any]:
+    """Every element of the document whose <id> names one of the resource's identifiers."""
+    if doc is None or doc.root is None or not isinstance(res, dict):
+        return []
+    idents = res.get("identifier") or []
+    if not idents:
+        return []
+    return [
+        parent
+        for parent in doc.root.iter()
+        for el_id in parent.findall("id")
+        if any(_id_matches(el_id, ident) for ident in idents)
+    ]
+
+
+def _medication_of_wrong_mood(res: Any, ctx: Any) -> bool:
+    """A MedicationRequest made from a Medication Dispense (supply, moodCode EVN), or a
+    MedicationStatement / MedicationAdministration made from an intended medication
+    (substanceAdministration, moodCode INT): every source entry with its id says so."""
+    rtype = res.get("resourceType") if isinstance(res, dict) else None
+    acts = [a for a in _source_elements_with_id(_cda(ctx), res) if a.tag in _ACT_TAGS]
+    if not acts:
+        return False
+    if rtype == "MedicationRequest":
+        return all(a.tag == "supply" and a.get("moodCode") == "EVN" for a in acts)
+    if rtype in ("MedicationStatement", "MedicationAdministration"):
+        return all(a.tag == "substanceAdministration" and a.get("moodCode") == "INT" for a in acts)
+    return False
+
+
+def _device_from_organizer(res: Any, ctx: Any) -> bool:
+    """A Device whose identifiers are the id of an organizer (Medical Equipment Organizer)."""
+    if not isinstance(res, dict) or res.get("resourceType") != "Device":
+        return False
+    found = _source_elements_with_id(_cda(ctx), res)
+    return bool(found) and all(e.tag == "organizer" for e in found)
+
+
+def _supply_id_as_device_id(value: Any, ctx: Any) -> bool:
+    """A Device identifier that is the id of a supply act, and of no device (participantRole)."""
+    doc = _cda(ctx)
+    ident = getattr(ctx, "element", None)
+    if doc is None or doc.root is None or not isinstance(ident, dict):
+        return False
+    named = [p for p in doc.root.iter() for i in p.findall("id") if _id_matches(i, ident)]
+    return bool(named) and all(p.tag == "supply" for p in named)
+
+
+# Codings written outside the element's R4 binding although the bound value set holds the
+# concept: (resource, path) -> (canonical system of the binding, source codes it has).
+_OUTSIDE_BINDING: dict[tuple[str, str], tuple[str, frozenset[str]]] = {
+    ("Condition", "clinicalStatus"): (
+        "http://terminology.hl7.org/CodeSystem/condition-clinical",
+        frozenset(),  # required binding: any other system is outside it
+    ),
+    ("FamilyMemberHistory", "sex"): (
+        "http://hl7.org/fhir/administrative-gender",
+        frozenset({"M", "F", "UN"}),
+    ),
+    ("Coverage", "relationship"): (
+        "http://terminology.hl7.org/CodeSystem/subscriber-relationship",
+        frozenset({"SELF"}),
+    ),
+}
+
+
+def _outside_binding(coding: Any, ctx: Any) -> bool:
+    """A coding of Condition.clinicalStatus, FamilyMemberHistory.sex or Coverage.relationship
+    from another system than the one R4 binds the element to (see _OUTSIDE_BINDING)."""
+    if not isinstance(coding, dict):
+        return False
+    for (rtype, _path), (system, codes) in _OUTSIDE_BINDING.items():
+        if ctx.rtype != rtype:
+            continue
+        if coding.get("system") == system:
+            return False
+        return not codes or coding.get("code") in codes
+    return False
+
+
 CCDA = ("ccda",)
 CCDA_RULES: tuple[Deliberate, ...] = (
     Deliberate(
@@ -652,6 +738,92 @@ CCDA_RULES: tuple[Deliberate, ...] = (
         _negated_in_document,
         context=True,
         kinds=CCDA,
+    ),
+    Deliberate(
+        "C8",
+        "AllergyIntolerance",
+        "reaction.severity",
+        "A reaction made of the allergy-level Severity Observation alone: it has a severity "
+        "but no manifestation, and R4 AllergyIntolerance.reaction.manifestation is 1..*.",
+        "FHIR R4 AllergyIntolerance.reaction.manifestation (1..*); C-CDA R2.1 Severity "
+        "Observation (4.8) on the allergy characterises the allergy, not a reaction",
+        _reaction_without_manifestation,
+        context=True,
+        kinds=CCDA,
+    ),
+    Deliberate(
+        "C9",
+        "*",
+        "",
+        "A medication resource of the wrong kind for its entry's mood: a MedicationRequest "
+        "made from a Medication Dispense (supply moodCode EVN, 4.18), or a MedicationStatement"
+        " / MedicationAdministration made from an intended medication (moodCode INT).",
+        "C-CDA on FHIR ConceptMap CF-MedActivityMood (INT -> MedicationRequest.intent); FHIR "
+        "R4 MedicationDispense ('the supply ... has been dispensed'), MedicationAdministration"
+        " ('the event of a patient consuming')",
+        _medication_of_wrong_mood,
+        context=True,
+        kinds=CCDA,
+    ),
+    Deliberate(
+        "C10",
+        "Device",
+        "",
+        "A Device made from the Medical Equipment Organizer (4.135), a grouping act whose "
+        "code ('Implant') is a category of the devices inside it, not a device.",
+        "C-CDA R2.1 Medical Equipment Organizer (4.135) and Product Instance (4.37): the "
+        "device is the Product Instance's participantRole",
+        _device_from_organizer,
+        context=True,
+        kinds=CCDA,
+    ),
+    Deliberate(
+        "C11",
+        "Device",
+        "identifier.value",
+        "Device.identifier is the id of the Non-Medicinal Supply Activity (4.50), the act of "
+        "supplying it, instead of the Product Instance's own id (4.37 participantRole/id).",
+        "C-CDA R2.1 Product Instance (4.37) participantRole/id; FHIR R4 Device.identifier "
+        "('instance identifiers assigned to a device')",
+        _supply_id_as_device_id,
+        context=True,
+        kinds=CCDA,
+    ),
+    *(
+        Deliberate(
+            rule_id,
+            rtype,
+            path,
+            f"{rtype}.{path} coded {what}, outside the element's R4 binding although the bound "
+            "value set holds the concept.",
+            ref,
+            _outside_binding,
+            context=True,
+            kinds=CCDA,
+        )
+        for rule_id, rtype, path, what, ref in (
+            (
+                "C12",
+                "Condition",
+                "clinicalStatus",
+                "as a SNOMED CT concept",
+                "FHIR R4 Condition.clinicalStatus (required binding: condition-clinical)",
+            ),
+            (
+                "C13",
+                "FamilyMemberHistory",
+                "sex",
+                "as the v3 code M/F/UN",
+                "FHIR R4 FamilyMemberHistory.sex (extensible binding: AdministrativeGender)",
+            ),
+            (
+                "C14",
+                "Coverage",
+                "relationship",
+                "as the v3 RoleCode SELF",
+                "FHIR R4 Coverage.relationship (extensible binding: SubscriberRelationshipCodes)",
+            ),
+        )
     ),
 )
 

@@ -315,6 +315,30 @@ def worst_fields(results: list[PairResult], n: int = WORST_N) -> list[dict[str, 
     return [{"path": p, "count": c, "pairs": len(pairs_with[p])} for p, c in counts.most_common(n)]
 
 
+def _type_of(path: str) -> str:
+    """The resource type a field path belongs to (``count:Observation`` → Observation)."""
+    return path.removeprefix("count:").split(".", 1)[0]
+
+
+def type_breakdown(results: list[PairResult]) -> list[dict[str, Any]]:
+    """Compared, agreed and disagreeing fields per resource type, most disagreements first."""
+    rows: dict[str, Counter[str]] = {}
+    for r in results:
+        for o in r.result.outcomes:
+            if o.status in ("agree", "disagree"):
+                rows.setdefault(_type_of(o.path), Counter())[o.status] += 1
+    out = [
+        {
+            "type": t,
+            "compared": c["agree"] + c["disagree"],
+            "agreed": c["agree"],
+            "disagreed": c["disagree"],
+        }
+        for t, c in rows.items()
+    ]
+    return sorted(out, key=lambda row: (-row["disagreed"], row["type"]))
+
+
 def excluded_summary(results: list[PairResult], kind: str | None = None) -> list[dict[str, Any]]:
     """Each DELIBERATE rule (of one kind, or all) with the number of fields it excluded."""
     counts: Counter[str] = Counter()
@@ -368,7 +392,10 @@ def _score_line(totals: dict[str, Any]) -> str:
 
 
 def print_summary(
-    totals: dict[str, Any], worst: list[dict[str, Any]], excluded: list[dict[str, Any]]
+    totals: dict[str, Any],
+    worst: list[dict[str, Any]],
+    excluded: list[dict[str, Any]],
+    by_type: list[dict[str, Any]] | None = None,
 ) -> None:
     """Overall numbers, worst fields and DELIBERATE exclusions (of one kind)."""
     print()
@@ -389,6 +416,11 @@ def print_summary(
     print(f"\nworst {len(worst)} disagreeing fields (count over all pairs, #pairs):")
     for w in worst:
         print(f"  {w['path']}: {w['count']}  ({w['pairs']} pairs)")
+    if by_type:
+        print("\ndisagreeing fields per resource type (disagreed / compared):")
+        for row in by_type:
+            if row["disagreed"]:
+                print(f"  {row['type']}: {row['disagreed']} / {row['compared']}")
     print("\nexcluded by DELIBERATE rules (never counted as agreeing):")
     for e in excluded:
         print(f"  {e['rule']} {e['resource']}.{e['path']}: {e['fields_excluded']} fields")
@@ -483,6 +515,7 @@ def kind_report(results: list[PairResult], kind: str) -> dict[str, Any]:
     return {
         "overall": overall(mine),
         "worst_fields": worst_fields(mine),
+        "by_type": type_breakdown(mine),
         "excluded": excluded_summary(mine, kind),
     }
 
@@ -507,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n==== {title} (kind {k}) " + "=" * max(0, 70 - len(title) - len(k)))
         print_table([r for r in results if r.pair.kind == k])
         report = by_kind[k]
-        print_summary(report["overall"], report["worst_fields"], report["excluded"])
+        print_summary(
+            report["overall"], report["worst_fields"], report["excluded"], report["by_type"]
+        )
     totals = overall(results)
     print("\n==== scores by kind (never mixed) " + "=" * 45)
     for k in scored:

@@ -35,7 +35,7 @@ import functools
 import hashlib
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,11 +169,17 @@ class XPath:
     text: str
     steps: tuple[_Step, ...]
     attr: str | None
+    # each step as a function element → iterable of elements ("." steps left out); a plain
+    # child step is lxml's own ``iterchildren(tag)``
+    fns: tuple[Callable[[Any], Iterable[Any]], ...] = field(default=(), compare=False)
 
     def elements(self, el: Any) -> list[Any]:
         current = [el]
-        for step in self.steps:
-            current = [n for c in current for n in step.apply(c)]
+        for fn in self.fns:
+            if len(current) == 1:
+                current = list(fn(current[0]))
+            else:
+                current = [n for c in current for n in fn(c)]
             if not current:
                 break
         return current
@@ -215,7 +221,14 @@ def compile_path(text: str) -> XPath:
         else:
             tag = None if name == "*" else _clark(name)
             steps.append(_Step("child", tag, preds, m["tmpl"]))
-    return XPath(text, tuple(steps), attr)
+    return XPath(text, tuple(steps), attr, tuple(_step_fn(s) for s in steps if s.kind != "self"))
+
+
+def _step_fn(step: _Step) -> Callable[[Any], Iterable[Any]]:
+    if step.kind == "child" and not step.preds and not step.template:
+        tag = step.tag or etree.Element
+        return lambda el: el.iterchildren(tag)
+    return step.apply
 
 
 def _text(el: Any) -> str:
@@ -237,6 +250,9 @@ class Rule:
     id_fallback: str = "position"  # or "content": participants without an id
     merge: bool = False  # same id = same thing, whatever else differs (participants)
     file: str = ""
+    # the elements and ``when`` compiled to closures on first use (see _compile)
+    fn: Callable[[Doc, Any], Any] | None = field(default=None, repr=False, compare=False)
+    when_fn: Callable[[Doc, Any], bool] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -374,7 +390,7 @@ class Doc:
         self.tree, self.rules, self.source, self.data = tree, rules, source, data
         self.root = tree.getroot()
         self.narrative: dict[str, Any] = {}
-        for el in self.root.iter(etree.Element):
+        for el in self.root.xpath("//*[@ID]"):  # libxml2 finds them, in document order
             ident = el.get("ID")
             if ident:
                 self.narrative.setdefault(ident, el)
@@ -567,10 +583,6 @@ def conv_effective(doc: Doc, el: Any) -> Choice | None:
         return None
     if el.get("value"):
         return Choice("DateTime", _ts(doc, el))
-    low, high = el.find(f"{{{V3}}}low"), el.find(f"{{{V3}}}high")
-    has_high = high is not None and high.get("value")
-    if low is not None and low.get("value") and not has_high:
-        return Choice("DateTime", _ts(doc, low))
     period = conv_period(doc, el)
     if period:
         return Choice("Period", period)
@@ -874,6 +886,13 @@ def conv_integer(doc: Doc, el: Any) -> int | None:
     return int(n) if n is not None else None
 
 
+def conv_refills(doc: Doc, el: Any) -> int | None:
+    """A supply order's ``repeatNumber`` (how many times it may be dispensed, the first
+    fill included) → ``numberOfRepeatsAllowed`` (refills: dispenses after the first)."""
+    n = conv_integer(doc, el)
+    return max(n - 1, 0) if n is not None else None
+
+
 def conv_id(doc: Doc, el: Any) -> str | None:
     ident = conv_identifier(doc, el)
     return ident["value"] if ident else None
@@ -903,6 +922,7 @@ CONVERTERS: dict[str, Callable[[Doc, Any], Any]] = {
     "boolean": conv_bool,
     "integer": conv_integer,
     "idvalue": conv_id,
+    "refills": conv_refills,
 }
 
 
@@ -913,155 +933,260 @@ def _empty(v: Any) -> bool:
     return v is None or v == "" or v == [] or v == {}
 
 
+Fn = Callable[["Doc", Any], Any]
+_compiled: dict[int, tuple[Any, Any]] = {}  # id(expression) → (expression, closure)
+
+
 def _cond(doc: Doc, el: Any, cond: Any) -> bool:
     """``{exists: P}``, ``{path: P, in: [...]}``/``eq``, ``{not: C}``, ``{all: []}``,
     ``{any: []}``, ``{template: ROOT}`` (the element itself has that template),
     ``{tag: NAME}`` (the element's own name, e.g. ``procedure`` or ``observation``)."""
     if cond is None:
         return True
+    hit = _compiled.get(id(cond))
+    if hit is None or hit[0] is not cond:
+        hit = _compiled[id(cond)] = (cond, _compile_cond(cond))
+    return bool(hit[1](doc, el))
+
+
+def _true(doc: Doc, el: Any) -> bool:
+    return True
+
+
+def _compile_cond(cond: Any) -> Callable[[Doc, Any], bool]:
+    """A condition (see ``_cond``) → a closure ``(doc, el) -> bool``, built once per rule."""
+    if cond is None:
+        return _true
     if isinstance(cond, list):
-        return all(_cond(doc, el, c) for c in cond)
+        parts = [_compile_cond(c) for c in cond]
+        return lambda doc, el: all(p(doc, el) for p in parts)
     if "not" in cond:
-        return not _cond(doc, el, cond["not"])
+        inner = _compile_cond(cond["not"])
+        return lambda doc, el: not inner(doc, el)
     if "all" in cond:
-        return all(_cond(doc, el, c) for c in cond["all"])
+        parts = [_compile_cond(c) for c in cond["all"]]
+        return lambda doc, el: all(p(doc, el) for p in parts)
     if "any" in cond:
-        return any(_cond(doc, el, c) for c in cond["any"])
+        parts = [_compile_cond(c) for c in cond["any"]]
+        return lambda doc, el: any(p(doc, el) for p in parts)
     if "template" in cond:
-        return has_template(el, str(cond["template"]))
+        root = str(cond["template"])
+        return lambda doc, el: has_template(el, root)
     if "tag" in cond:
-        return bool(etree.QName(el).localname == cond["tag"])
+        tag = cond["tag"]
+        return lambda doc, el: bool(el.tag.rpartition("}")[2] == tag)
     if "exists" in cond:
         path = compile_path(cond["exists"])
-        return bool(path.strings(el) if path.attr else path.elements(el))
+        if path.attr:
+            return lambda doc, el: bool(path.strings(el))
+        return lambda doc, el: bool(path.elements(el))
     path = compile_path(cond["path"])
-    values = path.strings(el)
     if "in" in cond:
-        return any(v in [str(x) for x in cond["in"]] for v in values)
+        allowed = frozenset(str(x) for x in cond["in"])
+        return lambda doc, el: any(v in allowed for v in path.strings(el))
     if "eq" in cond:
-        return str(cond["eq"]) in values
-    return bool(values)
+        want = str(cond["eq"])
+        return lambda doc, el: want in path.strings(el)
+    return lambda doc, el: bool(path.strings(el))
 
 
 def evaluate(doc: Doc, el: Any, expr: Any) -> Any:
     """One rule expression at element ``el`` → a JSON value (None when empty)."""
+    hit = _compiled.get(id(expr))
+    if hit is None or hit[0] is not expr:
+        hit = _compiled[id(expr)] = (expr, _compile(expr))
+    return hit[1](doc, el)
+
+
+def _compile(expr: Any) -> Fn:
+    """A rule expression → a closure ``(doc, el) -> JSON value`` (None when empty).
+
+    The rules are read once and applied to every entry of every document, so each
+    expression is turned into Python closures once (paths compiled, keys looked up,
+    branches chosen) instead of being interpreted again at each element."""
     if isinstance(expr, (str, int, float, bool)) or expr is None:
-        return expr
+        return lambda doc, el: expr
     if isinstance(expr, list):
-        out: list[Any] = []
-        for item in expr:
-            v = evaluate(doc, el, item)
-            if (
-                isinstance(item, dict)
-                and (item.get("many") or "each" in item)
-                and isinstance(v, list)
-            ):
-                out.extend(x for x in v if not _empty(x))
-            elif not _empty(v):
-                out.append(v)
-        return out or None
+        items = [
+            (_compile(item), isinstance(item, dict) and bool(item.get("many") or "each" in item))
+            for item in expr
+        ]
+
+        def seq(doc: Doc, el: Any) -> Any:
+            out: list[Any] = []
+            for fn, spread in items:
+                v = fn(doc, el)
+                if spread and isinstance(v, list):
+                    out.extend(x for x in v if not _empty(x))
+                elif not _empty(v):
+                    out.append(v)
+            return out or None
+
+        return seq
     if not isinstance(expr, dict):
         raise TypeError(f"bad expression {expr!r}")
     if "const" in expr:
-        return expr["const"]
+        const = expr["const"]
+        return lambda doc, el: const
     if "if" in expr:
-        branch = "then" if _cond(doc, el, expr["if"]) else "else"
-        return evaluate(doc, el, expr.get(branch))
+        test = _compile_cond(expr["if"])
+        then, other = _compile(expr.get("then")), _compile(expr.get("else"))
+        return lambda doc, el: then(doc, el) if test(doc, el) else other(doc, el)
     if "first" in expr:
-        for option in expr["first"]:
-            v = evaluate(doc, el, option)
-            if not _empty(v):
-                return v
-        return None
+        options = [_compile(o) for o in expr["first"]]
+
+        def first(doc: Doc, el: Any) -> Any:
+            for option in options:
+                v = option(doc, el)
+                if not _empty(v):
+                    return v
+            return None
+
+        return first
     if "ref" in expr:
-        if expr["ref"] == "patient":
-            return dict(doc.patient_ref) if doc.patient_ref else None
-        if expr["ref"] == "section-entries":
-            refs = [
-                {"reference": f"{r['resourceType']}/{r['id']}"} for r in doc.by_section.get(el, [])
-            ]
-            return refs or None
-        raise doc.error(el, f"ref: unknown target {expr['ref']!r} (patient, section-entries)")
+        target = expr["ref"]
+
+        def ref(doc: Doc, el: Any) -> Any:
+            if target == "patient":
+                return dict(doc.patient_ref) if doc.patient_ref else None
+            if target == "section-entries":
+                refs = [
+                    {"reference": f"{r['resourceType']}/{r['id']}"}
+                    for r in doc.by_section.get(el, [])
+                ]
+                return refs or None
+            raise doc.error(el, f"ref: unknown target {target!r} (patient, section-entries)")
+
+        return ref
     if "each" in expr:
-        items = []
-        for sub in compile_path(expr["each"]).elements(el):
-            if "when" in expr and not _cond(doc, sub, expr["when"]):
-                continue
-            v = evaluate(doc, sub, expr["do"])
-            if not _empty(v):
-                items.append(v)
-        return items or None
+        each = compile_path(expr["each"])
+        when = _compile_cond(expr["when"]) if "when" in expr else None
+        do = _compile(expr["do"])
+
+        def each_fn(doc: Doc, el: Any) -> Any:
+            items = []
+            for sub in each.elements(el):
+                if when is not None and not when(doc, sub):
+                    continue
+                v = do(doc, sub)
+                if not _empty(v):
+                    items.append(v)
+            return items or None
+
+        return each_fn
     if "make" in expr:
-        targets = compile_path(expr.get("path", ".")).elements(el)
-        refs = []
-        for t in targets:
-            res = make(doc, doc.rules.by_name[expr["make"]], t)
-            if res is not None:
-                refs.append({"reference": f"{res['resourceType']}/{res['id']}"})
-            if not expr.get("many"):
-                break
-        return (refs if expr.get("many") else refs[0]) if refs else None
+        name, targets_path, many = (
+            expr["make"],
+            compile_path(expr.get("path", ".")),
+            expr.get("many"),
+        )
+
+        def make_fn(doc: Doc, el: Any) -> Any:
+            refs = []
+            rule = doc.rules.by_name[name]
+            for t in targets_path.elements(el):
+                res = make(doc, rule, t)
+                if res is not None:
+                    refs.append({"reference": f"{res['resourceType']}/{res['id']}"})
+                if not many:
+                    break
+            return (refs if many else refs[0]) if refs else None
+
+        return make_fn
     if "map" in expr:
-        path = compile_path(expr.get("path", "@code"))
-        for value in path.strings(el):
-            hit = doc.rules.maps[expr["map"]].get(value)
-            if hit is not None:
-                return hit
-        return evaluate(doc, el, expr.get("default"))
+        table, map_path = expr["map"], compile_path(expr.get("path", "@code"))
+        default = _compile(expr.get("default"))
+
+        def map_fn(doc: Doc, el: Any) -> Any:
+            values = doc.rules.maps[table]
+            for value in map_path.strings(el):
+                hit = values.get(value)
+                if hit is not None:
+                    return hit
+            return default(doc, el)
+
+        return map_fn
     if "join" in expr:
-        parts = [evaluate(doc, el, p) for p in expr["join"]]
-        return expr.get("sep", " ").join(str(p) for p in parts if not _empty(p)) or None
+        parts, sep = [_compile(p) for p in expr["join"]], expr.get("sep", " ")
+
+        def join(doc: Doc, el: Any) -> Any:
+            got = [p(doc, el) for p in parts]
+            return sep.join(str(p) for p in got if not _empty(p)) or None
+
+        return join
     if "path" in expr:
-        path = compile_path(expr["path"])
-        kind = expr.get("as")
+        path, kind, many = compile_path(expr["path"]), expr.get("as"), expr.get("many")
         if kind is None:
-            values = path.strings(el)
-            if expr.get("many"):
-                return values or None
-            return values[0] if values else None
+            if many:
+                return lambda doc, el: path.strings(el) or None
+
+            def string(doc: Doc, el: Any) -> Any:
+                values = path.strings(el)
+                return values[0] if values else None
+
+            return string
         conv = CONVERTERS[kind]
-        if expr.get("many"):
-            out = [conv(doc, e) for e in path.elements(el)]
-            out = [o for o in out if not _empty(o)]
-            return out or None
-        for e in path.elements(el):
-            v = conv(doc, e)
-            if not _empty(v):
-                return v
-        return None
+        if many:
+
+            def convert_all(doc: Doc, el: Any) -> Any:
+                out = [conv(doc, e) for e in path.elements(el)]
+                out = [o for o in out if not _empty(o)]
+                return out or None
+
+            return convert_all
+
+        def convert_one(doc: Doc, el: Any) -> Any:
+            for e in path.elements(el):
+                v = conv(doc, e)
+                if not _empty(v):
+                    return v
+            return None
+
+        return convert_one
     if "document" in expr:
         what = expr["document"]
-        if what == "data":
-            return base64.b64encode(doc.data).decode()
-        if what == "hash":
-            return base64.b64encode(hashlib.sha1(doc.data).digest()).decode()
-        if what == "size":
-            return len(doc.data)
-        raise doc.error(el, f"document: unknown property {what!r}")
+
+        def document(doc: Doc, el: Any) -> Any:
+            if what == "data":
+                return base64.b64encode(doc.data).decode()
+            if what == "hash":
+                return base64.b64encode(hashlib.sha1(doc.data).digest()).decode()
+            if what == "size":
+                return len(doc.data)
+            raise doc.error(el, f"document: unknown property {what!r}")
+
+        return document
     # an object template: each key evaluated, empty ones dropped; ``_require`` names
     # keys without which the object means nothing (an extension without its value)
-    obj: dict[str, Any] = {}
+    keys = [
+        (key, key[:-3] if key.endswith("[x]") else None, _compile(sub))
+        for key, sub in expr.items()
+        if key != "_require"
+    ]
     required = expr.get("_require")
-    for key, sub in expr.items():
-        if key == "_require":
-            continue
-        v = evaluate(doc, el, sub)
-        if _empty(v):
-            continue
-        if key.endswith("[x]"):
-            if isinstance(v, Choice):
-                if not _empty(v.value):
-                    obj[key[:-3] + v.suffix] = v.value
+    needed = [required] if isinstance(required, str) else list(required or ())
+
+    def obj_fn(doc: Doc, el: Any) -> Any:
+        obj: dict[str, Any] = {}
+        for key, stem, fn in keys:
+            v = fn(doc, el)
+            if _empty(v):
                 continue
-            raise doc.error(el, f"{key}: the expression gives no typed value")
-        if isinstance(v, Choice):
-            v = v.value
-        obj[key] = v
-    if required:
-        for key in [required] if isinstance(required, str) else required:
+            if stem is not None:
+                if isinstance(v, Choice):
+                    if not _empty(v.value):
+                        obj[stem + v.suffix] = v.value
+                    continue
+                raise doc.error(el, f"{key}: the expression gives no typed value")
+            if isinstance(v, Choice):
+                v = v.value
+            obj[key] = v
+        for key in needed:
             if key not in obj and not any(k.startswith(key) for k in obj if key.endswith("[x]")):
                 return None
-    return obj or None
+        return obj or None
+
+    return obj_fn
 
 
 def _resource_id(doc: Doc, rule: Rule, el: Any) -> str:
@@ -1087,12 +1212,14 @@ def make(doc: Doc, rule: Rule, el: Any) -> dict[str, Any] | None:
     key = (rule.resource, el)
     if key in doc.made:
         return doc.made[key]
-    if rule.when is not None and not _cond(doc, el, rule.when):
+    if rule.when is not None and not _rule_when(rule)(doc, el):
         return None
     rid = _resource_id(doc, rule, el)
     res: dict[str, Any] = {"resourceType": rule.resource, "id": rid}
     doc.made[key] = res  # before evaluating: a rule may refer back to itself
-    body = evaluate(doc, el, rule.elements) or {}
+    if rule.fn is None:
+        rule.fn = _compile(rule.elements)
+    body = rule.fn(doc, el) or {}
     # looked up after the body: evaluating it may have made a resource with this id
     other = doc.by_id.get((rule.resource, rid))
     if other is not None and rule.merge:
@@ -1112,28 +1239,61 @@ def make(doc: Doc, rule: Rule, el: Any) -> dict[str, Any] | None:
     return res
 
 
+def _rule_when(rule: Rule) -> Callable[[Doc, Any], bool]:
+    if rule.when_fn is None:
+        rule.when_fn = _compile_cond(rule.when)
+    return rule.when_fn
+
+
 def _rule_for(doc: Doc, el: Any) -> Rule | None:
     for t in el.iterchildren(_TEMPLATE):
         for rule in doc.rules.by_template.get(t.get("root") or "", ()):
-            if _cond(doc, el, rule.when):
+            if _rule_when(rule)(doc, el):
                 return rule
     return None
 
 
-def _walk(doc: Doc, el: Any, blocked: frozenset[str]) -> None:
-    for child in el.iterchildren(etree.Element):
-        if child.tag == f"{{{V3}}}section":
-            continue  # nested sections are walked on their own
-        rule = _rule_for(doc, child)
-        below = blocked
-        if rule is not None:
-            roots = {t.get("root") for t in child.iterchildren(_TEMPLATE)}
-            if not (roots & blocked):
-                res = make(doc, rule, child)
-                if res is not None and doc.section is not None:
-                    doc.by_section.setdefault(doc.section, []).append(res)
-                below = blocked | frozenset(rule.consumes)
-        _walk(doc, child, below)
+_SECTION = f"{{{V3}}}section"
+
+
+def _walk(doc: Doc, entry: Any, blocked: frozenset[str]) -> None:
+    """Make the resources of the templated elements below ``entry``, in document order.
+
+    Only an element with a ``templateId`` can match a rule, so the walk visits those (found
+    by lxml's own iteration) rather than every element. A rule's ``consumes`` blocks those
+    templates anywhere below the element it matched; nested sections are walked on their
+    own, so nothing inside one is visited here."""
+    below: dict[Any, frozenset[str]] = {}  # element with a rule → what is blocked below it
+    last = None
+    for t in entry.iter(_TEMPLATE):
+        el = t.getparent()
+        if el is last or el is entry:
+            continue
+        last = el
+        if el in below:
+            continue
+        here = blocked
+        inside_section = el.tag == _SECTION
+        p = el.getparent()
+        while not inside_section and p is not None and p is not entry:
+            got = below.get(p)
+            if got is not None:
+                here = got
+                break
+            if p.tag == _SECTION:
+                inside_section = True
+            p = p.getparent()
+        if inside_section:
+            continue
+        rule = _rule_for(doc, el)
+        if rule is None:
+            continue
+        roots = {x.get("root") for x in el.iterchildren(_TEMPLATE)}
+        if not (roots & here):
+            res = make(doc, rule, el)
+            if res is not None and doc.section is not None:
+                doc.by_section.setdefault(doc.section, []).append(res)
+        below[el] = here | frozenset(rule.consumes)
 
 
 def _sections(el: Any) -> Iterator[Any]:

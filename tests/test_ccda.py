@@ -124,7 +124,8 @@ def test_medication_with_period_and_timing(bundle: dict) -> None:
     assert statement["status"] == "active"
     assert statement["medicationReference"] == {"reference": f"Medication/{med['id']}"}
     assert med["code"]["coding"][0]["system"] == "http://www.nlm.nih.gov/research/umls/rxnorm"
-    assert statement["effectiveDateTime"] == "2023-01-01"
+    # an IVL_TS with a low alone is "taking since", not a point in time
+    assert statement["effectivePeriod"] == {"start": "2023-01-01"}
     dosage = statement["dosage"][0]
     assert dosage["timing"]["repeat"]["period"] == 24
     assert dosage["timing"]["repeat"]["periodUnit"] == "h"
@@ -322,3 +323,57 @@ def test_corpus_bundles_have_unique_ids(corpus: Path) -> None:
             continue
         keys = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in out["entry"]]
         assert len(keys) == len(set(keys)), path.name
+
+
+_SUPPLY_ORDER = b"""<ClinicalDocument xmlns="urn:hl7-org:v3" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <id root="2.16.840.1.113883.19.5" extension="supply-order"/>
+  <code code="34133-9" codeSystem="2.16.840.1.113883.6.1"/>
+  <title>Summary</title>
+  <effectiveTime value="20240301103000-0500"/>
+  <recordTarget><patientRole><id root="2.16.840.1.113883.19.5" extension="p1"/></patientRole></recordTarget>
+  <component><structuredBody><component><section>
+    <code code="10160-0" codeSystem="2.16.840.1.113883.6.1"/>
+    <entry><substanceAdministration classCode="SBADM" moodCode="EVN">
+      <templateId root="2.16.840.1.113883.10.20.22.4.16"/>
+      <id root="c1b1b7a0-0000-4000-8000-000000000001"/>
+      <statusCode code="active"/>
+      <consumable><manufacturedProduct><templateId root="2.16.840.1.113883.10.20.22.4.23"/>
+        <manufacturedMaterial><code code="573621" codeSystem="2.16.840.1.113883.6.88"/></manufacturedMaterial>
+      </manufacturedProduct></consumable>
+      <entryRelationship typeCode="REFR"><supply classCode="SPLY" moodCode="INT">
+        <templateId root="2.16.840.1.113883.10.20.22.4.17"/>
+        <id nullFlavor="NI"/>
+        <statusCode code="completed"/>
+        <repeatNumber value="3"/>
+        <quantity value="75"/>
+      </supply></entryRelationship>
+    </substanceAdministration></entry>
+    <entry><act classCode="ACT" moodCode="INT">
+      <templateId root="2.16.840.1.113883.10.20.22.4.39"/>
+      <id root="c1b1b7a0-0000-4000-8000-000000000002"/>
+      <code code="410606002" codeSystem="2.16.840.1.113883.6.96"/>
+      <statusCode code="active"/>
+      <priorityCode code="A" codeSystem="2.16.840.1.113883.5.7"/>
+    </act></entry>
+  </section></component></structuredBody></component>
+</ClinicalDocument>"""
+
+
+def test_supply_order_of_a_taken_medication_is_its_request() -> None:
+    """A Medication Supply Order (4.17) inside a medication that was taken is the order the
+    supply came from: a MedicationRequest (intent order) the statement is basedOn;
+    repeatNumber counts the first fill, numberOfRepeatsAllowed does not."""
+    out = ccda.convert(_SUPPLY_ORDER, validate=True)
+    (statement,) = _resources(out, "MedicationStatement")
+    (request,) = _resources(out, "MedicationRequest")
+    (med,) = _resources(out, "Medication")
+    assert statement["basedOn"] == [{"reference": f"MedicationRequest/{request['id']}"}]
+    assert request["intent"] == "order" and request["status"] == "completed"
+    assert request["medicationReference"] == {"reference": f"Medication/{med['id']}"}
+    assert request["dispenseRequest"]["numberOfRepeatsAllowed"] == 2
+    assert request["dispenseRequest"]["quantity"] == {"value": 75}
+
+
+def test_act_priority_maps_to_request_priority() -> None:
+    (req,) = _resources(ccda.convert(_SUPPLY_ORDER), "ServiceRequest")
+    assert req["priority"] == "asap"  # v3 ActPriority A (ASAP), not urgent

@@ -366,7 +366,7 @@ def test_script_scores_each_kind_apart_and_reports_a_missing_ccda_module(
     assert data["by_kind"]["ccda"]["overall"]["errors"] == 1
     assert data["by_kind"]["ccda"]["overall"]["compared"] == 2  # count:Patient, gender
     assert {e["rule"] for e in data["by_kind"]["ccda"]["excluded"]} == {
-        f"C{n}" for n in range(1, 8)
+        f"C{n}" for n in range(1, 15)
     }
     # The default run takes every kind it can convert, each reported on its own.
     assert conformance.main([*base, "--against-expected", "--min-score", "100"]) == 0
