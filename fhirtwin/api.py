@@ -46,6 +46,7 @@ from fhirtwin.consent import (
 )
 from fhirtwin.consent import _span as consent_span
 from fhirtwin.principal import AuthError, Principal
+from fhirtwin.redisconn import is_cluster
 from fhirtwin.snapshot import (
     _GONE,
     ACTREASON,
@@ -572,6 +573,9 @@ end
 return redis.sha1hex(table.concat(parts, '|'))
 """
 
+# KEYS of the stamp script: all of one twin (one hash tag, one slot on a Redis Cluster)
+_STAMP_KEYS = ("meta", "cur", "hist", "ver", "erased")
+
 _NEVER = 2**62  # "no time bound", in epoch ms
 
 
@@ -767,11 +771,12 @@ class FhirApi:
         """Each twin's stamp (changes whenever what it holds changes), one round trip."""
         if not twins:
             return []
+        keys = [[f"{self.store.base(t)}:{s}" for s in _STAMP_KEYS] for t in twins]
+        if is_cluster(self.store.r):  # a cluster pipeline runs no scripts: one call a twin
+            return [bytes(self._stamp_script(keys=k)) for k in keys]
         pipe = self.store.r.pipeline(transaction=False)
-        for twin in twins:
-            b = self.store.base(twin)
-            keys = [f"{b}:meta", f"{b}:cur", f"{b}:hist", f"{b}:ver", f"{b}:erased"]
-            self._stamp_script(keys=keys, client=pipe)
+        for k in keys:
+            self._stamp_script(keys=k, client=pipe)
         return [bytes(s) for s in pipe.execute()]
 
     def prefetch(self, ctx: _Ctx, twins: Sequence[str]) -> None:

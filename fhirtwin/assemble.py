@@ -18,12 +18,12 @@ import time
 from typing import Any
 
 import orjson
-import redis
 
 from fhirtwin import bus
 from fhirtwin.crypto import CryptoError, ErasedError, open_event
 from fhirtwin.erasure import ERASED_DROPPED
 from fhirtwin.metrics import LATENCY, TWIN_UPDATES
+from fhirtwin.redisconn import connect
 from fhirtwin.twin import TwinStore
 from fhirtwin.worker import Out, StreamWorker, dead_letter
 
@@ -112,7 +112,7 @@ def _twin_event(
 
 class AssembleWorker:
     def __init__(self, bootstrap: str, redis_url: str, *, group: str = "fhirtwin-assemble") -> None:
-        self.store = TwinStore(redis.Redis.from_url(redis_url))
+        self.store = TwinStore(connect(redis_url))
         self.stream = StreamWorker(bootstrap, group, [bus.RESOURCES], self.handle, batch=200)
 
     def run(self, stop: threading.Event, idle_exit: float | None = None) -> int:
@@ -141,7 +141,7 @@ class AssembleWorker:
 
 def rebuild(bootstrap: str, redis_url: str, *, flush: bool = True) -> dict[str, int]:
     """Replay ``fhir.resources`` from its first offset into Redis (emptied first)."""
-    store = TwinStore(redis.Redis.from_url(redis_url))
+    store = TwinStore(connect(redis_url))
     deleted = store.flush() if flush else 0
     n = 0
     for rec in bus.read_topic(bootstrap, bus.RESOURCES):

@@ -8,8 +8,10 @@
   leaf hashes agree) instead of appending twice. After each batch it signs a checkpoint
   (C2SP tlog-checkpoint, Ed25519), publishes it on ``twin.audit.checkpoints`` (durable,
   for auditors and witnesses) and keeps a copy in Redis (``ft:audit:checkpoints``).
-* The tree's nodes live in Redis (``ft:audit:nodes``, ``ft:audit:size``); a flush and
-  rebuild from Kafka gives the same roots, so old checkpoints still verify.
+* The tree's nodes live in Redis (``ft:audit:nodes``, ``ft:audit:size``; on a Redis
+  Cluster ``ft:audit:{tree}:nodes`` and ``ft:audit:{tree}:size``, one hash slot for the
+  commit script); a flush and rebuild from Kafka gives the same roots, so old checkpoints
+  still verify.
 * `fhirtwin audit verify` recomputes the log from Kafka (or from an exported file) and
   checks it against every signed checkpoint, naming the first altered, missing or
   reordered entry.
@@ -27,8 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from fhirtwin import bus
 from fhirtwin.infra import state_path
 from fhirtwin.merkle import (
@@ -43,6 +43,7 @@ from fhirtwin.merkle import (
     sign_checkpoint,
     verify_log,
 )
+from fhirtwin.redisconn import RedisClient, connect, is_cluster
 from fhirtwin.worker import Out, StreamWorker
 
 __all__ = [
@@ -58,6 +59,15 @@ __all__ = [
 
 ORIGIN = os.environ.get("FHIRTWIN_AUDIT_ORIGIN", "fhirtwin.local/audit")
 NODES, SIZE, CHECKPOINTS = "ft:audit:nodes", "ft:audit:size", "ft:audit:checkpoints"
+# A Redis Cluster runs a script only on keys of one slot: there the tree's two keys share a
+# hash tag. A single server keeps the names above (docs/deploy.md, "Redis Cluster").
+CLUSTER_NODES, CLUSTER_SIZE = "ft:audit:{tree}:nodes", "ft:audit:{tree}:size"
+
+
+def tree_keys(client: Any) -> tuple[str, str]:
+    """(nodes hash, size) of the tree for this client: tagged on a cluster."""
+    return (CLUSTER_NODES, CLUSTER_SIZE) if is_cluster(client) else (NODES, SIZE)
+
 
 _COMMIT = r"""
 local size = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -75,17 +85,18 @@ class RedisNodeStore:
     the size is still the one the sequencer started from (no forked log).
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.r: Any = client
         self._commit = client.register_script(_COMMIT)
+        self.nodes_key, self.size_key = tree_keys(client)
 
     def size(self) -> int:
-        return int(self.r.get(SIZE) or 0)
+        return int(self.r.get(self.size_key) or 0)
 
     def get_nodes(self, keys: Sequence[NodeKey]) -> list[bytes]:
         if not keys:
             return []
-        vals = self.r.hmget(NODES, [f"{lvl}:{idx}" for lvl, idx in keys])
+        vals = self.r.hmget(self.nodes_key, [f"{lvl}:{idx}" for lvl, idx in keys])
         missing = [k for k, v in zip(keys, vals, strict=True) if v is None]
         if missing:
             raise KeyError(f"audit tree nodes missing from Redis: {missing[:3]}")
@@ -95,7 +106,7 @@ class RedisNodeStore:
         args: list[Any] = [old_size, new_size]
         for (lvl, idx), h in nodes.items():
             args += [f"{lvl}:{idx}", h]
-        got = self._commit(keys=[NODES, SIZE], args=args)
+        got = self._commit(keys=[self.nodes_key, self.size_key], args=args)
         if int(got) != -1:
             raise StoreConflictError(f"audit tree size is {got}, expected {old_size}")
 
@@ -137,7 +148,7 @@ class AuditSequencer:
     """Consumes ``twin.audit`` in order and appends every record to the Merkle tree."""
 
     def __init__(self, bootstrap: str, redis_url: str) -> None:
-        self.r: Any = redis.Redis.from_url(redis_url)
+        self.r: Any = connect(redis_url)
         self.log = MerkleLog(RedisNodeStore(self.r))
         self.key_name, self.key = signer()
         self.stream = StreamWorker(
@@ -185,7 +196,7 @@ class AuditSequencer:
 
 def checkpoints(redis_url: str, bootstrap: str | None = None) -> list[str]:
     """Every signed checkpoint: those published on Kafka, plus Redis's copies."""
-    client: Any = redis.Redis.from_url(redis_url)
+    client: Any = connect(redis_url)
     notes = [c.decode() for c in client.lrange(CHECKPOINTS, 0, -1)]
     if bootstrap:
         seen = set(notes)
@@ -213,7 +224,7 @@ def verify(
     """Check the audit log (Kafka's, or ``log_entries``) against every signed checkpoint."""
     name, public = verifier(verifier_key)
     notes = checkpoints(redis_url, bootstrap)
-    store = RedisNodeStore(redis.Redis.from_url(redis_url))
+    store = RedisNodeStore(connect(redis_url))
     size = store.size()
     leaves = MerkleLog(store).leaf_hashes(0, size) if size else []
     data = entries(bootstrap) if log_entries is None else log_entries
@@ -225,7 +236,7 @@ def proof(
 ) -> dict[str, Any]:
     """An inclusion proof for leaf ``index`` or a consistency proof from ``old_size``,
     against the tree's current size and root (hex hashes, RFC 6962 order)."""
-    log = MerkleLog(RedisNodeStore(redis.Redis.from_url(redis_url)))
+    log = MerkleLog(RedisNodeStore(connect(redis_url)))
     size = log.size
     out: dict[str, Any] = {"origin": ORIGIN, "size": size, "root": log.root().hex()}
     if index is not None:
@@ -241,8 +252,8 @@ def proof(
 
 def rebuild_tree(bootstrap: str, redis_url: str) -> int:
     """Empty the tree (not the checkpoints) and append the whole topic again."""
-    client: Any = redis.Redis.from_url(redis_url)
-    client.delete(NODES, SIZE)
+    client: Any = connect(redis_url)
+    client.delete(*tree_keys(client))
     log = MerkleLog(RedisNodeStore(client))
     log.extend(entries(bootstrap))
     return log.size

@@ -43,6 +43,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
 from fhirtwin.principal import AuthError, Principal
+from fhirtwin.redisconn import mget, multi
 
 __all__ = [
     "ADMIN_SCOPE",
@@ -327,7 +328,7 @@ class Authority:
             "subscriber": subscriber,
             "created": int(time.time()),
         }
-        pipe = self.r.pipeline(transaction=True)
+        pipe = multi(self.r)  # a cluster: two writes, each atomic (clients() skips a bare id)
         pipe.set(self.client_key(client_id), orjson.dumps(record, option=orjson.OPT_SORT_KEYS))
         pipe.sadd(CLIENTS_KEY, client_id)
         pipe.execute()
@@ -341,12 +342,12 @@ class Authority:
 
     def clients(self) -> list[dict[str, Any]]:
         ids = sorted(i.decode() for i in self.r.smembers(CLIENTS_KEY))
-        raws = self.r.mget([self.client_key(i) for i in ids]) if ids else []
+        raws = mget(self.r, [self.client_key(i) for i in ids])
         return [orjson.loads(raw) for raw in raws if raw]
 
     def remove_client(self, client_id: str) -> bool:
         """Forget a client; the access tokens it holds stop working at once."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = multi(self.r)
         pipe.delete(self.client_key(client_id))
         pipe.srem(CLIENTS_KEY, client_id)
         deleted, _ = pipe.execute()

@@ -36,7 +36,6 @@ def build_app(
 ) -> Any:
     """The FastAPI application. ``live()`` and ``ready()`` return ``{"status": "ok", …}``
     (anything else answers 503); ``ready`` defaults to ``live``."""
-    import redis
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
 
@@ -44,6 +43,7 @@ def build_app(
     from fhirtwin.api import router as fhir_router
     from fhirtwin.auth import router as auth_router
     from fhirtwin.metrics import render
+    from fhirtwin.redisconn import connect
     from fhirtwin.subscribers import Registry
     from fhirtwin.twin import TwinStore
 
@@ -68,7 +68,7 @@ def build_app(
 
     app.include_router(auth_router(authority))  # /auth/token, /fhir/.well-known/…
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     from fhirtwin.api_admin import router as admin_router
 
     app.include_router(  # /admin, Consent writes, AuditEvent (docs/api.md): before /fhir's 405
@@ -103,8 +103,9 @@ def _readiness(bootstrap: str, redis_url: str) -> HealthFn:
     import redis
 
     from fhirtwin import bus
+    from fhirtwin.redisconn import connect
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = connect(redis_url, socket_timeout=2, socket_connect_timeout=2)
     kafka_ok: list[tuple[float, bool]] = [(0.0, False)]
 
     def check() -> dict[str, Any]:
@@ -150,20 +151,18 @@ def api(
     ] = None,
 ) -> None:
     """The FHIR REST API alone (`/fhir`, `/auth`, `/health`, `/ready`, `/metrics`)."""
-    import redis
     import uvicorn
 
     from fhirtwin.auth import Authority
     from fhirtwin.cli_pipeline import _logging
+    from fhirtwin.redisconn import connect
 
     _logging()
     ep = _endpoints(kafka, redis_url)
     base = (public_url or os.environ.get("FHIRTWIN_PUBLIC_URL") or f"http://{host}:{port}").rstrip(
         "/"
     )
-    authority = Authority(
-        redis.Redis.from_url(ep.redis), token_url=f"{base}/auth/token", key_dir=key_dir
-    )
+    authority = Authority(connect(ep.redis), token_url=f"{base}/auth/token", key_dir=key_dir)
     app = build_app(
         authority,
         ep.kafka,

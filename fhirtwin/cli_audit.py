@@ -89,14 +89,13 @@ def audit_query(
     json_out: Annotated[bool, typer.Option("--json", help="the AuditEvents as JSON")] = False,
 ) -> None:
     """AuditEvents that match every filter given (who received what, when, why)."""
-    import redis
-
+    from fhirtwin.redisconn import connect
     from fhirtwin.twin import TwinStore, fhir_time_ms
 
     ep = _endpoints(kafka, redis_url)
     twin = None
     if patient:
-        twin = TwinStore(redis.Redis.from_url(ep.redis)).resolve(patient) or patient
+        twin = TwinStore(connect(ep.redis)).resolve(patient) or patient
     since_ms = fhir_time_ms(since) if since else None
     if since and since_ms is None:
         err.print(f"[red]--since {since!r} is not an ISO date-time[/red]")
@@ -144,12 +143,11 @@ def audit_report(
     redis_url: RedisOpt = None,
 ) -> None:
     """Accounting of disclosures for one patient: who received what, when and why."""
-    import redis
-
+    from fhirtwin.redisconn import connect
     from fhirtwin.twin import TwinStore
 
     ep = _endpoints(kafka, redis_url)
-    twin = TwinStore(redis.Redis.from_url(ep.redis)).resolve(patient) or patient
+    twin = TwinStore(connect(ep.redis)).resolve(patient) or patient
     rows = []
     for ev in _events(ep.kafka):
         if _kind(ev) != "disclosure" or twin not in _patients(ev):

@@ -39,10 +39,12 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def _redis(redis_url: str | None) -> Any:
     import redis
 
+    from fhirtwin.redisconn import connect
+
     url = redis_url or os.environ.get("FHIRTWIN_REDIS") or (read_state() or {}).get("redis")
     if not url:
         raise _fail("no Redis: start `fhirtwin up` first, or pass --redis redis://HOST:PORT")
-    client = redis.Redis.from_url(str(url), socket_timeout=5)
+    client = connect(str(url), socket_timeout=5)
     try:
         client.ping()
     except redis.RedisError as exc:

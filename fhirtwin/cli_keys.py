@@ -40,13 +40,12 @@ def erase(
     tell every subscriber, audit it. Irreversible."""
     import getpass
 
-    import redis
-
     from fhirtwin.erasure import NotFound, erase_patient, find_twin
+    from fhirtwin.redisconn import connect
     from fhirtwin.twin import TwinStore
 
     ep = _endpoints(kafka, redis_url)
-    store = TwinStore(redis.Redis.from_url(ep.redis))
+    store = TwinStore(connect(ep.redis))
     try:
         twin = find_twin(store, patient)
         if not yes:

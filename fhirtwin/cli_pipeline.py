@@ -379,8 +379,7 @@ def status(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Where the servers are, consumer lag, twins and dead letters."""
-    import redis
-
+    from fhirtwin.redisconn import connect
     from fhirtwin.twin import TwinStore
 
     ep = _endpoints(kafka, redis_url)
@@ -393,7 +392,7 @@ def status(
             err.print(f"[red]still behind after {timeout:.0f} s: {lags}[/red]")
             raise typer.Exit(1)
         time.sleep(0.3)
-    store = TwinStore(redis.Redis.from_url(ep.redis))
+    store = TwinStore(connect(ep.redis))
     dead = sum(1 for _ in bus.read_topic(ep.kafka, bus.DEADLETTER, timeout=3))
     info = {
         "kafka": ep.kafka,
@@ -439,12 +438,11 @@ def twin_list(
     json_out: Annotated[bool, typer.Option("--json", help="JSON: one object per twin")] = False,
 ) -> None:
     """Every twin with its identifiers and resource counts."""
-    import redis
-
+    from fhirtwin.redisconn import connect
     from fhirtwin.twin import TwinStore
 
     ep = _endpoints(kafka, redis_url)
-    store = TwinStore(redis.Redis.from_url(ep.redis))
+    store = TwinStore(connect(ep.redis))
     rows: list[dict[str, Any]] = []
     for twin in store.twins():
         counts = store.counts(twin)
@@ -489,12 +487,11 @@ def twin_show(
     ] = None,
 ) -> None:
     """A twin: resources by type, timeline and derived state (or its FHIR resources as JSON)."""
-    import redis
-
+    from fhirtwin.redisconn import connect
     from fhirtwin.twin import TwinStore, fhir_time_ms
 
     ep = _endpoints(kafka, redis_url)
-    store = TwinStore(redis.Redis.from_url(ep.redis))
+    store = TwinStore(connect(ep.redis))
     twin = store.resolve(key)
     if twin is None:
         err.print(

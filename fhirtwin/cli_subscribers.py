@@ -169,10 +169,9 @@ def consent_put(
     It is published on fhir.resources like any other resource; the assembler files it and
     the snapshot publisher re-evaluates that twin for every subscriber.
     """
-    import redis
-
     from fhirtwin.cli_consent import _check_consent, _load
     from fhirtwin.consent import ConsentError, prepare
+    from fhirtwin.redisconn import connect
     from fhirtwin.snapshot import ConsentPutError, consent_event, find_twin
     from fhirtwin.twin import TwinStore
 
@@ -192,7 +191,7 @@ def consent_put(
         except ConsentError as exc:
             raise _fail(f"{file}: {exc.where}: {exc.message}") from None
     ep = _endpoints(kafka, redis_url)
-    store = TwinStore(redis.Redis.from_url(ep.redis))
+    store = TwinStore(connect(ep.redis))
     try:
         twin = find_twin(store, doc)
     except ConsentPutError as exc:

@@ -194,9 +194,10 @@ class RedisKeyStore:
     deadline: a restored key store would bring erased keys back."""
 
     def __init__(self, url: str) -> None:
-        import redis
+        from fhirtwin.redisconn import connect
 
-        self.r: Any = redis.Redis.from_url(url)
+        # only the URL says whether it is a cluster (FHIRTWIN_REDIS_CLUSTER is the data's)
+        self.r: Any = connect(url, use_env=False)
 
     def get(self, name: str) -> bytes | None:
         got = self.r.get(f"ftk:{name}")
@@ -210,6 +211,11 @@ class RedisKeyStore:
         self.r.set(f"ftk:{name}", blob)
 
     def destroy(self, name: str) -> bool:
+        from fhirtwin.redisconn import is_cluster
+
+        if is_cluster(self.r):  # two slots, no MULTI: the tombstone first, then the key
+            self.r.set(f"ftk:erased:{name}", 1)
+            return bool(self.r.delete(f"ftk:{name}"))
         pipe = self.r.pipeline()
         pipe.set(f"ftk:erased:{name}", 1)
         pipe.delete(f"ftk:{name}")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis
 
 from fhirtwin import bus
+from fhirtwin.redisconn import connect
 
 __all__ = ["DeadLetter", "list_deadletters", "replay"]
 
@@ -118,7 +118,7 @@ def list_deadletters(bootstrap: str) -> list[DeadLetter]:
 
 
 def replayed_ids(redis_url: str) -> set[str]:
-    client: Any = redis.Redis.from_url(redis_url)
+    client: Any = connect(redis_url)
     return {x.decode() for x in client.smembers(REPLAYED)}
 
 
@@ -145,5 +145,5 @@ def replay(bootstrap: str, redis_url: str, letters: list[DeadLetter]) -> int:
         raise RuntimeError(
             f"Kafka did not acknowledge the replay ({'; '.join(failures[:3]) or 'timeout'})"
         )
-    redis.Redis.from_url(redis_url).sadd(REPLAYED, *[dl.id for dl in letters])
+    connect(redis_url).sadd(REPLAYED, *[dl.id for dl in letters])
     return len(letters)

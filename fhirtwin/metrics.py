@@ -241,9 +241,9 @@ def watch_worker(worker: Any, redis_url: str | None, stop: threading.Event, *, l
     its consumer group's lag is kept in ``fhirtwin_consumer_lag``. Liveness comes from the
     worker loop's ``beat()``."""
     if redis_url:
-        import redis
+        from fhirtwin.redisconn import connect
 
-        client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        client = connect(redis_url, socket_timeout=2, socket_connect_timeout=2)
         add_ready_check("redis", client.ping)
     stream = getattr(worker, "stream", None)
     if lag and stream is not None:

@@ -20,10 +20,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import redis
 import yaml
 
 from fhirtwin.crypto import KeyRing, default_keyring
+from fhirtwin.redisconn import RedisClient, mget, mset
 from fhirtwin.twin import follow_merges
 
 __all__ = ["Identity", "MPIConfig", "Resolver", "linking_identifiers", "split_patients"]
@@ -152,7 +152,7 @@ class Resolver:
     """Finds or creates the twin of a message's patient (state in Redis)."""
 
     def __init__(
-        self, client: redis.Redis, cfg: MPIConfig | None = None, keys: KeyRing | None = None
+        self, client: RedisClient, cfg: MPIConfig | None = None, keys: KeyRing | None = None
     ) -> None:
         self.r: Any = client
         self.cfg = cfg or MPIConfig.load()
@@ -164,14 +164,14 @@ class Resolver:
     def _lookup(self, idents: list[str]) -> dict[str, str]:
         if not idents:
             return {}
-        vals = self.r.mget([self._k(i) for i in idents])
+        vals = mget(self.r, [self._k(i) for i in idents])  # keys of several slots
         return {i: v.decode() for i, v in zip(idents, vals, strict=True) if v}
 
     def _erased(self, idents: list[str]) -> str | None:
         """The erased twin one of these identifiers belonged to, if any."""
         if not idents:
             return None
-        vals = self.r.mget([f"ft:erased:id:{self.keys.blind(i)}" for i in idents])
+        vals = mget(self.r, [f"ft:erased:id:{self.keys.blind(i)}" for i in idents])
         return next((v.decode() for v in vals if v), None)
 
     def _follow(self, twin: str) -> str:
@@ -239,7 +239,7 @@ class Resolver:
             if others:
                 identity.merge_from = others[0]
                 identity.rule = "merge"
-                self.r.mset({self._k(i): twin for i in prior_known})
+                mset(self.r, {self._k(i): twin for i in prior_known})
             for i in prior_ids:
                 if i not in prior_known:
                     identity.identifiers.append(i)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 
 from fhirtwin import bus
 from fhirtwin.crypto import (
@@ -42,6 +41,7 @@ from fhirtwin.crypto import (
 from fhirtwin.erasure import ERASED_DROPPED
 from fhirtwin.metrics import CONVERSION_ERRORS, LATENCY
 from fhirtwin.mpi import MPIConfig, Resolver
+from fhirtwin.redisconn import connect
 from fhirtwin.twin import TwinStore, fhir_time_ms
 from fhirtwin.worker import Out, StreamWorker, dead_letter
 
@@ -193,7 +193,7 @@ class NormalizeWorker:
         self.notes_fanout = notes_fanout and kind != "notes"
         self.validate = validate
         self.mappings = mappings
-        self.resolver = Resolver(redis.Redis.from_url(redis_url), mpi)
+        self.resolver = Resolver(connect(redis_url), mpi)
         self.store = TwinStore(self.resolver.r, self.resolver.keys)  # deletions: who holds it
         self.stream = StreamWorker(
             bootstrap, group or f"fhirtwin-normalize-{kind}", [bus.RAW_TOPICS[kind]], self.handle

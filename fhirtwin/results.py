@@ -30,10 +30,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import redis
 
 from fhirtwin import bus
 from fhirtwin.crypto import ErasedError, seal_event
+from fhirtwin.redisconn import connect, mget
 from fhirtwin.subscribers import Registry, Subscriber
 from fhirtwin.twin import TwinStore
 from fhirtwin.validation import validate_bundle, validate_resource
@@ -192,7 +192,7 @@ class ResultsWorker:
     def __init__(
         self, bootstrap: str, redis_url: str, *, group: str = RESULTS_GROUP, batch: int = 100
     ) -> None:
-        client = redis.Redis.from_url(redis_url)
+        client = connect(redis_url)
         self.bootstrap = bootstrap
         self.r: Any = client
         self.store = TwinStore(client)
@@ -304,7 +304,7 @@ class ResultsWorker:
         keys = list(self.r.scan_iter(match=f"{prefix}*", count=1000))
         if not keys:
             return None
-        values = self.r.mget(keys)
+        values = mget(self.r, keys)  # one key per twin: several slots on a cluster
         found = {
             v.decode(): k.decode()[len(prefix) :] for k, v in zip(keys, values, strict=True) if v
         }

@@ -24,12 +24,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import redis
 
 from fhirtwin import bus
 from fhirtwin.consent import INDETERMINATE, ConsentError, Decision, Policy, prepare
 from fhirtwin.crypto import default_keyring, seal_event
 from fhirtwin.metrics import SNAPSHOT_DECISIONS
+from fhirtwin.redisconn import connect
 from fhirtwin.subscribers import Registry, Subscriber, seal_for
 from fhirtwin.twin import TwinStore
 from fhirtwin.worker import Out, StreamWorker, dead_letter
@@ -902,7 +902,7 @@ class SnapshotPublisher:
         group: str = SNAPSHOT_GROUP,
         clock: Any = None,
     ) -> None:
-        client = redis.Redis.from_url(redis_url)
+        client = connect(redis_url)
         self.bootstrap = bootstrap
         self.store = TwinStore(client)
         self.registry = Registry(client)

@@ -31,9 +31,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import redis
 
 from fhirtwin.consent import RequestError, parse_request, prepare, terminology
+from fhirtwin.redisconn import RedisClient, connect, is_cluster, mget, multi
 
 __all__ = [
     "DEFAULT_EXCLUDED_TYPES",
@@ -293,12 +293,12 @@ def open_snapshot(value: bytes, private_jwk: Mapping[str, Any]) -> bytes:
 class Registry:
     """Subscribers in Redis (a redis-py client is passed in)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.r: Any = client
 
     @classmethod
     def connect(cls, url: str) -> Registry:
-        return cls(redis.Redis.from_url(url))
+        return cls(connect(url))
 
     @staticmethod
     def key(sub_id: str) -> str:
@@ -306,7 +306,7 @@ class Registry:
 
     def put(self, sub: Subscriber) -> None:
         """Store (or replace) a subscriber as given: callers go through make_subscriber."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = multi(self.r)  # a cluster: two writes, each atomic (all() skips a bare id)
         pipe.set(self.key(sub.id), orjson.dumps(sub.to_json(), option=orjson.OPT_SORT_KEYS))
         pipe.sadd(IDS_KEY, sub.id)
         pipe.execute()
@@ -319,7 +319,7 @@ class Registry:
         ids = sorted(i.decode() for i in self.r.smembers(IDS_KEY))
         if not ids:
             return []
-        raws = self.r.mget([self.key(i) for i in ids])
+        raws = mget(self.r, [self.key(i) for i in ids])
         return [Subscriber.from_json(orjson.loads(raw)) for raw in raws if raw]
 
     def remove(self, sub_id: str) -> bool:
@@ -327,6 +327,10 @@ class Registry:
         if not self.r.exists(self.key(sub_id)):
             return False
         keys = list(self.r.scan_iter(match=f"{self.key(sub_id)}:*", count=1000))
+        if is_cluster(self.r):  # keys of many slots, no MULTI: unlisted first, then gone
+            self.r.srem(IDS_KEY, sub_id)
+            self.r.delete(self.key(sub_id), *keys)
+            return True
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(self.key(sub_id), *keys)
         pipe.srem(IDS_KEY, sub_id)
@@ -366,7 +370,8 @@ class Registry:
         for raw in self.r.smembers(IDS_KEY):
             key = self.key(raw.decode())
             pseudo = self.r.get(f"{key}:pseudo:{twin}")
-            pipe.delete(f"{key}:pseudo:{twin}", f"{key}:rid:{twin}")
+            pipe.delete(f"{key}:pseudo:{twin}")  # one key per DEL: a cluster pipeline's rule
+            pipe.delete(f"{key}:rid:{twin}")
             pipe.hset(f"{key}:access", twin, "0")
             if pseudo is not None:
                 pipe.hdel(f"{key}:twinof", pseudo)

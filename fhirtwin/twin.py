@@ -52,9 +52,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import redis
 
 from fhirtwin.crypto import ErasedError, KeyRing, default_keyring
+from fhirtwin.redisconn import RedisClient, connect
 
 __all__ = [
     "TWIN_SUFFIXES",
@@ -374,14 +374,14 @@ def _evt15(ms: int) -> str:
 class TwinStore:
     """Reads and idempotent writes of twins in Redis (a redis-py client is passed in)."""
 
-    def __init__(self, client: redis.Redis, keys: KeyRing | None = None) -> None:
+    def __init__(self, client: RedisClient, keys: KeyRing | None = None) -> None:
         self.r: Any = client  # redis-py's reply types are bytes | str unions; we use bytes
         self.keys = keys or default_keyring()
         self._apply = client.register_script(_APPLY)
 
     @classmethod
     def connect(cls, url: str) -> TwinStore:
-        return cls(redis.Redis.from_url(url))
+        return cls(connect(url))
 
     # -- sealing -----------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from fhirtwin.infra import (
     clear_state,
     write_state,
 )
+from fhirtwin.redisconn import connect
 
 __all__ = ["Child", "Supervisor", "UpConfig"]
 
@@ -96,7 +97,7 @@ class Supervisor:
             self.redis_server = EmbeddedRedis().start()
             self.redis_url = self.redis_server.url
         try:
-            redis.Redis.from_url(self.redis_url, socket_timeout=5).ping()
+            connect(self.redis_url, socket_timeout=5).ping()
         except redis.RedisError as exc:
             raise InfraError(f"Redis at {self.redis_url} does not answer: {exc}") from exc
         try:
@@ -171,7 +172,7 @@ class Supervisor:
     def health(self) -> dict[str, Any]:
         parts = {c.name: ("up" if c.alive else "down") for c in self.children}
         try:
-            redis.Redis.from_url(self.redis_url, socket_timeout=1).ping()
+            connect(self.redis_url, socket_timeout=1).ping()
             parts["redis"] = "up"
         except redis.RedisError:
             parts["redis"] = "down"
@@ -186,7 +187,7 @@ class Supervisor:
 
         embedded = not (self.cfg.redis or self.cfg.kafka)
         authority = Authority(
-            redis.Redis.from_url(self.redis_url),
+            connect(self.redis_url),
             token_url=f"http://127.0.0.1:{self.cfg.http_port}/auth/token",
             key_dir=default_key_dir() if embedded else None,
         )

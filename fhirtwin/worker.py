@@ -33,7 +33,16 @@ __all__ = ["Out", "StreamWorker", "dead_letter", "install_stop_signals"]
 log = logging.getLogger("fhirtwin.worker")
 
 # Failures of the servers, not of a record: never dead-letter for these; stop, restart, redo.
-INFRA_ERRORS = (OSError, redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# On a Redis Cluster also a failover in progress (a slot without a master for a moment).
+INFRA_ERRORS = (
+    OSError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+)
 
 
 @dataclass(slots=True)

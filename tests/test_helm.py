@@ -309,6 +309,20 @@ def test_every_container_has_the_keys(docs: list[dict[str, Any]]) -> None:
     assert len(_fhirtwin_containers(docs)) == len(KINDS) + 1  # the Deployments and the CronJob
 
 
+def test_redis_cluster_reaches_the_pods_with_database_0() -> None:
+    """fhirtwin.redisconn.connect reads FHIRTWIN_REDIS_CLUSTER; a cluster has only db 0."""
+    docs = check_chart.render(check_chart.PRODUCTION)
+    assert _of(docs, "ConfigMap")[0]["data"]["FHIRTWIN_REDIS_CLUSTER"] == "true"
+    for dep in _of(docs, "Deployment"):
+        env = dep["spec"]["template"]["spec"]["containers"][0].get("env", [])
+        for url in [e["value"] for e in env if e["name"] == "FHIRTWIN_REDIS"]:
+            assert url.split("?")[0].endswith(":6380/0"), url
+    default = check_chart.render()
+    assert _of(default, "ConfigMap")[0]["data"]["FHIRTWIN_REDIS_CLUSTER"] == "false"
+    with pytest.raises(Exception, match=r"redis\.db must be 0"):
+        check_chart.render(check_chart.PRODUCTION, values={"redis": {"db": 2}})
+
+
 def test_production_containers_take_kek_and_key_store_from_their_secrets() -> None:
     docs = check_chart.render(check_chart.PRODUCTION)
     assert key_problems(docs) == []

@@ -73,6 +73,9 @@ app.kubernetes.io/component: {{ .name }}
 {{- $u := default (index $v.redis.auth.users "default") (index $v.redis.auth.users .user) -}}
 {{- $auth = printf "%s:$(FHIRTWIN_REDIS_PASSWORD)@" $u.username -}}
 {{- end -}}
+{{- if and $v.redis.cluster.enabled (not $v.demo.enabled) (ne (int $v.redis.db) 0) -}}
+{{- fail "redis.db must be 0 with redis.cluster.enabled: a Redis Cluster has one database" -}}
+{{- end -}}
 {{- $query := "" -}}
 {{- if and $v.redis.tls.enabled $v.redis.tls.caSecret (not $v.demo.enabled) -}}
 {{- $query = printf "?ssl_ca_certs=/etc/fhirtwin/redis-ca/%s" $v.redis.tls.caKey -}}
