@@ -51,6 +51,7 @@ from fhirtwin.metrics import (
     MESSAGES_IN,
     MESSAGES_OUT,
     MLLP_CONNECTIONS,
+    beat,
 )
 
 __all__ = [
@@ -928,6 +929,7 @@ class MLLPServer:
         tick = max(0.05, min(1.0, limits.idle_timeout / 4, limits.kafka_timeout / 4))
         while True:
             await asyncio.sleep(tick)
+            beat()  # liveness: /health on --metrics-port fails if the event loop stalls
             now = time.monotonic()
             for conn in list(self.conns):
                 try:

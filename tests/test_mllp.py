@@ -429,3 +429,19 @@ def test_build_ack_without_msh_and_ack_code() -> None:
     assert err.raw(2) == "MSH^1"
     with pytest.raises(ValueError):
         mllp.ack_code(b"MSH|^~\\&|A\rPID|1\r")
+
+
+def test_the_listener_beats_for_its_liveness_probe(
+    kafka: str, serve: Started, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/health on --metrics-port fails when the listener's event loop stalls: it beats."""
+    import time
+
+    from fhirtwin import metrics
+
+    monkeypatch.setattr(metrics, "_last_beat", None)
+    serve(kafka)
+    deadline = time.monotonic() + 10
+    while metrics._last_beat is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metrics._last_beat is not None
