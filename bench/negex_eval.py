@@ -2,7 +2,7 @@
 
 Usage (from the project root):
     .venv/bin/python bench/negex_eval.py [PATH] [--rules ours|medspacy-default|DIR] \\
-        [--json OUT] [--errors N] [--errors-from all|first|second]
+        [--json OUT] [--split dev|test|all] [--errors N] [--errors-from dev|test|...]
 
 PATH is a NegEx-format annotation file: one (condition, sentence) pair per tab-separated
 row, the condition written in upper case inside the sentence, with gold labels for
@@ -34,12 +34,21 @@ halves of the file (by report number if the file has a report column, else by ro
 that rules tuned on the first half can be checked on the second. Goals (reported, not
 asserted): negation F1 >= 0.96, historical >= 0.80, hypothetical >= 0.90. The exit code is 0
 unless the bench itself broke.
+
+Dev / test split. Every row is also put in ``dev`` or ``test`` by a hash of its sentence
+(SHA-256 of the sentence case-folded with white space collapsed; low bit of the first
+byte: 0 = dev, 1 = test). The split is deterministic, does not depend on row order, and
+keeps every row of one sentence (several targets of one sentence, whose upper-casing
+differs) on the same side. Rules are developed on ``dev`` only (``--errors`` lists dev
+errors by default); ``test`` is the held-out check. ``--split dev|test`` scores only that
+side; ``--split all`` (the default) scores every row and adds the dev and test figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -259,6 +268,17 @@ def read_annotations(path: Path) -> AnnotationFile:
     return AnnotationFile(path, layout, "report" in col, tuple(categories), rows)
 
 
+# --------------------------------------------------------------------------- split
+
+SPLITS = ("dev", "test")
+
+
+def split_of(sentence: str) -> str:
+    """``dev`` or ``test``: a deterministic hash of the sentence (case and spacing ignored)."""
+    key = " ".join(sentence.casefold().split()).encode("utf-8")
+    return SPLITS[hashlib.sha256(key).digest()[0] & 1]
+
+
 # --------------------------------------------------------------------------- target
 
 
@@ -442,11 +462,25 @@ def _r(x: float | None) -> float | None:
 
 
 def evaluate(
-    path: Path, rules: str = "ours", nlp: Any = None
+    path: Path, rules: str = "ours", nlp: Any = None, split: str = "all"
 ) -> tuple[dict[str, Any], list[Prediction]]:
-    """Score ``path`` with ``rules``; the result dict is what ``--json`` writes."""
+    """Score ``path`` with ``rules``; the result dict is what ``--json`` writes.
+
+    ``split``: ``all`` rows, or only the ``dev`` or ``test`` side (see ``split_of``); the
+    predictions returned are those of the rows scored.
+    """
+    if split not in ("all", *SPLITS):
+        raise ValueError(f"split must be all, dev or test, not {split!r}")
     t0 = time.perf_counter()
     ann = read_annotations(path)
+    if split != "all":
+        ann = AnnotationFile(
+            ann.path,
+            ann.layout,
+            ann.has_report,
+            ann.categories,
+            [r for r in ann.rows if split_of(r.sentence) == split],
+        )
     if nlp is None:
         nlp = build_nlp(rules)
     preds = predict(nlp, ann.rows)
@@ -455,6 +489,7 @@ def evaluate(
         "file": str(path),
         "layout": ann.layout,
         "rules": rules,
+        "split": split,
         "rows": len(ann.rows),
         "scored": len(ann.rows) - len(unfound),
         "unfound": {
@@ -465,10 +500,19 @@ def evaluate(
     total = score(preds, ann.categories)
     for c in CATEGORIES:
         result[c] = metrics(total[c], GOALS[c]) if c in total else None
+    result["splits"] = []
+    if split == "all":
+        for name in SPLITS:
+            part = [p for p in preds if split_of(p.row.sentence) == name]
+            counts = score(part, ann.categories)
+            entry: dict[str, Any] = {"name": name, "rows": len(part)}
+            for c in CATEGORIES:
+                entry[c] = metrics(counts[c], GOALS[c]) if c in counts else None
+            result["splits"].append(entry)
     result["halves"] = []
     for name, part in halves(ann, preds):
         counts = score(part, ann.categories)
-        entry: dict[str, Any] = {"name": name, "rows": len(part)}
+        entry = {"name": name, "rows": len(part)}
         for c in CATEGORIES:
             entry[c] = metrics(counts[c], GOALS[c]) if c in counts else None
         result["halves"].append(entry)
@@ -488,6 +532,7 @@ def table(result: dict[str, Any]) -> str:
         f"file:   {result['file']}",
         f"layout: {result['layout']}",
         f"rules:  {result['rules']}",
+        f"split:  {result.get('split', 'all')}",
         f"rows:   {result['rows']}, scored {result['scored']}, condition not found in the "
         f"sentence: {result['unfound']['count']}"
         + (
@@ -502,7 +547,11 @@ def table(result: dict[str, Any]) -> str:
         f"{'subset':<18} {'category':<13} {'n':>5} {'TP':>5} {'FP':>5} {'FN':>5} "
         f"{'prec':>6} {'recall':>6} {'F1':>6} {'goal':>6}  result",
     ]
-    subsets = [("all", result)] + [(h["name"], h) for h in result["halves"]]
+    subsets = (
+        [(result.get("split", "all"), result)]
+        + [(h["name"], h) for h in result.get("splits", [])]
+        + [(h["name"], h) for h in result["halves"]]
+    )
     for name, sub in subsets:
         lines.append("-" * 92)
         for c in CATEGORIES:
@@ -563,28 +612,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="ours (nlp/context.yaml, default), medspacy-default, or a folder with context.yaml",
     )
     ap.add_argument("--json", type=Path, default=None, help=f"JSON output (default {DEFAULT_JSON})")
+    ap.add_argument(
+        "--split",
+        choices=("all", *SPLITS),
+        default="all",
+        help="score all rows (default, with dev and test figures too), or only the dev or "
+        "test side (a hash of each sentence; develop rules on dev, check on test)",
+    )
     ap.add_argument("--errors", type=int, default=0, help="show up to N errors per category")
     ap.add_argument(
         "--errors-from",
-        choices=("all", "first", "second"),
-        default="first",
-        help="which half the errors are taken from (default first: tune on it, check on the other)",
+        choices=("dev", "test", "all", "first", "second"),
+        default="dev",
+        help="which rows the errors are taken from, among those scored: the dev or test side, "
+        "all, or the first or second half (default dev: tune on it, check on test)",
     )
     args = ap.parse_args(argv)
     path: Path = args.path or default_path()
     if not path.is_file():
         print(f"annotation file not found: {path}", file=sys.stderr)
         return 2
-    result, preds = evaluate(path, args.rules)
+    result, preds = evaluate(path, args.rules, split=args.split)
     print(table(result))
     if args.errors:
-        ann = read_annotations(path)
-        parts = halves(ann, preds)
-        which = (
-            preds
-            if args.errors_from == "all" or not parts
-            else parts[0 if args.errors_from == "first" else 1][1]
-        )
+        which: list[Prediction] = list(preds)
+        if args.errors_from in SPLITS:
+            which = [p for p in preds if split_of(p.row.sentence) == args.errors_from]
+        elif args.errors_from in ("first", "second"):
+            ann = read_annotations(path)
+            parts = halves(ann, preds)
+            if parts:
+                which = parts[0 if args.errors_from == "first" else 1][1]
         print(errors(preds, which, args.errors))
     out: Path = args.json or (
         DEFAULT_JSON

@@ -120,18 +120,101 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ListHeaders:
+    """``list_headers`` of ``nlp/sections.yaml``: which header modifiers list items inherit."""
+
+    inherit: dict[str, str]  # ConText category → the mention flag it sets ("is_historical")
+    max_words: int = 6  # words allowed between the header's modifier and its colon
+
+
+@dataclass(frozen=True)
 class NoteRules:
     """``nlp/fhir.yaml`` and the role/attribute parts of ``nlp/sections.yaml``."""
 
     section_attrs: dict[str, dict[str, bool]]
     section_roles: dict[str, str]
     ccda_sections: frozenset[str]
+    list_headers: ListHeaders
     clinical_status: dict[str, dict[str, str]]
     medication_status: dict[str, str]
     allergy_cue: re.Pattern[str] | None
     family_relations: dict[str, tuple[str, str]]
     default_relation: tuple[str, str]
     observation_categories: dict[str, tuple[str, str]]
+
+
+def _list_headers(nlp_dir: Path, raw: Any) -> ListHeaders:
+    from fhirtwin.nlp_context import CATEGORY_ATTRIBUTES
+
+    where = f"{nlp_dir / 'sections.yaml'}: list_headers"
+    if raw is None:
+        return ListHeaders(inherit={})
+    if not isinstance(raw, dict) or set(raw) - {"inherit", "max_words"}:
+        raise NlpRulesError(f"{where}: expected a mapping with keys inherit and max_words")
+    inherit: dict[str, str] = {}
+    for cat in raw.get("inherit") or ():
+        attrs = CATEGORY_ATTRIBUTES.get(str(cat).upper())
+        if attrs is None:
+            raise NlpRulesError(
+                f"{where}.inherit: {cat!r} is not a ConText category; "
+                f"use some of {', '.join(CATEGORY_ATTRIBUTES)}"
+            )
+        inherit[str(cat).upper()] = next(iter(attrs))
+    words = raw.get("max_words", 6)
+    if isinstance(words, bool) or not isinstance(words, int) or words < 0:
+        raise NlpRulesError(f"{where}.max_words: {words!r} is not a number of words (>= 0)")
+    return ListHeaders(inherit=inherit, max_words=words)
+
+
+# A list item line: "1. ", "2) ", "- ", "* ", "• " at its start.
+_LIST_ITEM = re.compile(r"[ \t]*(?:\d{1,2}[.)]|[-*\u2022])[ \t]")
+# From the end of a header's modifier to its colon, on the same line.
+_TO_COLON = re.compile(r"[^\n:.;]*:")
+
+
+def _list_regions(text: str, doc: Any, headers: ListHeaders) -> list[tuple[int, int, str, str]]:
+    """Lists headed by a ConText modifier: ``(start, end, flag, modifier text)`` each.
+
+    A header is a modifier of an inherited category followed, on its line, by at most
+    ``max_words`` words, no concept, and a colon ("Past medical history is significant
+    for:", "Mother has had:"). The list is the lines below it that start with a number or
+    a bullet (and the rest of the header line when it starts with one), up to the first
+    line that does not. ConText scopes end with the sentence, and the rule sentencizer ends
+    one at every "1." and every item, so each item is otherwise a sentence of its own.
+    """
+    graph = doc._.context_graph
+    if not headers.inherit or graph is None:
+        return []
+    starts = None
+    regions: list[tuple[int, int, str, str]] = []
+    for mod in graph.modifiers:
+        flag = headers.inherit.get(mod.category)
+        if flag is None or mod.direction in ("PSEUDO", "TERMINATE"):
+            continue
+        first, last = mod.modifier_span
+        end = _char_end(doc, last)
+        m = _TO_COLON.match(text, end)
+        if m is None or len(text[end : m.end() - 1].split()) > headers.max_words:
+            continue
+        colon = m.end()
+        if starts is None:
+            starts = [e.start_char for e in doc.ents]
+        i = bisect.bisect_left(starts, end)
+        if i < len(starts) and starts[i] < colon:
+            continue  # "history of asthma:": the modifier has its concept
+        line_end = text.find("\n", colon)
+        line_end = len(text) if line_end < 0 else line_end
+        region_end = colon
+        if text[colon:line_end].strip():
+            if not _LIST_ITEM.match(text, colon):
+                continue  # inline text after the colon: ConText's sentence scope covers it
+            region_end = line_end
+        while line_end < len(text) and _LIST_ITEM.match(text, line_end + 1):
+            nxt = text.find("\n", line_end + 1)
+            line_end = region_end = len(text) if nxt < 0 else nxt
+        if region_end > colon:
+            regions.append((colon, region_end, flag, doc[first:last].text.lower()))
+    return regions
 
 
 def _note_rules(nlp_dir: Path, sections: dict[str, Any]) -> NoteRules:
@@ -145,6 +228,7 @@ def _note_rules(nlp_dir: Path, sections: dict[str, Any]) -> NoteRules:
                 f"{nlp_dir / 'sections.yaml'}: attributes.{cat}: unknown {bad[0]!r}; "
                 f"use one of {', '.join(_ASSERTIONS)}"
             )
+    headers = _list_headers(nlp_dir, sections.get("list_headers"))
     cues = [str(c).lower() for c in data.get("allergy_cues") or ()]
     cue = (
         re.compile(r"\b(?:" + "|".join(re.escape(c) for c in cues) + r")\b", re.I) if cues else None
@@ -164,6 +248,7 @@ def _note_rules(nlp_dir: Path, sections: dict[str, Any]) -> NoteRules:
         section_attrs={str(k): dict(v or {}) for k, v in attrs.items()},
         section_roles={str(k): str(v) for k, v in (sections.get("roles") or {}).items()},
         ccda_sections=frozenset(str(c) for c in sections.get("ccda_sections") or ()),
+        list_headers=headers,
         clinical_status={str(k): dict(v) for k, v in (data.get("clinical_status") or {}).items()},
         medication_status=dict(data.get("medication_status") or {}),
         allergy_cue=cue,
@@ -249,6 +334,7 @@ class NotePipeline:
                 continue
             title = doc[sec.title_span[0] : sec.title_span[1]].text
             sections.append(Section(sec.category, title, doc[start].idx, _char_end(doc, end)))
+        lists = _list_regions(text, doc, rules.list_headers)
         mentions: list[Mention] = []
         for ent in doc.ents:
             rule = ent._.target_rule
@@ -266,6 +352,11 @@ class NotePipeline:
                     s, e = mod.modifier_span
                     relative = doc[s:e].text.lower()
                     break
+            for start, end, flag, cue in lists:  # an item of a list under a header
+                if start <= ent.start_char < end:
+                    if flag == "is_family" and not flags[flag]:
+                        relative = relative or cue
+                    flags[flag] = True
             role = rules.section_roles.get(section.category) if section else None
             allergy = role == "allergy"
             if not allergy and rules.allergy_cue is not None:

@@ -318,3 +318,24 @@ def test_token_patterns_become_the_phrases_they_match() -> None:
         pattern=[{"LOWER": "did"}, {"LOWER": {"IN": ["not", "n't"]}}],
     )
     assert sorted(r.literal for r in as_phrases([contraction], tokenize)) == ["did n't", "did not"]
+
+
+def test_split_is_deterministic_and_keeps_a_sentence_together(nlp: Any) -> None:
+    # the same sentence with another target upper-cased, or other spacing, stays on its side
+    assert E.split_of("No EDEMA or cyanosis.") == E.split_of("no edema or  CYANOSIS.")
+    sides = {E.split_of(f"Sentence number {i}.") for i in range(40)}
+    assert sides == {"dev", "test"}
+    path = FIXTURES / "mini-negex.tsv"
+    full, _ = E.evaluate(path, nlp=nlp)
+    assert [s["name"] for s in full["splits"]] == ["dev", "test"]
+    assert sum(s["rows"] for s in full["splits"]) == full["rows"]
+    dev, dev_preds = E.evaluate(path, nlp=nlp, split="dev")
+    test, _ = E.evaluate(path, nlp=nlp, split="test")
+    assert dev["split"] == "dev" and dev["splits"] == []
+    assert dev["rows"] + test["rows"] == full["rows"]
+    assert all(E.split_of(p.row.sentence) == "dev" for p in dev_preds)
+    for cat in ("negation", "historical"):
+        d, t, a = dev[cat], test[cat], full[cat]
+        assert (d["tp"] + t["tp"], d["fp"] + t["fp"], d["fn"] + t["fn"]) == _counts(a)
+    with pytest.raises(ValueError, match="split"):
+        E.evaluate(path, nlp=nlp, split="train")
