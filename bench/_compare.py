@@ -381,6 +381,164 @@ def _from_other_parties(value: Any, ctx: Any) -> bool:
     return all(w in others and w not in patient for w in words)
 
 
+# Segments whose people are not the patient: guarantor, insured (IN1-IN3), disability
+# (DB1) and the consenter of a CON (CON-24, who may be the patient's representative).
+_NAME_OTHER_SEGMENTS = ("GT1", "IN1", "IN2", "IN3", "DB1", "CON")
+_NAME_PATIENT_SEGMENTS = ("PID", "PD1", "NK1", "MRG")
+
+
+def _xpn_keys(msg: Any, names: Sequence[str]) -> set[tuple[str, str]]:
+    """(family, first given) of every XPN-shaped repetition (XPN-1.1, XPN-2) in the segments."""
+    keys: set[tuple[str, str]] = set()
+    for seg in msg.segments:
+        if seg.name not in names:
+            continue
+        for n in range(1, seg.field_count() + 1):
+            for rep in seg.field(n) or []:
+                family = rep[0][0] if rep and rep[0] else ""
+                given = rep[1][0] if len(rep) > 1 and rep[1] else ""
+                if family:
+                    keys.add((family, given))
+    return keys
+
+
+def _name_of_other_party(value: Any, ctx: Any) -> bool:
+    """A Patient name whose family and first given name are those of a person named in
+    GT1, IN1-IN3, DB1 or CON (e.g. IN2-7 Medicaid case name, CON-24 consenter) and of no
+    name in PID, PD1, NK1 or MRG."""
+    msg = _hl7(ctx)
+    el = ctx.element if isinstance(ctx.element, dict) else None
+    if msg is None or el is None or not isinstance(el.get("family"), str):
+        return False
+    given = el.get("given") or [""]
+    key = (el["family"], given[0] if isinstance(given[0], str) else "")
+    return key in _xpn_keys(msg, _NAME_OTHER_SEGMENTS) and key not in _xpn_keys(
+        msg, _NAME_PATIENT_SEGMENTS
+    )
+
+
+def _codes_of(res: Any) -> set[str]:
+    """The codes of a resource's code.coding."""
+    return {
+        str(c.get("code"))
+        for c in pluck(res, "code.coding")
+        if isinstance(c, dict) and c.get("code")
+    }
+
+
+def _parent_diagnosis_stub(res: Any, ctx: Any) -> bool:
+    """A Condition with no code whose identifier is the DG1-22 (parent diagnosis) of a DG1
+    and the DG1-20 (diagnosis identifier) of none."""
+    if not isinstance(res, dict) or res.get("code"):
+        return False
+    dg1 = _segments(ctx, "DG1")
+    parents = {seg.value(22, 0, 1) for seg in dg1 if seg.has(22)}
+    own = {seg.value(20, 0, 1) for seg in dg1 if seg.has(20)}
+    values = {str(i.get("value") or "") for i in res.get("identifier") or [] if isinstance(i, dict)}
+    return bool(values) and values <= parents and not values & (own - {""})
+
+
+def _death_cause_condition(res: Any, ctx: Any) -> bool:
+    """A Condition whose code is PDA-1 (death cause) and no DG1-3 / PRB-3 of the message."""
+    codes = _codes_of(res)
+    if not codes:
+        return False
+    death = {seg.value(1, r, 1) for seg in _segments(ctx, "PDA") for r in range(4)} - {""}
+    diagnosed = {
+        seg.value(3, 0, c)
+        for name in ("DG1", "PRB")
+        for seg in _segments(ctx, name)
+        for c in (1, 4)
+    } - {""}
+    return codes <= death and not codes & diagnosed
+
+
+_MOTHER_CODES = frozenset({"MTH", "NMTH", "MOTHER"})
+
+
+def _mother_merged(res: Any, ctx: Any) -> bool:
+    """An expected RelatedPerson holding PID-21's identifier (the patient's mother) and the
+    name or an identifier of an NK1 whose relationship (NK1-3) is not mother: two people
+    merged into one resource."""
+    if not isinstance(res, dict) or res.get("resourceType") != "RelatedPerson":
+        return False
+    mothers = {seg.value(21, r, 1) for seg in _segments(ctx, "PID") for r in range(4)} - {""}
+    values = {str(i.get("value")) for i in res.get("identifier") or [] if isinstance(i, dict)}
+    if not mothers & values:
+        return False
+    families = {n.get("family") for n in res.get("name") or [] if isinstance(n, dict)}
+    for nk1 in _segments(ctx, "NK1"):
+        if {nk1.value(3, 0, 1), nk1.value(3, 0, 4)} & _MOTHER_CODES:
+            continue
+        nk1_ids = {nk1.value(f, r, 1) for f in (12, 33) for r in range(4)} - {""}
+        nk1_families = {nk1.value(f, r, 1) for f in (2, 30) for r in range(4)} - {""}
+        if nk1_ids & values or nk1_families & families:
+            return True
+    return False
+
+
+def _mother_code_of_merged(value: Any, ctx: Any) -> bool:
+    """The MTH relationship coding of such a merged RelatedPerson (see _mother_merged)."""
+    return (
+        isinstance(value, dict)
+        and value.get("code") in _MOTHER_CODES
+        and _mother_merged(ctx.resource, ctx)
+    )
+
+
+def _count_with_merged_mother(n: Any, ctx: Any) -> bool:
+    """count:RelatedPerson of a Bundle holding a merged RelatedPerson (see _mother_merged)."""
+    return any(
+        _mother_merged(r, ctx)
+        for r in bundle_resources(ctx.bundle)
+        if r.get("resourceType") == "RelatedPerson"
+    )
+
+
+def _relationship_of_other_system(value: Any, ctx: Any) -> bool:
+    """A v2-0131 'C' coding translated from an NK1-3 code whose CWE-3 names a coding system
+    other than HL7 table 0063 (e.g. EMC^...^ACR), when no NK1-7 (contact role) is C."""
+    if not isinstance(value, dict) or value.get("system") != (
+        "http://terminology.hl7.org/CodeSystem/v2-0131"
+    ):
+        return False
+    nk1s = _segments(ctx, "NK1")
+    if any(seg.value(7, r, 1) == value.get("code") for seg in nk1s for r in range(4)):
+        return False
+    return any(
+        seg.value(3, 0, 1) == "EMC"
+        and value.get("code") == "C"
+        and seg.value(3, 0, 3) not in ("", "HL70063", "0063")
+        for seg in nk1s
+    )
+
+
+def _count_with_report_for_document(n: Any, ctx: Any) -> bool:
+    """count:Observation of a Bundle in which an ED/RP OBX became a DiagnosticReport with
+    presentedForm (D20) instead of an Observation, while the message has such an OBX."""
+    if _event(ctx) == "MDM":  # the IG's MDM map makes a DocumentReference of every OBX
+        return False
+    has_ed = any(seg.value(2) in ("ED", "RP") for seg in _segments(ctx, "OBX"))
+    return has_ed and any(
+        r.get("resourceType") == "DiagnosticReport" and r.get("presentedForm")
+        for r in bundle_resources(ctx.bundle)
+    )
+
+
+def _dose_from_rxo_minimum(value: Any, ctx: Any) -> bool:
+    """A doseQuantity whose value is RXO-2 (requested give amount - minimum) of the message
+    and the RXE-3 of none."""
+    res = ctx.resource if isinstance(ctx.resource, dict) else {}
+    values = {
+        _norm_num(q.get("value"))
+        for q in pluck(res, "dosageInstruction.doseAndRate.doseQuantity")
+        if isinstance(q, dict)
+    }
+    rxo2 = {_norm_num(seg.value(2)) for seg in _segments(ctx, "RXO") if seg.value(2)}
+    rxe3 = {_norm_num(seg.value(3)) for seg in _segments(ctx, "RXE") if seg.value(3)}
+    return bool(values) and values <= rxo2 and not values & rxe3
+
+
 def _has_prior_temporary_location(values: Any, ctx: Any) -> bool:
     """The expected Encounter lists a completed temporary location (PV1-43)."""
     res = ctx.resource if isinstance(ctx.resource, dict) else {}
@@ -1172,6 +1330,100 @@ DELIBERATE: tuple[Deliberate, ...] = (
         "to Encounter.location.",
         "segments/HL7 Segment - FHIR R4_ PV1[Encounter] - PV1.csv line 70 (PV1-43)",
         _has_prior_temporary_location,
+        context=True,
+    ),
+    Deliberate(
+        "D33",
+        "Patient",
+        "name.*",
+        "A Patient name that is the name of another person in the message: its family and "
+        "first given name are those of an XPN in GT1, IN1, IN2, IN3, DB1 or CON (IN2-7 "
+        "Medicaid case name, CON-24 consenter) and of no name in PID, PD1, NK1 or MRG; the "
+        "IG maps none of those segments to the Patient (MDM maps no CON at all).",
+        "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv lines 44 (DB1), 62 (GT1), "
+        "64-66 (IN1-IN3: Coverage only); messages/HL7 Message - FHIR R4_ MDM_T02 - "
+        "Sheet1.csv line 32 (CON: no target)",
+        _name_of_other_party,
+        context=True,
+    ),
+    Deliberate(
+        "D34",
+        "Condition",
+        "",
+        "Condition stub with an identifier and no code, made for the parent diagnosis named "
+        "in DG1-22; the IG maps DG1-22 to the extension condition-dueTo (a reference to the "
+        "parent), and a stub with the parent's id would overwrite the parent (as D13).",
+        "segments/HL7 Segment - FHIR R4_ DG1[Condition] - Sheet1.csv lines 28-29 (DG1-22)",
+        _parent_diagnosis_stub,
+        context=True,
+    ),
+    Deliberate(
+        "D35",
+        "Condition",
+        "",
+        "Condition made from PDA-1 (death cause code) when no DG1 or PRB of the message names "
+        "that code; the IG message maps leave PDA unmapped (as D4, D5).",
+        "messages/HL7 Message - FHIR R4_ ADT_A01 - Sheet1.csv line 81 (PDA); ADT_A02 line 43",
+        _death_cause_condition,
+        context=True,
+    ),
+    Deliberate(
+        "D36",
+        "RelatedPerson",
+        "relationship",
+        "The mother named by PID-21 merged into the RelatedPerson of an NK1 whose NK1-3 is "
+        "not mother (e.g. EMC / CHD: a child as emergency contact): the merged person holds "
+        "both identifiers and a MTH relationship. The IG makes PID-21 a RelatedPerson of its "
+        "own (CX[RelatedPerson-Mother]), and NK1 another (NK1[RelatedPerson]).",
+        "segments/HL7 Segment - FHIR R4_ PID[Patient] - PID.csv line 37 (PID-21); "
+        "segments/HL7 Segment - FHIR R4_ NK1[RelatedPerson] - Sheet1.csv line 6 (NK1-3)",
+        _mother_code_of_merged,
+        context=True,
+    ),
+    Deliberate(
+        "D37",
+        "RelatedPerson",
+        "count",
+        "count:RelatedPerson of a Bundle in which Microsoft merged the PID-21 mother into an "
+        "NK1's RelatedPerson (D36): one resource short by construction.",
+        "segments/HL7 Segment - FHIR R4_ PID[Patient] - PID.csv line 37 (PID-21)",
+        _count_with_merged_mother,
+        context=True,
+    ),
+    Deliberate(
+        "D38",
+        "RelatedPerson",
+        "relationship",
+        "NK1-3 'EMC' sent with CWE-3 naming another coding system than table 0063 (ACR: "
+        "American College of Radiology, table 0396) translated with the 0063 concept map to "
+        "v2-0131 'C'; the map is for 0063 codes, and the IG takes the system from CWE-3.",
+        "codesystems/HL7 Concept Map_ Relationship - Sheet1.csv line 28 (EMC, HL70063); "
+        "datatypes/HL7 Data Type - FHIR R4_ CWE[CodeableConcept] - Sheet1.csv line 6 (CWE.3)",
+        _relationship_of_other_system,
+        context=True,
+    ),
+    Deliberate(
+        "D39",
+        "Observation",
+        "count",
+        "count:Observation when an ED/RP OBX of the message became a DiagnosticReport with "
+        "presentedForm (D20) and no Observation; the IG maps every OBX of an order group to "
+        "an Observation, so the oracle is short by construction (not MDM, whose IG map makes "
+        "a DocumentReference of every OBX).",
+        "messages/HL7 Message - FHIR R4_ ORU_R01 - Sheet1.csv lines 47-51, 67, 71; "
+        "..._MDM_T02 - Sheet1.csv line 34",
+        _count_with_report_for_document,
+        context=True,
+    ),
+    Deliberate(
+        "D40",
+        "MedicationRequest",
+        "dosageInstruction.doseAndRate.doseQuantity.*",
+        "RXO-2 (Requested Give Amount - Minimum) written as doseQuantity; the IG maps RXO-2 "
+        "to doseAndRate.doseRange.low (type 'ordered'), RXO-3 to doseRange.high.",
+        "segments/HL7 Segment - FHIR R4_ RXO[MedicationRequest] - Sheet1.csv lines 6-12 "
+        "(RXO-2, RXO-4)",
+        _dose_from_rxo_minimum,
         context=True,
     ),
     *CCDA_RULES,
@@ -2012,14 +2264,28 @@ def _compare_type(
             result.extra += sum(count_leaves(a, SPECS[rtype], ctx) for a in acts)
         return
     same = len(exps) == len(acts)
+    count_rule = next(
+        (
+            r
+            for r in rules
+            if r.path == "count"
+            and r.resource == rtype
+            and kind in r.kinds
+            and r.when(
+                len(exps), Ctx(rtype, rules, bundle=expected_bundle, source=source, kind=kind)
+            )
+        ),
+        None,
+    )
     result.outcomes.append(
         Outcome(
             f"count:{rtype}",
-            "agree" if same else "disagree",
+            "excluded" if count_rule else "agree" if same else "disagree",
             str(len(exps)),
             str(len(acts)),
             rtype,
             key=False,
+            rule=count_rule.rule_id if count_rule else None,
         )
     )
     if len(acts) > len(exps):

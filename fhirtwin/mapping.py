@@ -308,6 +308,42 @@ def _only_if_empty(setter: Setter, path: str) -> Setter:
     return put
 
 
+def _unless_has(setter: Setter, path: str, value: str) -> Setter:
+    """`unless_has`: store only when the target holds no `value` at `path` (lists flattened),
+    e.g. OBR-2 typed PLAC only when ORC-2 gave no placer number (IG: IF ORC-2 NOT VALUED)."""
+    parts = path.split(".")
+
+    def holds(obj: Any, i: int) -> bool:
+        if isinstance(obj, list):
+            return any(holds(o, i) for o in obj)
+        if i == len(parts):
+            return obj == value
+        return isinstance(obj, dict) and holds(obj.get(parts[i]), i + 1)
+
+    def put(target: dict[str, Any], v: Any) -> None:
+        if not holds(target, 0):
+            setter(target, v)
+
+    return put
+
+
+def _unique(setter: Setter, path: str) -> Setter:
+    """`unique: true` on an appending line (`a[]`): an element equal to one already in the
+    list is not added again (the same insured's telecom from a second IN2)."""
+    list_path = path.split("[]", 1)[0] + "[]"
+
+    def put(target: dict[str, Any], v: Any) -> None:
+        scratch: dict[str, Any] = {}
+        setter(scratch, v)
+        new = _path_get(scratch, list_path)
+        have = _path_get(target, list_path)
+        if isinstance(new, list) and isinstance(have, list) and new and new[0] in have:
+            return
+        setter(target, v)
+
+    return put
+
+
 def _copy(v: Any) -> Any:
     return orjson.loads(orjson.dumps(v))
 
@@ -647,8 +683,16 @@ class Engine:
         setter = compile_path(rule.to, rule.with_, rule.source) if rule.to else None
         if setter is not None and rule.if_empty:
             setter = _only_if_empty(setter, rule.to or "")
+        if setter is not None and rule.unless_has:
+            setter = _unless_has(setter, *rule.unless_has)
+        if setter is not None and rule.unique:
+            setter = _unique(setter, rule.to or "")
         leaf = codegen.Leaf(
-            to=rule.to, setter=setter, with_=rule.with_, when=rule.when, inline=not rule.if_empty
+            to=rule.to,
+            setter=setter,
+            with_=rule.with_,
+            when=rule.when,
+            inline=not (rule.if_empty or rule.unless_has or rule.unique),
         )
         if rule.when:
             _compile_when(rule.when, rule.source)  # checks the condition's shape

@@ -39,7 +39,7 @@ FIELD_KEYS = frozenset(
     {
         "field", "comp", "sub", "width", "to", "type", "map", "system", "rep", "when",
         "value", "default", "ref", "link", "switch", "cases", "with", "note", "required",
-        "unmapped", "format", "msh", "if_empty",
+        "unmapped", "format", "msh", "if_empty", "unless_has", "unique",
     }
 )  # fmt: skip
 
@@ -70,6 +70,9 @@ class FieldRule:
     format: str | None = None
     msh: int | None = None
     if_empty: bool = False
+    # {path: a.b.c, value: X}: skip the line when the target already holds X at that path
+    unless_has: tuple[str, str] | None = None
+    unique: bool = False  # an appending line adds no element equal to one already there
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +260,18 @@ def _field_rule(raw: Any, where: str) -> FieldRule:
         format=raw.get("format"),
         msh=raw.get("msh"),
         if_empty=bool(raw.get("if_empty", False)),
+        unless_has=_unless_has(raw.get("unless_has"), where),
+        unique=bool(raw.get("unique", False)),
     )
+
+
+def _unless_has(raw: Any, where: str) -> tuple[str, str] | None:
+    """`unless_has: {path: identifier.type.coding.code, value: PLAC}` → (path, value)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"path", "value"}:
+        raise MappingError(f"{where}: unless_has needs exactly `path` and `value`")
+    return str(raw["path"]), str(raw["value"])
 
 
 def _id_mode(raw: Any, where: str) -> str | dict[str, Any]:

@@ -350,3 +350,39 @@ def test_script_reads_pairs_and_skips_non_json(tmp_path: Path) -> None:
     assert data["overall"]["pairs_total"] == 1
     assert data["overall"]["score"] == 100.0
     assert len(data["skipped"]) == 1 and "e.xml" in data["skipped"][0]
+
+
+_MSG_OTHER_PARTY = (
+    b"MSH|^~\\&|A|F|||20260101120000+0000||ADT^A01|X1|P|2.8\r"
+    b"PID|1||P1||EVERYMAN^ADAM^A||19800101|M|||||||||||||MOM1\r"
+    b"NK1|1|Child^Kid|EMC^Emergency^ACR|||||||||K1\r"
+    b"IN2|1||||||Jack^ADAM\r"
+)
+
+
+def test_d33_name_of_another_party_and_d36_d38_merged_mother() -> None:
+    rp = {
+        "resourceType": "RelatedPerson",
+        "identifier": [{"value": "MOM1"}, {"value": "K1"}],
+        "name": [{"family": "Child", "given": ["Kid"]}],
+        "relationship": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0131", "code": "C"}]},
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "MTH"}
+                ]
+            },
+        ],
+    }
+    pat = {
+        "resourceType": "Patient",
+        "name": [{"family": "EVERYMAN", "given": ["ADAM"]}, {"family": "Jack", "given": ["ADAM"]}],
+    }
+    exp = bundle(pat, rp)
+    act = bundle({"resourceType": "Patient", "name": [{"family": "EVERYMAN", "given": ["ADAM"]}]})
+    res = C.compare_bundles(exp, act, source=_MSG_OTHER_PARTY, kind="hl7v2")
+    by_rule = res.excluded_by_rule()
+    assert by_rule["D33"] == 2  # Jack, ADAM: IN2-7, not the patient's own name
+    assert by_rule["D36"] == 1 and by_rule["D38"] == 1 and by_rule["D37"] == 1
+    # EVERYMAN is the patient's own name: still compared (and agreeing)
+    assert not any(o.expected == "EVERYMAN" and o.status != "agree" for o in res.outcomes)

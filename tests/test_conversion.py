@@ -358,3 +358,38 @@ def test_a_rule_that_breaks_on_a_message_gives_a_conversion_error(tmp_path: Path
     err = exc.value.to_dict()
     assert err["segment"] == "ZXB" and err["segment_index"] == 2
     assert "ZXB-Observation" in err["error"] and err["hint"]
+
+
+def test_rule_options_unless_has_and_unique(tmp_path: Path) -> None:
+    plac = "{type: {coding: [{code: PLAC}]}}"
+    rules = _rules_with(
+        tmp_path,
+        {
+            "hl7v2/segments/ZXB-ServiceRequest.yaml": (
+                "segment: ZXB\nresource: ServiceRequest\nid: message\nfields:\n"
+                "  - {to: status, value: active}\n"
+                "  - {to: intent, value: order}\n"
+                f"  - {{field: 1, to: 'identifier[]', type: EI, with: {plac}}}\n"
+                f"  - {{field: 2, to: 'identifier[]', type: EI, with: {plac}, "
+                "unless_has: {path: identifier.type.coding.code, value: PLAC}}\n"
+                "  - {field: 3, to: 'note[].text', rep: all}\n"
+                "  - {field: 4, to: 'note[].text', rep: all, unique: true}\n"
+            ),
+            "hl7v2/messages/ZXB_Z01.yaml": (
+                "segments:\n"
+                "  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
+                "  - {segment: ZXB, rule: ZXB-ServiceRequest}\n"
+            ),
+        },
+    )
+    head = b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ZXB^Z01|Z1|P|2.5\r"
+
+    def order(line: bytes) -> dict:
+        conv = convert_hl7v2(head + line + b"\r", mappings=rules)
+        return _by_type(conv.bundle, "ServiceRequest")[0]
+
+    first = order(b"ZXB|P1|P2|a|a~b")
+    assert [i["value"] for i in first["identifier"]] == ["P1"]  # P2 skipped: a PLAC is there
+    assert [n["text"] for n in first["note"]] == ["a", "b"]  # unique: the second 'a' is dropped
+    second = order(b"ZXB||P2")
+    assert [i["value"] for i in second["identifier"]] == ["P2"]  # no PLAC yet: filled

@@ -262,11 +262,13 @@ def test_oul_specimen_first_then_report_then_order():
         ("http://snomed.info/sct", "122575003")
     }
     assert len(first["specimen"]) == len(second["specimen"]) == 1
-    # ORC comes after its OBR: the first report is basedOn it; the second group has no ORC
-    order = one(conv, "ServiceRequest")
+    # Each OBR is an order (OBR[ServiceRequest]); the ORC that follows the first OBR adds to
+    # it, and the first report is basedOn it; the second group has no ORC
+    order, order2 = resources(conv, "ServiceRequest")
     assert first["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
     assert "basedOn" not in second
     assert order["status"] == "completed"  # ORC-5 CM
+    assert order2["status"] == "unknown"  # no ORC: nothing says more
     # an NTE after OBX + PRT is still the Observation's note
     glucose = by_ref(conv, first["result"][0])
     assert glucose["note"] == [{"text": "Repeat advised"}]
