@@ -161,19 +161,6 @@ class Resolver:
     def _k(self, ident: str) -> str:
         return f"ft:id:{self.keys.blind(ident)}"
 
-    def _lookup(self, idents: list[str]) -> dict[str, str]:
-        if not idents:
-            return {}
-        vals = mget(self.r, [self._k(i) for i in idents])  # keys of several slots
-        return {i: v.decode() for i, v in zip(idents, vals, strict=True) if v}
-
-    def _erased(self, idents: list[str]) -> str | None:
-        """The erased twin one of these identifiers belonged to, if any."""
-        if not idents:
-            return None
-        vals = mget(self.r, [f"ft:erased:id:{self.keys.blind(i)}" for i in idents])
-        return next((v.decode() for v in vals if v), None)
-
     def _follow(self, twin: str) -> str:
         return follow_merges(self.r, twin)
 
@@ -196,11 +183,15 @@ class Resolver:
         prior_ids: list[str] = []
         for p in priors:
             prior_ids += [i for i in linking_identifiers(p, self.cfg) if i not in prior_ids]
-        if erased := self._erased(idents + prior_ids):
+        # One round trip: the twins of all identifiers, and whether any was erased.
+        every = list(dict.fromkeys(idents + prior_ids))
+        blinds = [self.keys.blind(i) for i in every]
+        vals = mget(self.r, [f"ft:id:{b}" for b in blinds] + [f"ft:erased:id:{b}" for b in blinds])
+        if erased := next((v.decode() for v in vals[len(every) :] if v), None):
             return Identity(twin=erased, rule="erased")
-
-        known = {i: self._follow(t) for i, t in self._lookup(idents).items()}
-        prior_known = {i: self._follow(t) for i, t in self._lookup(prior_ids).items()}
+        found = {i: v.decode() for i, v in zip(every, vals[: len(every)], strict=True) if v}
+        known = {i: self._follow(found[i]) for i in idents if i in found}
+        prior_known = {i: self._follow(found[i]) for i in prior_ids if i in found}
         twins = list(dict.fromkeys(known.values()))
         prior_twins = list(dict.fromkeys(prior_known.values()))
 
