@@ -223,32 +223,48 @@ class NormalizeWorker:
         for ref in conv.deleted:
             for twin in holders[ref]:
                 per_twin.setdefault(twin, []).append(ref)
-        outs = []
-        for twin, refs in sorted(per_twin.items()):
-            event = {
-                "v": 1,
-                "twin": twin,
-                "event_ms": conv.event_ms if conv.event_ms is not None else rec.timestamp_ms,
-                "source": {
-                    "kind": self.kind,
-                    "record": rec.ref,
-                    "control_id": conv.control_id,
-                    "received_ms": rec.timestamp_ms,
-                    **({"replay_of": r} if (r := rec.header("fhirtwin-replay-of")) else {}),
-                },
-                "identity": {"rule": "deletion"},
-                "identifiers": [],
-                "merge_from": None,
-                "resources": [],
-                "deleted": refs,
-            }
-            headers = [
-                ("fhirtwin-source-kind", self.kind.encode()),
-                ("fhirtwin-source-record", rec.ref.encode()),
-            ]
-            value = seal_event(self.resolver.keys, twin, orjson.dumps(event))
-            outs.append(Out(bus.RESOURCES, value, twin.encode(), headers))
-        return outs
+        return [
+            self._event(rec, conv, twin, {"rule": "deletion"}, [], None, [], deleted=refs)
+            for twin, refs in sorted(per_twin.items())
+        ]
+
+    def _event(
+        self,
+        rec: bus.Record,
+        conv: Converted,
+        twin: str,
+        identity: dict[str, Any],
+        identifiers: list[str],
+        merge_from: str | None,
+        resources: list[dict[str, Any]],
+        *,
+        deleted: list[str] | None = None,
+    ) -> Out:
+        """The ``fhir.resources`` record of one unit for one twin, sealed with its key."""
+        event: dict[str, Any] = {
+            "v": 1,
+            "twin": twin,
+            "event_ms": conv.event_ms if conv.event_ms is not None else rec.timestamp_ms,
+            "source": {
+                "kind": self.kind,
+                "record": rec.ref,
+                "control_id": conv.control_id,
+                "received_ms": rec.timestamp_ms,
+                **({"replay_of": r} if (r := rec.header("fhirtwin-replay-of")) else {}),
+            },
+            "identity": identity,
+            "identifiers": identifiers,
+            "merge_from": merge_from,
+            "resources": resources,
+        }
+        if deleted:
+            event["deleted"] = deleted
+        headers = [
+            ("fhirtwin-source-kind", self.kind.encode()),
+            ("fhirtwin-source-record", rec.ref.encode()),
+        ]
+        value = seal_event(self.resolver.keys, twin, orjson.dumps(event))
+        return Out(bus.RESOURCES, value, twin.encode(), headers)
 
     def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
         return [self.handle_one(rec) for rec in recs]
@@ -303,28 +319,17 @@ class NormalizeWorker:
                 ERASED_DROPPED.labels(f"normalize-{self.kind}").inc()
                 continue
             twin = identity.twin if identity else SHARED_TWIN
-            event = {
-                "v": 1,
-                "twin": twin,
-                "event_ms": conv.event_ms if conv.event_ms is not None else rec.timestamp_ms,
-                "source": {
-                    "kind": self.kind,
-                    "record": rec.ref,
-                    "control_id": conv.control_id,
-                    "received_ms": rec.timestamp_ms,
-                    **({"replay_of": r} if (r := rec.header("fhirtwin-replay-of")) else {}),
-                },
-                "identity": identity.decision() if identity else {"rule": "no-patient"},
-                "identifiers": identity.identifiers if identity else [],
-                "merge_from": identity.merge_from if identity else None,
-                "resources": conv.resources,
-            }
-            headers = [
-                ("fhirtwin-source-kind", self.kind.encode()),
-                ("fhirtwin-source-record", rec.ref.encode()),
-            ]
-            value = seal_event(self.resolver.keys, twin, orjson.dumps(event))
-            outs.append(Out(bus.RESOURCES, value, twin.encode(), headers))
+            outs.append(
+                self._event(
+                    rec,
+                    conv,
+                    twin,
+                    identity.decision() if identity else {"rule": "no-patient"},
+                    identity.identifiers if identity else [],
+                    identity.merge_from if identity else None,
+                    conv.resources,
+                )
+            )
             if self.notes_fanout:
                 outs += self._notes_of(rec, conv, twin, identity.identifiers if identity else [])
         if self.notes_fanout and converted and _carries_text(self.kind, rec.value):

@@ -10,9 +10,12 @@ before the erasure is loaded into a fresh Redis: nothing of the patient opens.
 from __future__ import annotations
 
 import base64
+import contextlib
 import secrets
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -310,15 +313,42 @@ def test_erasure_takes_merged_twins_and_shared_lookups_with_it(
     assert any(r["resourceType"] == "Patient" for r in store.resources(bystander))
 
 
+@contextlib.contextmanager
+def _publisher(kafka: str, redis_url: str) -> Iterator[None]:
+    """The snapshot publisher, running in a thread for the duration of the block."""
+    from fhirtwin.snapshot import SnapshotPublisher
+
+    stop = threading.Event()
+    thread = threading.Thread(target=SnapshotPublisher(kafka, redis_url).run, args=(stop,))
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def _care(**kw: Any) -> Any:
+    """The "care" subscriber: treatment, default permit."""
+    from fhirtwin.subscribers import make_subscriber
+
+    return make_subscriber(
+        "care",
+        actor=["urn:oid:1.2.3.4|sim-care"],
+        purpose=["TREAT"],
+        scope="patient-privacy",
+        default="permit",
+        **kw,
+    )
+
+
 def test_erasure_tells_every_subscriber_that_had_the_patient(
     kafka: str, redis_url: str, tmp_path: Path
 ) -> None:
     """A subscriber that received the patient gets a withdrawal notice ``reason: erased``
     under the key it knows (the pseudonym, when de-identified); its pseudonym is forgotten."""
-    import threading
-
-    from fhirtwin.snapshot import SNAPSHOT_GROUP, SnapshotPublisher
-    from fhirtwin.subscribers import Registry, make_subscriber, topic_for
+    from fhirtwin.snapshot import SNAPSHOT_GROUP
+    from fhirtwin.subscribers import Registry, topic_for
     from tests.pipeline import wait_for
 
     (tmp_path / "a.hl7").write_bytes(_adt("Q1"))
@@ -328,21 +358,9 @@ def test_erasure_tells_every_subscriber_that_had_the_patient(
     twin = store.resolve(MRN)
     assert twin
     reg = Registry.connect(redis_url)
-    reg.put(
-        make_subscriber(
-            "care",
-            actor=["urn:oid:1.2.3.4|sim-care"],
-            purpose=["TREAT"],
-            scope="patient-privacy",
-            default="permit",
-        )
-    )
+    reg.put(_care())
     bus.ensure_topics(kafka, [topic_for("care")])
-    stop = threading.Event()
-    publisher = SnapshotPublisher(kafka, redis_url)
-    thread = threading.Thread(target=publisher.run, args=(stop,))
-    thread.start()
-    try:
+    with _publisher(kafka, redis_url):
         # the publisher only acts on change events: touch the twin so care gets a snapshot
         (tmp_path / "b.hl7").write_bytes(_adt("Q3", "A08", "20261125083000"))
         ingest(kafka, "hl7v2", [str(tmp_path / "b.hl7")])
@@ -356,9 +374,6 @@ def test_erasure_tells_every_subscriber_that_had_the_patient(
             ),
             what="the erasure notice",
         )
-    finally:
-        stop.set()
-        thread.join(30)
     notices = [
         orjson.loads(r.value)
         for r in records(kafka, topic_for("care"))
@@ -374,11 +389,9 @@ def test_snapshots_are_sealed_for_a_subscriber_with_an_encryption_key(
 ) -> None:
     """With an encryption key registered, the subscriber's topic holds JWEs: nothing of the
     patient is in clear anywhere in Kafka, and the subscriber's private key opens them."""
-    import threading
-
     from joserfc.jwk import ECKey
 
-    from fhirtwin.snapshot import SNAPSHOT_GROUP, SnapshotPublisher
+    from fhirtwin.snapshot import SNAPSHOT_GROUP
     from fhirtwin.subscribers import (
         Registry,
         SubscriberError,
@@ -396,25 +409,13 @@ def test_snapshots_are_sealed_for_a_subscriber_with_an_encryption_key(
             encryption_key=private.as_dict(private=True),
         )  # fmt: skip
     reg = Registry.connect(redis_url)
-    reg.put(
-        make_subscriber(
-            "care",
-            actor=["urn:oid:1.2.3.4|sim-care"],
-            purpose=["TREAT"],
-            scope="patient-privacy",
-            default="permit",
-            encryption_key=public,
-        )
-    )
+    reg.put(_care(encryption_key=public))
     bus.ensure_topics(kafka, [topic_for("care")])
     (tmp_path / "a.hl7").write_bytes(_adt("Q1"))
     ingest(kafka, "hl7v2", [str(tmp_path / "a.hl7")])
     drain(kafka, redis_url)
     twin = TwinStore(redis.Redis.from_url(redis_url)).resolve(MRN)
-    stop = threading.Event()
-    thread = threading.Thread(target=SnapshotPublisher(kafka, redis_url).run, args=(stop,))
-    thread.start()
-    try:
+    with _publisher(kafka, redis_url):
         wait_for(
             lambda: (
                 bus.group_lag(kafka, SNAPSHOT_GROUP, [bus.TWIN_EVENTS]) == 0
@@ -422,9 +423,6 @@ def test_snapshots_are_sealed_for_a_subscriber_with_an_encryption_key(
             ),
             what="care's snapshot",
         )
-    finally:
-        stop.set()
-        thread.join(30)
     [snap] = [
         r
         for r in bus.read_topic(kafka, topic_for("care"), timeout=3)
