@@ -138,7 +138,9 @@ class FileKeyStore:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            pass
+            pass  # another process made it first: theirs is the key
+        else:
+            _fsync_dir(path.parent)  # the new name must survive a crash as well as the bytes
         finally:
             tmp.unlink(missing_ok=True)
         return path.read_bytes()
@@ -153,11 +155,13 @@ class FileKeyStore:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
     def destroy(self, name: str) -> bool:
         tomb = self._tomb(name)
         tomb.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tomb.touch(mode=0o600)
+        _fsync_dir(tomb.parent)  # the tombstone outlives a crash before the key goes
         path = self._path(name)
         try:
             size = path.stat().st_size
@@ -168,6 +172,7 @@ class FileKeyStore:
             f.flush()
             os.fsync(f.fileno())
         path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
         return True
 
     def erased(self, name: str) -> bool:
@@ -186,6 +191,15 @@ class FileKeyStore:
                 name = f"{kind}:{path.name}"
                 if name.startswith(prefix):
                     yield name
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new, renamed or removed file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RedisKeyStore:
