@@ -973,24 +973,30 @@ class FhirApi:
     def _holders(self, ref: str) -> list[str]:
         return [t for t in self.store.holders(ref) if not t.startswith("_")]
 
-    def history(self, ctx: _Ctx, rtype: str, rid: str) -> list[dict[str, Any]]:
-        """Permitted versions of one visible resource, newest first."""
+    def history(
+        self, ctx: _Ctx, rtype: str, rid: str, vid: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Permitted versions of one visible resource, newest first; with ``vid`` (vread)
+        only that version, and only that one is audited as disclosed."""
         ref = f"{rtype}/{rid}"
+        interaction = "vread" if vid is not None else "history-instance"
         for twin in self._holders(ref):
             view = self.view(ctx, twin)
             if ref not in view.by_ref:
-                self._withheld(ctx, view, ref, "history-instance")
+                self._withheld(ctx, view, ref, interaction)
                 continue
             assert view.policy is not None
             out = []
             for version in self.store.history(twin, ref):
+                if vid is not None and version["meta"]["versionId"] != vid:
+                    continue
                 if view.policy.decide(version).allowed:
                     # what strip_dangling([version, *the other visible resources]) keeps
                     out.append(view.strip(version))
             self.access(
                 ctx,
                 view,
-                interaction="history-instance",
+                interaction=interaction,
                 query=None,
                 disclosed=[f"{ref}/_history/{v['meta']['versionId']}" for v in out],
                 allowed=True,
@@ -1693,12 +1699,11 @@ def router(
         ctx = begin(request)
         _require(ctx.principal, rtype, "r")
         try:
-            versions = api.history(ctx, rtype, rid)
+            versions = api.history(ctx, rtype, rid, vid)
         finally:
             api.flush(ctx)
         for v in versions:
-            if v["meta"]["versionId"] == vid:
-                return fhir_response(v, headers=versioned(v))
+            return fhir_response(v, headers=versioned(v))
         raise ApiError(
             404, "not-found", f"{rtype}/{rid}/_history/{vid} is not known to this server"
         )

@@ -239,6 +239,13 @@ def test_read_vread_history(env: Env) -> None:
     assert reads and reads[0]["meta"]["profile"][0].endswith("IHE.BasicAudit.PatientRead")
     assert reads[0]["outcome"] == "0" and reads[0]["subtype"][0]["code"] == "read"
     assert any(e["type"]["code"] == "110113" for e in audits)  # the consent decision
+    # a vread discloses that version only; a vread of a version that is not there, nothing
+    vreads = [e for e in reads if e["subtype"][0]["code"] == "vread"]
+    shown = [
+        [x["what"]["reference"] for x in e["entity"] if x.get("role", {}).get("code") == "4"]
+        for e in vreads
+    ]
+    assert sorted(shown) == [[], [f"Patient/{env.a}/_history/{vid}"]]
 
 
 def test_search_parameters_and_paging(env: Env) -> None:
