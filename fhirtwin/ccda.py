@@ -64,6 +64,19 @@ XHTML = "http://www.w3.org/1999/xhtml"
 PREFIXES = {"": V3, "xsi": XSI, "sdtc": SDTC}
 NAMESPACE = uuid.UUID("6f1d3c1e-5b1a-4c8e-9a57-ccda0f41e2b1")
 MAX_BYTES = 64 * 1024 * 1024  # the largest document the converter accepts
+_NAMESPACE_BYTES = NAMESPACE.bytes
+
+
+def uuid5(name: str) -> str:
+    """``str(uuid.uuid5(NAMESPACE, name))`` without building a ``uuid.UUID`` object on
+    the way (one call per resource and per Bundle)."""
+    h = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
 _TEMPLATE = f"{{{V3}}}templateId"
 _ID = f"{{{V3}}}id"
 _XSI_TYPE = f"{{{XSI}}}type"
@@ -169,32 +182,30 @@ class XPath:
     text: str
     steps: tuple[_Step, ...]
     attr: str | None
-    # each step as a function element → iterable of elements ("." steps left out); a plain
-    # child step is lxml's own ``iterchildren(tag)``
-    fns: tuple[Callable[[Any], Iterable[Any]], ...] = field(default=(), compare=False)
+    # element → the elements the steps select, in document order: the steps fused into
+    # one closure when the path is compiled (see _select)
+    select: Callable[[Any], list[Any]] = field(default=lambda el: [el], compare=False)
+    # the tag of a path that is one plain child step (``code``; ``*`` is etree.Element),
+    # which the hot closures iterate with lxml directly
+    child: Any = None
 
     def elements(self, el: Any) -> list[Any]:
-        current = [el]
-        for fn in self.fns:
-            if len(current) == 1:
-                current = list(fn(current[0]))
-            else:
-                current = [n for c in current for n in fn(c)]
-            if not current:
-                break
-        return current
+        return self.select(el)
 
     def first(self, el: Any) -> Any:
-        found = self.elements(el)
+        found = self.select(el)
         return found[0] if found else None
 
     def strings(self, el: Any) -> list[str]:
         """Attribute values (when the path ends in ``@attr``) or element texts."""
         out = []
-        for e in self.elements(el):
-            v = e.get(self.attr) if self.attr else _text(e)
-            if v is not None and v.strip() != "":
-                out.append(v.strip())
+        attr, child = self.attr, self.child
+        for e in el.iterchildren(child) if child is not None else self.select(el):
+            v = e.get(attr) if attr else _text(e)
+            if v is not None:
+                v = v.strip()
+                if v:
+                    out.append(v)
         return out
 
 
@@ -221,17 +232,55 @@ def compile_path(text: str) -> XPath:
         else:
             tag = None if name == "*" else _clark(name)
             steps.append(_Step("child", tag, preds, m["tmpl"]))
-    return XPath(text, tuple(steps), attr, tuple(_step_fn(s) for s in steps if s.kind != "self"))
+    moves = [s for s in steps if s.kind != "self"]
+    child = (moves[0].tag or etree.Element) if len(moves) == 1 and _plain_child(moves[0]) else None
+    return XPath(text, tuple(steps), attr, _select(moves), child)
+
+
+def _plain_child(step: _Step) -> bool:
+    return step.kind == "child" and not step.preds and not step.template
+
+
+def _select(steps: list[_Step]) -> Callable[[Any], list[Any]]:
+    """The steps of a path as one function element → list of elements. The common paths
+    (one or two plain child steps: ``code``, ``effectiveTime/low``) are lxml's own
+    ``iterchildren(tag)`` with no per-step Python in between."""
+    if not steps:
+        return lambda el: [el]
+    if len(steps) == 1 and _plain_child(steps[0]):
+        tag = steps[0].tag or etree.Element
+        return lambda el: list(el.iterchildren(tag))
+    if len(steps) == 2 and _plain_child(steps[0]) and _plain_child(steps[1]):
+        tag1, tag2 = steps[0].tag or etree.Element, steps[1].tag or etree.Element
+        return lambda el: [g for c in el.iterchildren(tag1) for g in c.iterchildren(tag2)]
+    fns = [_step_fn(s) for s in steps]
+
+    def select(el: Any) -> list[Any]:
+        current = [el]
+        for fn in fns:
+            if len(current) == 1:
+                current = list(fn(current[0]))
+            else:
+                current = [n for c in current for n in fn(c)]
+            if not current:
+                break
+        return current
+
+    return select
 
 
 def _step_fn(step: _Step) -> Callable[[Any], Iterable[Any]]:
-    if step.kind == "child" and not step.preds and not step.template:
+    if _plain_child(step):
         tag = step.tag or etree.Element
         return lambda el: el.iterchildren(tag)
     return step.apply
 
 
 def _text(el: Any) -> str:
+    """The element's text, whitespace collapsed."""
+    if not len(el):  # a leaf (the usual case): its own text is all there is
+        text = el.text
+        return " ".join(text.split()) if text else ""
     return " ".join("".join(el.itertext()).split())
 
 
@@ -390,7 +439,9 @@ class Doc:
         self.tree, self.rules, self.source, self.data = tree, rules, source, data
         self.root = tree.getroot()
         self.narrative: dict[str, Any] = {}
-        for el in self.root.xpath("//*[@ID]"):  # libxml2 finds them, in document order
+        # libxml2 finds them, in document order ("//@ID/.." takes about 40 % of the time
+        # of "//*[@ID]", which tests a predicate on every element)
+        for el in self.root.xpath("//@ID/.."):
             ident = el.get("ID")
             if ident:
                 self.narrative.setdefault(ident, el)
@@ -410,6 +461,8 @@ class Doc:
         self.section: Any = None
         self.patient_ref: dict[str, str] | None = None
         self.warnings: list[dict[str, Any]] = []
+        self.paths: dict[Any, str] = {}  # element → xpath_of, see Doc.xpath
+        self.systems: dict[str, str | None] = {}  # OID → URI, see Doc.system
 
     def warn(self, el: Any, reason: str) -> None:
         """A value that cannot be read: left out of the output, and reported."""
@@ -419,7 +472,10 @@ class Doc:
             self.warnings.append(item)
 
     def where(self, el: Any) -> tuple[int | None, str]:
-        return getattr(el, "sourceline", None), xpath_of(el)
+        return getattr(el, "sourceline", None), self.xpath(el)
+
+    def xpath(self, el: Any) -> str:
+        return xpath_of(el, self.paths)
 
     def error(self, el: Any, reason: str, hint: str = "") -> CcdaError:
         line, xpath = self.where(el)
@@ -428,9 +484,17 @@ class Doc:
     # - systems and identifiers
 
     def system(self, oid: str | None) -> str | None:
+        """A code system or identifier OID → its FHIR URI (remembered: a document names
+        the same few systems over and over)."""
         if not oid:
             return None
-        oid = oid.strip()
+        try:
+            return self.systems[oid]
+        except KeyError:
+            uri = self.systems[oid] = self._system(oid.strip())
+            return uri
+
+    def _system(self, oid: str) -> str | None:
         mapped = self.rules.oids.get(oid)
         if mapped:
             return mapped
@@ -441,19 +505,27 @@ class Doc:
         return oid if ":" in oid else None
 
 
-def xpath_of(el: Any) -> str:
-    """``/ClinicalDocument/component/structuredBody/component[3]/section/entry[2]/…``"""
-    parts = []
-    while el is not None:
-        parent = el.getparent()
-        name = etree.QName(el).localname
-        if parent is not None:
-            same = [c for c in parent.iterchildren(el.tag)]
-            if len(same) > 1:
-                name += f"[{same.index(el) + 1}]"
-        parts.append(name)
-        el = parent
-    return "/" + "/".join(reversed(parts))
+def xpath_of(el: Any, cache: dict[Any, str] | None = None) -> str:
+    """``/ClinicalDocument/component/structuredBody/component[3]/section/entry[2]/…``
+
+    ``cache`` (element → its path) keeps the paths of the ancestors, which the elements
+    of one section share."""
+    if cache is not None:
+        hit = cache.get(el)
+        if hit is not None:
+            return hit
+    parent = el.getparent()
+    name = el.tag.rpartition("}")[2]
+    if parent is None:
+        path = "/" + name
+    else:
+        same = list(parent.iterchildren(el.tag))
+        if len(same) > 1:
+            name += f"[{same.index(el) + 1}]"
+        path = f"{xpath_of(parent, cache)}/{name}"
+    if cache is not None:
+        cache[el] = path
+    return path
 
 
 def conv_string(doc: Doc, el: Any) -> str | None:
@@ -741,10 +813,10 @@ def conv_name(doc: Doc, el: Any) -> dict[str, Any] | None:
     use = _map(doc, "name-use", (el.get("use") or "").split(" ")[0] or None)
     if use:
         out["use"] = use
-    family = [_text(f) for f in el.iterchildren(f"{{{V3}}}family") if _text(f)]
-    given = [_text(g) for g in el.iterchildren(f"{{{V3}}}given") if _text(g)]
-    prefix = [_text(p) for p in el.iterchildren(f"{{{V3}}}prefix") if _text(p)]
-    suffix = [_text(s) for s in el.iterchildren(f"{{{V3}}}suffix") if _text(s)]
+    family = [t for f in el.iterchildren(f"{{{V3}}}family") if (t := _text(f))]
+    given = [t for g in el.iterchildren(f"{{{V3}}}given") if (t := _text(g))]
+    prefix = [t for p in el.iterchildren(f"{{{V3}}}prefix") if (t := _text(p))]
+    suffix = [t for s in el.iterchildren(f"{{{V3}}}suffix") if (t := _text(s))]
     if family:
         out["family"] = " ".join(family)
     if given:
@@ -765,7 +837,7 @@ def conv_address(doc: Doc, el: Any) -> dict[str, Any] | None:
     use = _map(doc, "address-use", (el.get("use") or "").split(" ")[0] or None)
     if use:
         out["use"] = use
-    lines = [_text(s) for s in el.iterchildren(f"{{{V3}}}streetAddressLine") if _text(s)]
+    lines = [t for s in el.iterchildren(f"{{{V3}}}streetAddressLine") if (t := _text(s))]
     if lines:
         out["line"] = lines
     for tag, key in (
@@ -776,8 +848,8 @@ def conv_address(doc: Doc, el: Any) -> dict[str, Any] | None:
         ("country", "country"),
     ):
         sub = el.find(f"{{{V3}}}{tag}")
-        if sub is not None and _text(sub):
-            out[key] = _text(sub)
+        if sub is not None and (text := _text(sub)):
+            out[key] = text
     period = conv_period(doc, el.find(f"{{{V3}}}useablePeriod"))
     if period:
         out["period"] = period
@@ -808,9 +880,9 @@ def conv_narrative(doc: Doc, el: Any) -> dict[str, Any] | None:
     """A section's ``text`` (CDA narrative block) → a FHIR Narrative (XHTML div)."""
     if el is None or not (_text(el) or len(el)):
         return None
-    div = etree.Element(f"{{{XHTML}}}div", nsmap={None: XHTML})
-    _narrative_into(el, div)
-    xhtml = etree.tostring(div, encoding="unicode")
+    out = [_DIV_OPEN]
+    _narrative_into(el, out)
+    xhtml = "".join(out) + "</div>" if len(out) > 1 else _DIV_OPEN[:-1] + "/>"
     return {"status": "generated", "div": xhtml}
 
 
@@ -821,37 +893,69 @@ _NARRATIVE_TAGS = {
     "sub": "sub", "sup": "sup", "footnote": "span", "footnoteRef": "span", "linkHtml": "a",
 }  # fmt: skip
 _KEEP_ATTRS = {"colspan", "rowspan", "align", "valign", "span", "width"}
+_DIV_OPEN = f'<div xmlns="{XHTML}">'
+# what libxml2 escapes when it serializes text and attribute values
+_TEXT_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"})
+_ATTR_ESCAPES = str.maketrans(
+    {
+        "&": "&amp;",
+        "<": "&lt;",
+        ">": "&gt;",
+        '"': "&quot;",
+        "\n": "&#10;",
+        "\r": "&#13;",
+        "\t": "&#9;",
+    }
+)
 
 
-def _narrative_into(src: Any, dst: Any) -> None:
-    dst.text = src.text
+def _narrative_into(src: Any, out: list[str]) -> None:
+    """The content of a CDA narrative element as XHTML markup, appended to ``out``.
+
+    Written as text directly (what ``etree.tostring`` writes for the same XHTML tree,
+    byte for byte: empty elements as ``<p/>``, the same escapes), a third faster than
+    building the tree and serializing it."""
+    if src.text:
+        out.append(src.text.translate(_TEXT_ESCAPES))
     for child in src:
-        if not isinstance(child.tag, str):  # comment or processing instruction
-            if len(dst):
-                dst[-1].tail = (dst[-1].tail or "") + (child.tail or "")
+        if isinstance(child.tag, str):
+            local = child.tag.rpartition("}")[2]
+            tag = _NARRATIVE_TAGS.get(local)
+            if tag is None:  # renderMultiMedia and unknown markup: keep the text only
+                tag = "span"
+                out.append("<span")
             else:
-                dst.text = (dst.text or "") + (child.tail or "")
-            continue
-        local = etree.QName(child).localname
-        tag = _NARRATIVE_TAGS.get(local)
-        if tag is None:  # renderMultiMedia and unknown markup: keep the text only
-            span = etree.SubElement(dst, f"{{{XHTML}}}span")
-        else:
-            if local == "list" and child.get("listType") == "ordered":
-                tag = "ol"
-            span = etree.SubElement(dst, f"{{{XHTML}}}{tag}")
-            for a, v in child.attrib.items():
-                if a == "ID":
-                    span.set("id", v)
-                elif a == "styleCode":
-                    span.set("class", v)
-                elif a in _KEEP_ATTRS:
-                    span.set(a, v)
-                elif a == "href" and local == "linkHtml" and not v.lower().startswith("javascript"):
-                    span.set("href", v)
-        if tag != "br":
-            _narrative_into(child, span)
-        span.tail = child.tail
+                if local == "list" and child.get("listType") == "ordered":
+                    tag = "ol"
+                out.append("<" + tag)
+                for a, v in child.attrib.items():
+                    if a == "ID":
+                        a = "id"
+                    elif a == "styleCode":
+                        a = "class"
+                    elif not (
+                        a in _KEEP_ATTRS
+                        or (
+                            a == "href"
+                            and local == "linkHtml"
+                            and not v.lower().startswith("javascript")
+                        )
+                    ):
+                        continue
+                    out.append(f' {a}="{v.translate(_ATTR_ESCAPES)}"')
+            if tag == "br":
+                out.append("/>")
+            else:
+                start = len(out)
+                out.append(">")
+                _narrative_into(child, out)
+                if len(out) == start + 1:  # nothing inside
+                    out[start] = "/>"
+                else:
+                    out.append(f"</{tag}>")
+        # a comment or processing instruction (the parser drops them) leaves its tail
+        if child.tail:
+            out.append(child.tail.translate(_TEXT_ESCAPES))
 
 
 def conv_attachment(doc: Doc, el: Any) -> dict[str, Any] | None:
@@ -929,8 +1033,12 @@ CONVERTERS: dict[str, Callable[[Doc, Any], Any]] = {
 # -- evaluation --------------------------------------------------------------------------
 
 
+_CONTAINERS = (str, list, dict)
+
+
 def _empty(v: Any) -> bool:
-    return v is None or v == "" or v == [] or v == {}
+    """None, "", [] or {} (but not 0 or False)."""
+    return v is None or (not v and isinstance(v, _CONTAINERS))
 
 
 Fn = Callable[["Doc", Any], Any]
@@ -979,7 +1087,8 @@ def _compile_cond(cond: Any) -> Callable[[Doc, Any], bool]:
         path = compile_path(cond["exists"])
         if path.attr:
             return lambda doc, el: bool(path.strings(el))
-        return lambda doc, el: bool(path.elements(el))
+        select = path.select
+        return lambda doc, el: bool(select(el))
     path = compile_path(cond["path"])
     if "in" in cond:
         allowed = frozenset(str(x) for x in cond["in"])
@@ -1016,9 +1125,11 @@ def _compile(expr: Any) -> Fn:
             out: list[Any] = []
             for fn, spread in items:
                 v = fn(doc, el)
+                if v is None:
+                    continue
                 if spread and isinstance(v, list):
                     out.extend(x for x in v if not _empty(x))
-                elif not _empty(v):
+                elif v or not isinstance(v, _CONTAINERS):
                     out.append(v)
             return out or None
 
@@ -1038,7 +1149,7 @@ def _compile(expr: Any) -> Fn:
         def first(doc: Doc, el: Any) -> Any:
             for option in options:
                 v = option(doc, el)
-                if not _empty(v):
+                if v is not None and (v or not isinstance(v, _CONTAINERS)):
                     return v
             return None
 
@@ -1065,11 +1176,11 @@ def _compile(expr: Any) -> Fn:
 
         def each_fn(doc: Doc, el: Any) -> Any:
             items = []
-            for sub in each.elements(el):
+            for sub in each.select(el):
                 if when is not None and not when(doc, sub):
                     continue
                 v = do(doc, sub)
-                if not _empty(v):
+                if v is not None and (v or not isinstance(v, _CONTAINERS)):
                     items.append(v)
             return items or None
 
@@ -1084,7 +1195,7 @@ def _compile(expr: Any) -> Fn:
         def make_fn(doc: Doc, el: Any) -> Any:
             refs = []
             rule = doc.rules.by_name[name]
-            for t in targets_path.elements(el):
+            for t in targets_path.select(el):
                 res = make(doc, rule, t)
                 if res is not None:
                     refs.append({"reference": f"{res['resourceType']}/{res['id']}"})
@@ -1124,21 +1235,30 @@ def _compile(expr: Any) -> Fn:
                 values = path.strings(el)
                 return values[0] if values else None
 
+            if path.attr and not path.steps:  # an attribute of the element itself
+                attr = path.attr
+
+                def own_attr(doc: Doc, el: Any) -> Any:
+                    v = el.get(attr)
+                    return (v.strip() or None) if v else None
+
+                return own_attr
             return string
-        conv = CONVERTERS[kind]
+        conv, select, child = CONVERTERS[kind], path.select, path.child
         if many:
 
             def convert_all(doc: Doc, el: Any) -> Any:
-                out = [conv(doc, e) for e in path.elements(el)]
-                out = [o for o in out if not _empty(o)]
+                found = el.iterchildren(child) if child is not None else select(el)
+                out = [conv(doc, e) for e in found]
+                out = [o for o in out if o is not None and (o or not isinstance(o, _CONTAINERS))]
                 return out or None
 
             return convert_all
 
         def convert_one(doc: Doc, el: Any) -> Any:
-            for e in path.elements(el):
+            for e in el.iterchildren(child) if child is not None else select(el):
                 v = conv(doc, e)
-                if not _empty(v):
+                if v is not None and (v or not isinstance(v, _CONTAINERS)):
                     return v
             return None
 
@@ -1170,7 +1290,7 @@ def _compile(expr: Any) -> Fn:
         obj: dict[str, Any] = {}
         for key, stem, fn in keys:
             v = fn(doc, el)
-            if _empty(v):
+            if v is None or (not v and isinstance(v, _CONTAINERS)):  # _empty, inlined
                 continue
             if stem is not None:
                 if isinstance(v, Choice):
@@ -1194,12 +1314,12 @@ def _resource_id(doc: Doc, rule: Rule, el: Any) -> str:
         root = (ident.get("root") or "").strip()
         if root and not ident.get("nullFlavor"):
             key = f"{rule.resource}|{root}|{(ident.get('extension') or '').strip()}"
-            return str(uuid.uuid5(NAMESPACE, key))
+            return uuid5(key)
     if rule.id_fallback == "content":  # a participant without an id, met twice
         blob = re.sub(rb"\s+", b" ", etree.tostring(el, method="c14n"))
         digest = hashlib.sha256(blob.replace(b' xmlns="urn:hl7-org:v3"', b"")).hexdigest()
-        return str(uuid.uuid5(NAMESPACE, f"{rule.resource}|{doc.key}|{digest}"))
-    return str(uuid.uuid5(NAMESPACE, f"{rule.resource}|{doc.key}|{xpath_of(el)}"))
+        return uuid5(f"{rule.resource}|{doc.key}|{digest}")
+    return uuid5(f"{rule.resource}|{doc.key}|{doc.xpath(el)}")
 
 
 def make(doc: Doc, rule: Rule, el: Any) -> dict[str, Any] | None:
@@ -1231,7 +1351,7 @@ def make(doc: Doc, rule: Rule, el: Any) -> dict[str, Any] | None:
         if {k: v for k, v in other.items() if k != "id"} == {"resourceType": rule.resource, **body}:
             doc.made[key] = other
             return other
-        rid = str(uuid.uuid5(NAMESPACE, f"{rid}|{xpath_of(el)}"))
+        rid = uuid5(f"{rid}|{doc.xpath(el)}")
         res["id"] = rid
     doc.by_id[(rule.resource, rid)] = res
     res.update(body)
@@ -1442,24 +1562,9 @@ def convert(
     resources = _finish(doc)
     if warnings is not None:
         warnings.extend(doc.warnings)
-    if validate:
-        from fhirtwin.validation import validate_resource
-
-        for i, res in enumerate(resources):
-            problems = validate_resource(res)
-            if problems:
-                p = problems[0]
-                invalid = CcdaError(
-                    f"{res['resourceType']}/{res['id']}: {len(problems)} FHIR R4 problem(s), "
-                    f"first at {p['path']}: {p['error']}",
-                    xpath=f"Bundle.entry[{i}]",
-                    hint="fix the rule in mappings/ccda/rules/",
-                )
-                invalid.source = source
-                raise invalid
-    return {
+    bundle = {
         "resourceType": "Bundle",
-        "id": str(uuid.uuid5(NAMESPACE, f"bundle|{doc.key}")),
+        "id": uuid5(f"bundle|{doc.key}"),
         "type": "batch",
         "entry": [
             {
@@ -1470,6 +1575,33 @@ def convert(
             for r in resources
         ],
     }
+    if validate:
+        _raise_invalid(bundle, source)
+    return bundle
+
+
+def _raise_invalid(bundle: dict[str, Any], source: str) -> None:
+    """CcdaError for the first resource the R4 models reject (how many problems it has,
+    the first one). The Bundle is the converter's own plain JSON, so it is checked with
+    ``validate_converted`` (its cache keys need no read-back check)."""
+    from fhirtwin.validation import validate_converted
+
+    problems = [p for p in validate_converted(bundle) if p["path"].startswith("entry[")]
+    if not problems:
+        return
+    at = problems[0]["path"]
+    i = int(at[len("entry[") : at.index("]")])
+    prefix = f"entry[{i}].resource"
+    mine = [p for p in problems if p["path"].startswith(prefix)]
+    res = bundle["entry"][i]["resource"]
+    invalid = CcdaError(
+        f"{res['resourceType']}/{res['id']}: {len(mine)} FHIR R4 problem(s), "
+        f"first at {at[len(prefix) :]}: {problems[0]['error']}",
+        xpath=f"Bundle.entry[{i}]",
+        hint="fix the rule in mappings/ccda/rules/",
+    )
+    invalid.source = source
+    raise invalid
 
 
 def _finish(doc: Doc) -> list[dict[str, Any]]:
