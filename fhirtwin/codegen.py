@@ -33,6 +33,7 @@ __all__ = [
 _SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NESTED_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\Z")
 _SIMPLE_APPEND = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\[\]\Z")
+_ELEMENT_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\[(\d*|-1)\]\.([A-Za-z_][A-Za-z0-9_]*)\Z")
 _NONEMPTY = 'v is not None and v != "" and v != {} and v != []'
 
 
@@ -102,6 +103,24 @@ class FunctionWriter:
             self.emit(indent, "else:")
             self.emit(indent + 1, f"_l.append({value})")
             return
+        m = _ELEMENT_KEY.match(to)
+        if leaf.with_ is None and m:
+            # 'a[].b' appends {b: value}; 'a[0].b' / 'a[-1].b' set b on the first / last
+            # element (made if the list is empty), as compile_path's set_in_element does.
+            key, idx, inner = m.group(1), m.group(2), m.group(3)
+            self.emit(indent, f"_l = {target}.get({key!r})")
+            self.emit(indent, "if _l is None:")
+            self.emit(indent + 1, f"{target}[{key!r}] = [{{{inner!r}: {value}}}]")
+            if idx == "":
+                self.emit(indent, "else:")
+                self.emit(indent + 1, f"_l.append({{{inner!r}: {value}}})")
+                return
+            pos = "-1" if idx == "-1" else "0" if idx == "0" else f"min({int(idx)}, len(_l) - 1)"
+            self.emit(indent, "elif _l:")
+            self.emit(indent + 1, f"_l[{pos}][{inner!r}] = {value}")
+            self.emit(indent, "else:")
+            self.emit(indent + 1, f"_l.append({{{inner!r}: {value}}})")
+            return
         setter = self.ref(leaf.setter, "S")
         self.emit(indent, f"{setter}({target}, {value})")
 
@@ -154,10 +173,50 @@ def predicate(when: dict[str, Any], scope: str) -> Callable[[Any, Any], bool]:
     return w.build()
 
 
+def _is_plain_json(v: Any) -> bool:
+    if v is None or type(v) in (str, int, float, bool):
+        return True
+    if type(v) is list:
+        return all(_is_plain_json(x) for x in v)
+    if type(v) is dict:
+        return all(type(k) is str and _is_plain_json(x) for k, x in v.items())
+    return False
+
+
+def literal_source(value: Any) -> str | None:
+    """Python source that evaluates to a fresh copy of a JSON value (the value as
+    ``orjson.loads(orjson.dumps(value))`` gives it), or None if there is none.
+
+    Evaluating a literal builds new dicts and lists each time, which is several times
+    faster than an orjson round trip for the small constants of rule files."""
+    try:
+        norm = orjson.loads(orjson.dumps(value))
+    except (TypeError, ValueError):
+        return None
+    if not _is_plain_json(norm):
+        return None
+    src = repr(norm)
+    return src if len(src) < 20_000 else None
+
+
+def copier(value: Any) -> Callable[[], Any]:
+    """A function returning a fresh deep copy of a constant (what an orjson round trip
+    gives), for constants that rules store and later code mutates."""
+    src = literal_source(value)
+    if src is None:
+        blob = orjson.dumps(value)
+        return lambda: orjson.loads(blob)
+    fn: Callable[[], Any] = eval(compile(f"lambda: {src}", "<rules:const>", "eval"))
+    return fn
+
+
 def const_source(w: FunctionWriter, value: Any) -> str:
     """A constant: inline if immutable, else a fresh copy each time (results are mutated)."""
     if isinstance(value, str | int | float | bool):
         return repr(value)
+    src = literal_source(value)
+    if src is not None:
+        return f"({src})"
     return f"{w.ref(orjson.loads, 'J')}({w.ref(orjson.dumps(value), 'K')})"
 
 
@@ -212,8 +271,14 @@ def datatype_function(
     name: str,
     leaves: list[Leaf],
     finish: Callable[[dict[str, Any], Any, str], Any] | None,
+    required: tuple[str, ...] = (),
+    unwrap: bool = False,
 ) -> Callable[..., Any]:
-    """fn(components, state, location) → value; ``finish`` (if any) handles required/creates."""
+    """fn(components, state, location) → value; ``finish`` (if any) handles required/creates.
+
+    ``required`` (top-level keys that must hold a value, else the result is None) and
+    ``unwrap`` (a lone ``value`` key is returned as the value itself) are checked inline,
+    in that order, before ``finish``."""
     w = FunctionWriter(f"dt_{_ident(name)}", "comps, st, loc")
     w.emit(1, "out = {}")
     w.emit(1, "n = len(comps)")
@@ -246,7 +311,13 @@ def datatype_function(
             w.emit(2, f"c = comps[{c0}]")
             w.emit(2, "if c[0] or len(c) > 1:")
         else:
-            w.emit(2, f"if any(c and (c[0] or len(c) > 1) for c in comps[{c0}:{c1}]):")
+            # Unrolled `any(...)` over the slice (no generator per call).
+            tests = [f"(comps[{c0}] and (comps[{c0}][0] or len(comps[{c0}]) > 1))"]
+            tests += [
+                f"(n > {i} and comps[{i}] and (comps[{i}][0] or len(comps[{i}]) > 1))"
+                for i in range(c0 + 1, c1)
+            ]
+            w.emit(2, f"if {' or '.join(tests)}:")
         ind = 3
         if cond:
             w.emit(3, f"if {cond}:")
@@ -254,6 +325,13 @@ def datatype_function(
         _emit_value(w, ind, leaf, "comps", "loc", "out", have_c=c1 - c0 == 1)
     w.emit(1, "if not out:")
     w.emit(2, "return None")
+    for key in required:
+        w.emit(1, f"v = out.get({key!r})")
+        w.emit(1, 'if v is None or v == "" or v == {} or v == []:')
+        w.emit(2, "return None")
+    if unwrap:
+        w.emit(1, "if 'value' in out and len(out) == 1:")
+        w.emit(2, "return out['value']")
     if finish is None:
         w.emit(1, "return out")
     else:
@@ -276,12 +354,25 @@ def segment_function(
     name: str,
     steps: list[FieldStep | Callable[..., None]],
     mark: Callable[..., None],
+    split: Callable[..., Any] | None = None,
 ) -> Callable[..., None]:
-    """fn(segment, target, state): every rule line of one segment rule, unrolled."""
+    """fn(segment, target, state): every rule line of one segment rule, unrolled.
+
+    ``mark(usage, footprint, all_reps)`` merges a second read of a field into the usage
+    record ``[footprint, all_reps]`` the loss report reads; the first read of a field
+    (the common case) stores that record inline, as ``seg.field`` is inlined to a
+    lookup in the segment's cache of split fields and, given ``split``
+    (``hl7v2.split_field``), to splitting the raw field into that cache (fields 1 and 2,
+    which MSH treats specially, still go through ``seg.field``)."""
     w = FunctionWriter(f"seg_{_ident(name)}", "seg, target, st")
     mk = w.ref(mark, "M")
+    sp = w.ref(split, "X") if split is not None else ""
     w.emit(1, "f = seg.fields")
     w.emit(1, "nf = len(f)")
+    if any(isinstance(s, FieldStep) for s in steps):
+        w.emit(1, "used = st.used")
+        w.emit(1, "idx = seg.index")
+        w.emit(1, "cache = seg._cache")
     for step in steps:
         if not isinstance(step, FieldStep):
             w.emit(1, f"{w.ref(step, 'P')}(seg, target, st)")
@@ -295,8 +386,17 @@ def segment_function(
         if cond:
             test += f" and {cond}"
         w.emit(2, f"if {test}:")
-        w.emit(3, f"{mk}(st, seg.index, {n}, {fp}, {step.all_reps})")
-        w.emit(3, f"tree = seg.field({n})")
+        w.emit(3, f"u = used.get((idx, {n}))")
+        w.emit(3, "if u is None:")
+        w.emit(4, f"used[(idx, {n})] = [{fp}, {step.all_reps}]")
+        w.emit(3, "else:")
+        w.emit(4, f"{mk}(u, {fp}, {step.all_reps})")
+        w.emit(3, f"tree = cache.get({n})")
+        w.emit(3, "if tree is None:")
+        if split is not None and n > 2:
+            w.emit(4, f"tree = cache[{n}] = {sp}(raw, seg.encoding, seg.charset)")
+        else:
+            w.emit(4, f"tree = seg.field({n})")
         loc = step.loc
         if leaf.plain_text and leaf.comp is not None and not leaf.width:
             # A text component (or the whole field as text): no conversion needed.

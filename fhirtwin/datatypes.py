@@ -79,13 +79,33 @@ def to_date(text: str) -> str:
     return f"{y}-{mo}-{d}"
 
 
+_DATETIMES: dict[tuple[str, str | None], tuple[str, bool]] = {}
+_DATETIMES_MAX = 8192
+
+
 def to_datetime(text: str, default_offset: str | None) -> tuple[str, bool]:
     """DTM/TS → FHIR dateTime. Returns (value, used_default_offset).
 
     FHIR forbids a time without an offset: the value's own offset wins, else
     ``default_offset`` ('+hh:mm', or an IANA zone name prefixed 'tz:'); with
     neither, ValueError.
+
+    Memoized (a pure function; the same times recur in every segment of a message and
+    across a feed's messages). Only results are kept, so a bad value raises every time.
+    The memo is emptied when full (a bound, not an LRU).
     """
+    key = (text, default_offset)
+    got = _DATETIMES.get(key)
+    if got is not None:
+        return got
+    got = _to_datetime(text, default_offset)
+    if len(_DATETIMES) >= _DATETIMES_MAX:
+        _DATETIMES.clear()
+    _DATETIMES[key] = got
+    return got
+
+
+def _to_datetime(text: str, default_offset: str | None) -> tuple[str, bool]:
     m = _DTM.match(text.strip())
     if not m:
         raise ValueError(

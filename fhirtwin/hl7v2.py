@@ -197,9 +197,12 @@ class Segment:
 
     def value(self, n: int, rep: int = 0, comp: int = 1, sub: int = 1) -> str:
         """One leaf (1-based component and sub-component, 0-based repetition); '' if absent."""
-        if n >= len(self.fields) or not self.fields[n]:
+        fields = self.fields
+        if n >= len(fields) or not fields[n]:
             return ""
-        tree = self.field(n)
+        tree = self._cache.get(n)
+        if tree is None:
+            tree = self.field(n)
         try:
             return tree[rep][comp - 1][sub - 1]
         except IndexError:

@@ -23,7 +23,7 @@ import orjson
 
 from fhirtwin import codegen
 from fhirtwin import datatypes as dt
-from fhirtwin.hl7v2 import Message, Segment
+from fhirtwin.hl7v2 import Message, Segment, split_field
 from fhirtwin.rules import (
     CodeMap,
     DatatypeRule,
@@ -122,7 +122,9 @@ class _State:
     seg: Segment | None = None
     param_system: str | None = None
     param_map: CodeMap | None = None
-    created: dict[tuple[str, str, str | None, int], Any] = field(default_factory=dict)
+    created: dict[tuple[str, tuple[tuple[str, ...], ...], str | None, int], Any] = field(
+        default_factory=dict
+    )
 
     def error(self, loc: str, what: str, hint: str) -> None:
         seg = self.seg
@@ -179,6 +181,7 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
         steps.append((m.group(1), idx))
     *head, (last, last_idx) = steps
     extra = dict(with_) if with_ else None
+    copy_extra = codegen.copier(extra) if extra else None
     # `with:` fills the element that the path's last '[]' before the leaf appends.
     with_at = max((i for i, (_, idx) in enumerate(head) if idx == ""), default=-1)
 
@@ -204,7 +207,7 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
     if len(head) == 1 and last_idx is None:
         # 'a.b', 'a[].b', 'a[0].b', 'a[-1].b': the most common shapes, unrolled.
         ((hname, hidx),) = head
-        with_first = extra if with_at == 0 else None
+        new_first = copy_extra if with_at == 0 else None
         if hidx is None:
 
             def set_in_object(target: dict[str, Any], value: Any) -> None:
@@ -219,9 +222,7 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
         def set_in_element(target: dict[str, Any], value: Any) -> None:
             lst = target.setdefault(hname, [])
             if pos is None or not lst:
-                obj: dict[str, Any] = {}
-                if with_first:
-                    obj.update(_copy(with_first))
+                obj: dict[str, Any] = new_first() if new_first is not None else {}
                 lst.append(obj)
             else:
                 # [0] the first element, [-1] the last one appended (made if none).
@@ -242,8 +243,8 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
                 lst = obj.setdefault(name, [])
                 if idx == "" or not lst:
                     new: dict[str, Any] = {}
-                    if extra and i == with_at:
-                        new.update(_copy(extra))
+                    if copy_extra is not None and i == with_at:
+                        new.update(copy_extra())
                     lst.append(new)
                     obj = new
                 else:
@@ -253,8 +254,8 @@ def compile_path(path: str, with_: dict[str, Any] | None = None, where: str = ""
             obj[last] = value
         elif last_idx == "":
             lst = obj.setdefault(last, [])
-            if extra and isinstance(value, dict):
-                value = {**_copy(extra), **value}
+            if copy_extra is not None and isinstance(value, dict):
+                value = {**copy_extra(), **value}
             if isinstance(value, list):
                 lst.extend(value)
             else:
@@ -344,14 +345,26 @@ def _unique(setter: Setter, path: str) -> Setter:
     return put
 
 
-def _copy(v: Any) -> Any:
-    return orjson.loads(orjson.dumps(v))
+def _const_fn(value: Any) -> Callable[[], Any]:
+    """A constant of a rule: itself if immutable, else a fresh deep copy on each call."""
+    if isinstance(value, dict | list):
+        return codegen.copier(value)
+    return lambda: value
+
+
+_PATH_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def _path_names(path: str) -> tuple[str, ...]:
+    names = _PATH_NAMES.get(path)
+    if names is None:
+        names = _PATH_NAMES[path] = tuple(p.split("[", 1)[0] for p in path.split("."))
+    return names
 
 
 def _path_get(target: dict[str, Any], path: str) -> Any:
     obj: Any = target
-    for part in path.split("."):
-        name = part.split("[", 1)[0]
+    for name in _PATH_NAMES.get(path) or _path_names(path):
         if isinstance(obj, list):
             obj = obj[0] if obj else None
         if not isinstance(obj, dict):
@@ -647,9 +660,13 @@ class Engine:
         creates = rule.creates
         id_mode = rule.id
         unwrap = rule.fhir in PRIMITIVES
+        # Required paths that are plain keys (the usual case) are checked in the generated
+        # function, and so is unwrapping; `finish` is left for the rest and for `creates`.
+        required_keys = tuple(r for r in required if _PATH_PART.match(r) and "[" not in r)
+        required_paths = tuple(r for r in required if r not in required_keys)
 
         def finish(out: dict[str, Any], st: _State, loc: str) -> Any:
-            for r in required:
+            for r in required_paths:
                 if _empty(_path_get(out, r)):
                     return None
             if unwrap and "value" in out and len(out) == 1:
@@ -661,8 +678,14 @@ class Engine:
                 return _ref(res)
             return out
 
-        plain = not required and not creates and not unwrap
-        fn = codegen.datatype_function(rule.name, leaves, None if plain else finish)
+        inline = not required_paths and not creates
+        fn = codegen.datatype_function(
+            rule.name,
+            leaves,
+            None if inline else finish,
+            required=required_keys,
+            unwrap=unwrap and inline,
+        )
         if not creates:
             return fn
         name = rule.name
@@ -670,7 +693,7 @@ class Engine:
         def create_once(comps: Comps, st: _State, loc: str) -> Any:
             # The same person, place or organization is often written several times in
             # one message; build its resource once and reuse the reference.
-            key = (name, repr(comps), st.param_system, id(st.param_map))
+            key = (name, tuple(map(tuple, comps)), st.param_system, id(st.param_map))
             ref = st.created.get(key)
             if ref is None:
                 ref = st.created[key] = fn(comps, st, loc)
@@ -711,6 +734,10 @@ class Engine:
             if rule.type in PRIMITIVES:
                 if rule.type not in _MULTI_COMPONENT and not rule.width:
                     leaf.prim = self._primitive(rule)
+                elif rule.type in _MULTI_COMPONENT and rule.width and rule.comp is not None:
+                    # The builtin reads its slice of components directly (no wrapper).
+                    leaf.dt = self._primitive(rule)
+                    leaf.dt_mode = "width"
             else:
                 fn = self._datatype(rule.type, rule.source)
                 if fn is not _pending:
@@ -729,12 +756,12 @@ class Engine:
         setter = compile_path(rule.to, rule.with_, rule.source) if rule.to else None
         cond = _compile_when(rule.when, rule.source)
         if rule.value is not None:
-            const = rule.value
+            const = _const_fn(rule.value)
 
             def put_const(comps: Comps, target: dict[str, Any], st: _State, loc: str) -> None:
                 if cond is None or cond(comps, st):
                     assert setter is not None
-                    setter(target, _copy(const) if isinstance(const, dict | list) else const)
+                    setter(target, const())
 
             return put_const
         if rule.cases:
@@ -796,7 +823,7 @@ class Engine:
     def _compile_segment(self, rule: SegmentRule) -> _CompiledSegment:
         steps: list[codegen.FieldStep | Callable[[Segment, dict[str, Any], _State], None]] = []
         links: list[Callable[[dict[str, Any], _State], None]] = []
-        defaults: list[tuple[str, Setter, Any]] = []
+        defaults: list[tuple[str, Setter, Any, Callable[[], Any]]] = []
         for fr in rule.fields:
             if fr.link:
                 links.append(self._compile_link(fr))
@@ -804,7 +831,14 @@ class Engine:
                 steps.append(self._compile_ref(fr))
             elif fr.default is not None and fr.field is None and fr.msh is None:
                 assert fr.to is not None
-                defaults.append((fr.to, compile_path(fr.to, fr.with_, fr.source), fr.default))
+                defaults.append(
+                    (
+                        fr.to,
+                        compile_path(fr.to, fr.with_, fr.source),
+                        fr.default,
+                        _const_fn(fr.default),
+                    )
+                )
             else:
                 if fr.field is not None and fr.msh is None and not fr.cases:
                     assert fr.to is not None
@@ -820,8 +854,15 @@ class Engine:
                 else:
                     steps.append(self._compile_field(fr, rule.segment))
                 if fr.default is not None and fr.to:
-                    defaults.append((fr.to, compile_path(fr.to, None, fr.source), fr.default))
-        run = codegen.segment_function(rule.name, steps, _mark)
+                    defaults.append(
+                        (
+                            fr.to,
+                            compile_path(fr.to, None, fr.source),
+                            fr.default,
+                            _const_fn(fr.default),
+                        )
+                    )
+        run = codegen.segment_function(rule.name, steps, _merge_mark, split_field)
         return _CompiledSegment(rule, run, links, defaults)
 
     def _compile_ref(self, fr: FieldRule) -> Callable[[Segment, dict[str, Any], _State], None]:
@@ -871,11 +912,11 @@ class Engine:
             # A constant for the resource (value:) with an optional condition.
             assert fr.to is not None
             setter = compile_path(fr.to, fr.with_, fr.source)
-            const = fr.value
+            const = _const_fn(fr.value)
 
             def put_const(seg: Segment, target: dict[str, Any], st: _State) -> None:
                 if cond is None or cond(seg, st):
-                    setter(target, _copy(const) if isinstance(const, dict | list) else const)
+                    setter(target, const())
 
             return put_const
         n = fr.field
@@ -1183,6 +1224,8 @@ class Engine:
                     unmapped.append({"segment": name, "index": index + 1, "field": f"{name}-{n}"})
                     continue
                 comps, all_reps = usage
+                if comps is None and all_reps:
+                    continue  # every component of every repetition was read
                 tree = cache.get(n) or seg.field(n)
                 if not all_reps and len(tree) > 1:
                     extra = sum(1 for r in tree[1:] if any(any(s) for s in (c for c in r)))
@@ -1197,11 +1240,21 @@ class Engine:
                         )
                 if comps is None:
                     continue
+                if not all_reps:
+                    r = tree[0]
+                    if len(r) == 1 and 1 in comps:
+                        continue  # the common case: one component, and it was read
                 missing = None
-                for r in tree if all_reps else tree[:1]:
-                    for ci, c in enumerate(r, 1):
-                        # c is never empty: c[0] first spares any() in the common case.
-                        if ci not in comps and (c[0] or any(c)):
+                for r in tree if all_reps else (tree[0],):
+                    if len(r) == 1 and 1 in comps:
+                        continue  # one component, and it was read
+                    gaps = _GAPS.get((comps, len(r)))
+                    if gaps is None:
+                        gaps = _gaps(comps, len(r))
+                    for ci in gaps:
+                        c = r[ci - 1]
+                        # c is never empty: c[0] first, any() only for sub-components.
+                        if c[0] or (len(c) > 1 and any(c)):
                             if missing is None:
                                 missing = set()
                             missing.add(ci)
@@ -1233,6 +1286,19 @@ class Engine:
 
 
 _pending: ValueFn = lambda comps, st, loc: None  # noqa: E731
+_GAPS: dict[tuple[frozenset[int], int], tuple[int, ...]] = {}
+
+
+def _gaps(comps: frozenset[int], length: int) -> tuple[int, ...]:
+    """The component numbers 1..length that a rule's footprint does not read (memoized:
+    footprints are per rule line, lengths small)."""
+    got = tuple(ci for ci in range(1, length + 1) if ci not in comps)
+    if len(_GAPS) >= 4096:
+        _GAPS.clear()
+    _GAPS[(comps, length)] = got
+    return got
+
+
 _FIRST_COMPONENT = frozenset({1})
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 _EMPTY_PARENS = re.compile(r"\(\s*\)")
@@ -1277,16 +1343,16 @@ class _CompiledSegment:
     rule: SegmentRule
     run: Callable[[Segment, dict[str, Any], _State], None]
     links: list[Callable[[dict[str, Any], _State], None]]
-    defaults: list[tuple[str, Setter, Any]]
+    defaults: list[tuple[str, Setter, Any, Callable[[], Any]]]
 
     def apply(self, seg: Segment, target: dict[str, Any], st: _State) -> None:
         self.run(seg, target, st)
         for n in self.rule.ignore:
             if seg.has(n):
                 _mark(st, seg.index, n, None, True)
-        for path, setter, value in self.defaults:
+        for path, setter, value, fresh in self.defaults:
             if _empty(_path_get(target, path)):
-                setter(target, _copy(value) if isinstance(value, dict | list) else value)
+                setter(target, fresh())
                 st.report.assumptions.append(
                     {
                         "field": f"{seg.name}[{seg.index + 1}]",
@@ -1301,6 +1367,11 @@ def _mark(st: _State, idx: int, n: int, comps: frozenset[int] | None, all_reps: 
     if cur is None:
         st.used[key] = [comps, all_reps]
         return
+    _merge_mark(cur, comps, all_reps)
+
+
+def _merge_mark(cur: list[Any], comps: frozenset[int] | None, all_reps: bool) -> None:
+    """A field read again: the loss report counts the union of what the reads used."""
     if cur[0] is not None:
         cur[0] = None if comps is None else cur[0] | comps
     cur[1] = cur[1] or all_reps
@@ -1342,10 +1413,23 @@ def _codesystem(name: str, st: _State) -> str | None:
             "field": "coding system",
             "what": f"coding system {name!r} has no URI in "
             f"codes/coding-systems.yaml or the sender profile: used {st.profile.system_base}"
-            f"{quote(name, safe='')}",
+            f"{_quote_name(name)}",
         }
     )
-    return st.profile.system_base + quote(name, safe="")
+    return st.profile.system_base + _quote_name(name)
+
+
+_QUOTED: dict[str, str] = {}
+
+
+def _quote_name(name: str) -> str:
+    """quote(name, safe=''), memoized: the same local system names recur in every message."""
+    got = _QUOTED.get(name)
+    if got is None:
+        if len(_QUOTED) >= 4096:
+            _QUOTED.clear()
+        got = _QUOTED[name] = quote(name, safe="")
+    return got
 
 
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+\Z")
@@ -1373,7 +1457,7 @@ def _system_builtin(comps: Comps, st: _State, loc: str) -> Any:
     name = ns or uid
     if not name:
         return None
-    uri = st.profile.system_base + quote(name, safe="")
+    uri = st.profile.system_base + _quote_name(name)
     st.report.assumptions.append(
         {
             "field": loc,
