@@ -314,17 +314,16 @@ def kafka_audit(bootstrap: str) -> AuditSink:
     producer: Any = bus.producer(bootstrap)
 
     def emit(events: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        errors: list[str] = []
-
-        def done(err: Any, _msg: Any) -> None:
-            if err is not None:
-                errors.append(str(err))
-
-        for key, event in events:
-            value = orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
-            producer.produce(bus.AUDIT, value, key.encode(), on_delivery=done)
-        if producer.flush(15) != 0 or errors:
-            raise ApiError(503, "transient", "the audit log is unavailable; nothing was read")
+        records = [
+            (bus.AUDIT, orjson.dumps(event, option=orjson.OPT_SORT_KEYS), key.encode(), ())
+            for key, event in events
+        ]
+        try:
+            bus.send_acked(producer, records)
+        except bus.NotAcknowledged:
+            raise ApiError(
+                503, "transient", "the audit log is unavailable; nothing was read"
+            ) from None
 
     return emit
 

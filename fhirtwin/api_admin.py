@@ -601,23 +601,13 @@ def router(
             now_ms=int(time.time() * 1000),
             record=f"api:consent-{interaction}:{principal.client_id}",
         )
-        failed: list[str] = []
-
-        def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                failed.append(str(err))
-
-        producer.produce(
-            bus.RESOURCES,
-            value=value,
-            key=twin.encode(),
-            headers=[("fhirtwin-source-kind", b"fhir"), ("fhirtwin-source-record", b"api")],
-            on_delivery=delivered,
-        )
-        if producer.flush(30) or failed:
+        source = [("fhirtwin-source-kind", b"fhir"), ("fhirtwin-source-record", b"api")]
+        try:
+            bus.send_acked(producer, [(bus.RESOURCES, value, twin.encode(), source)], timeout=30)
+        except bus.NotAcknowledged as exc:
             raise ApiError(
-                503, "transient", f"Kafka did not acknowledge the Consent: {'; '.join(failed)}"
-            )
+                503, "transient", f"Kafka did not acknowledge the Consent: {exc}"
+            ) from None
         # Wait until the assembler has filed this content as the current version.
         digest = content_hash(doc)
         deadline = time.monotonic() + file_timeout

@@ -34,6 +34,7 @@ __all__ = [
     "RESULTS",
     "SOURCE_KINDS",
     "TWIN_EVENTS",
+    "NotAcknowledged",
     "Record",
     "consumer",
     "ensure_topics",
@@ -41,6 +42,7 @@ __all__ = [
     "header",
     "producer",
     "read_topic",
+    "send_acked",
 ]
 
 SOURCE_KINDS = ("hl7v2", "ccda", "csv", "fhir", "notes")
@@ -84,6 +86,34 @@ _QUIET: dict[str, Any] = {"log_level": 3, **_site_conf()}
 
 def _logger() -> logging.Logger:
     return logging.getLogger("fhirtwin.librdkafka")
+
+
+class NotAcknowledged(RuntimeError):
+    """Kafka did not acknowledge every record of a send_acked call."""
+
+
+def send_acked(
+    prod: Any,
+    records: Sequence[tuple[str, bytes, bytes | None, Sequence[tuple[str, bytes]]]],
+    *,
+    timeout: float = 15,
+) -> None:
+    """Produce (topic, value, key, headers) records and return only once every one is
+    acknowledged (acks=all); NotAcknowledged otherwise. For writes that must be durable
+    before an answer is given: an audit record, an erasure notice, a Consent."""
+    errors: list[str] = []
+
+    def done(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    topics = sorted({topic for topic, _, _, _ in records})
+    for topic, value, key, headers in records:
+        prod.produce(topic, value, key, headers=list(headers), on_delivery=done)
+    if prod.flush(timeout) != 0 or errors:
+        raise NotAcknowledged(
+            f"{', '.join(topics)}: not acknowledged ({'; '.join(errors[:3]) or 'timeout'})"
+        )
 
 
 def producer(bootstrap: str, *, linger_ms: float = 1, **extra: Any) -> Any:

@@ -259,15 +259,7 @@ def kafka_sinks(
     producer: Any = bus.producer(bootstrap)
 
     def send(topic: str, key: str, body: dict[str, Any]) -> None:
-        errors: list[str] = []
-
-        def done(err: Any, _msg: Any) -> None:
-            if err is not None:
-                errors.append(str(err))
-
-        producer.produce(topic, dumps(body), key.encode(), on_delivery=done)
-        if producer.flush(15) != 0 or errors:
-            raise RuntimeError(f"{topic}: not acknowledged ({'; '.join(errors) or 'timeout'})")
+        bus.send_acked(producer, [(topic, dumps(body), key.encode(), ())])  # NotAcknowledged
 
     def audit(event: dict[str, Any]) -> None:
         send(bus.AUDIT, event["entity"][0]["what"]["identifier"]["value"], event)
