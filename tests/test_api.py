@@ -3,8 +3,6 @@ examples, served by uvicorn, read with httpx and fhirpy; consent, audit and erro
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,20 +13,20 @@ import httpx
 import orjson
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI
 
 from fhirtwin import bus
 from fhirtwin.api import MAX_COUNT, kafka_audit, router
 from fhirtwin.auth import ASSERTION_TYPE, Authority
 from fhirtwin.auth import router as auth_router
-from fhirtwin.infra import EmbeddedKafka, EmbeddedRedis
+from fhirtwin.infra import EmbeddedKafka, EmbeddedRedis, free_port
 from fhirtwin.ingest import ingest
 from fhirtwin.principal import AuthError, Principal
 from fhirtwin.snapshot import consent_event
 from fhirtwin.subscribers import Registry, make_subscriber
 from fhirtwin.twin import TwinStore
 from tests.pipeline import drain, produce, records
+from tests.serving import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "hl7v2"
@@ -99,12 +97,6 @@ class Env:
         return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     with EmbeddedKafka() as k, EmbeddedRedis(prefer_existing=False) as r:
@@ -145,7 +137,7 @@ def env() -> Iterator[Env]:
                 default="permit",
             )
         )
-        port = _free_port()
+        port = free_port()
         # real SMART tokens too (test_real_token_end_to_end); test: tokens stay for the rest
         authority = Authority(client, token_url=f"http://127.0.0.1:{port}/auth/token")
 
@@ -159,15 +151,7 @@ def env() -> Iterator[Env]:
         app.include_router(
             router(store, registry, authenticate=either, audit=kafka_audit(k.bootstrap))
         )
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
+        stop_server = serve(app, port)
         try:
             yield Env(
                 k.bootstrap,
@@ -180,8 +164,7 @@ def env() -> Iterator[Env]:
                 store,
             )
         finally:
-            server.should_exit = True
-            thread.join(10)
+            stop_server()
 
 
 def get(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ import httpx
 import orjson
 import pytest
 import redis
-import uvicorn
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
@@ -29,12 +27,13 @@ from fhirtwin.audit import AuditSequencer
 from fhirtwin.auth import ASSERTION_TYPE, Authority
 from fhirtwin.cli_api import build_app
 from fhirtwin.deadletter import list_deadletters
-from fhirtwin.infra import EmbeddedKafka, EmbeddedRedis
+from fhirtwin.infra import EmbeddedKafka, EmbeddedRedis, free_port
 from fhirtwin.ingest import ingest
 from fhirtwin.normalize import NormalizeWorker
 from fhirtwin.subscribers import Registry, make_subscriber
 from fhirtwin.twin import TwinStore
 from tests.pipeline import drain, produce, wait_for
+from tests.serving import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "hl7v2"
@@ -148,12 +147,6 @@ class Env:
         return Client(client_id, jwks_key, self.authority.token_url)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     home = tmp_path_factory.mktemp("fhirtwin-home")
@@ -187,24 +180,16 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     default="permit",
                 )
             )
-        port = _free_port()
+        port = free_port()
         authority = Authority(client, token_url=f"http://127.0.0.1:{port}/auth/token")
         app = build_app(authority, k.bootstrap, r.url, live=lambda: {"status": "ok"})
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
+        stop_server = serve(app, port)
         # the assembler runs throughout, as under `fhirtwin up`: Consent writes wait for it
         stop = threading.Event()
         worker = AssembleWorker(k.bootstrap, r.url)
         assembler = threading.Thread(target=worker.run, args=(stop,))
         assembler.start()
         wait_for(lambda: bool(worker.stream.assigned), 60, "the assembler to join its group")
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
         e = Env(
             k.bootstrap,
             r.url,
@@ -243,8 +228,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         finally:
             stop.set()
             assembler.join(30)
-            server.should_exit = True
-            thread.join(10)
+            stop_server()
 
 
 def call(env: Env, method: str, path: str, who: str | None, **kw: Any) -> httpx.Response:

@@ -8,9 +8,6 @@ tests are about the API), the audit sink is a list (tests/test_api.py covers Kaf
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,14 +16,15 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI
 
 from fhirtwin.api import View, ViewCache, router
+from fhirtwin.infra import free_port
 from fhirtwin.principal import AuthError, Principal
 from fhirtwin.snapshot import strip_dangling
 from fhirtwin.subscribers import Registry, make_subscriber
 from fhirtwin.twin import TwinStore
+from tests.serving import serve
 
 SCOPES = "http://terminology.hl7.org/CodeSystem/consentscope"
 RTYPES = "http://hl7.org/fhir/resource-types"
@@ -114,15 +112,9 @@ class App:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def make_app(redis_url: str) -> Iterator[Callable[[dict[str, Any]], App]]:
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    stops: list[Callable[[], None]] = []
 
     def make(provision: dict[str, Any]) -> App:
         client = redis.Redis.from_url(redis_url)
@@ -155,23 +147,13 @@ def make_app(redis_url: str) -> Iterator[Callable[[dict[str, Any]], App]]:
                 cache=cache,
             )
         )
-        port = _free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.started
+        port = free_port()
+        stops.append(serve(app, port))
         return App(f"http://127.0.0.1:{port}/fhir", store, registry, cache, clock, audit, known_ms)
 
     yield make
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+    for stop in stops:
+        stop()
 
 
 PERMIT = {"type": "permit"}

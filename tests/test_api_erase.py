@@ -3,8 +3,6 @@ serve (``cli_api.build_app``) on real Tansu and Redis, with real SMART tokens (h
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,6 @@ import httpx
 import orjson
 import pytest
 import redis
-import uvicorn
 
 from fhirtwin import bus
 from fhirtwin.auth import Authority
@@ -23,6 +20,7 @@ from fhirtwin.ingest import ingest
 from fhirtwin.subscribers import Registry, make_subscriber
 from fhirtwin.twin import TwinStore
 from tests.pipeline import drain, records
+from tests.serving import serve
 from tests.test_api_admin import Client, new_key
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "hl7v2"
@@ -65,15 +63,7 @@ def env() -> Iterator[Env]:
         port = free_port()
         authority = Authority(client, token_url=f"http://127.0.0.1:{port}/auth/token")
         app = build_app(authority, k.bootstrap, r.url, live=lambda: {"status": "ok"})
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
+        stop_server = serve(app, port)
         key, jwks = new_key()
         authority.register_client("care-app", jwks, ["system/*.rs"], "care")
         reader = Client("care-app", key, authority.token_url).token("system/*.rs")
@@ -88,8 +78,7 @@ def env() -> Iterator[Env]:
                 reader,
             )
         finally:
-            server.should_exit = True
-            thread.join(10)
+            stop_server()
 
 
 def _post(env: Env, pid: str, token: str, body: object = None) -> httpx.Response:
