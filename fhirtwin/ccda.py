@@ -48,6 +48,7 @@ from fhirtwin.datatypes import to_datetime
 
 __all__ = [
     "MAX_BYTES",
+    "UNIDENTIFIED",
     "CcdaError",
     "Rules",
     "convert",
@@ -65,6 +66,12 @@ PREFIXES = {"": V3, "xsi": XSI, "sdtc": SDTC}
 NAMESPACE = uuid.UUID("6f1d3c1e-5b1a-4c8e-9a57-ccda0f41e2b1")
 MAX_BYTES = 64 * 1024 * 1024  # the largest document the converter accepts
 _NAMESPACE_BYTES = NAMESPACE.bytes
+# meta.tag of the Patient made for a document with no recordTarget (see convert)
+UNIDENTIFIED = {
+    "system": "https://fhirtwin.dev/fhir/CodeSystem/tags",
+    "code": "unidentified-patient",
+    "display": "Placeholder: the source document names no patient",
+}
 
 
 def uuid5(name: str) -> str:
@@ -1537,13 +1544,23 @@ def convert(
         target = compile_path(rules.document.get("patient-path", "recordTarget/patientRole"))
         pat_el = target.first(doc.root)
         if pat_el is None:
-            raise doc.error(
-                doc.root, "the document has no recordTarget/patientRole", "add the patient"
+            # A document that names no one (the IG's example stubs): its content still
+            # converts, about a placeholder Patient that identifies nobody and says so.
+            patient = _unidentified_patient(doc)
+            doc.order.append(patient)
+            doc.warn(
+                doc.root,
+                f"the document has no {target.text}: its resources refer to "
+                f"Patient/{patient['id']}, a placeholder tagged {UNIDENTIFIED['code']!r} "
+                "that identifies nobody; the pipeline does not attribute such a document "
+                "to a twin (add the recordTarget and send it again)",
             )
-        # known before the patient is made: its guardians' RelatedPersons point back to it
-        doc.patient_ref = {"reference": f"Patient/{_resource_id(doc, patient_rule, pat_el)}"}
-        patient = make(doc, patient_rule, pat_el)
-        assert patient is not None
+        else:
+            # known before the patient is made: its guardians' RelatedPersons point back
+            doc.patient_ref = {"reference": f"Patient/{_resource_id(doc, patient_rule, pat_el)}"}
+            made = make(doc, patient_rule, pat_el)
+            assert made is not None
+            patient = made
         doc.patient_ref = {"reference": f"Patient/{patient['id']}"}
         body = doc.root.find(f"{{{V3}}}component/{{{V3}}}structuredBody")
         if body is not None:
@@ -1578,6 +1595,16 @@ def convert(
     if validate:
         _raise_invalid(bundle, source)
     return bundle
+
+
+def _unidentified_patient(doc: Doc) -> dict[str, Any]:
+    """The subject of a document without a recordTarget: one per document (its id comes
+    from the document's id, else its bytes), identifying nobody, tagged UNIDENTIFIED."""
+    return {
+        "resourceType": "Patient",
+        "id": uuid5(f"Patient|{doc.key}|unidentified"),
+        "meta": {"tag": [dict(UNIDENTIFIED)]},
+    }
 
 
 def _raise_invalid(bundle: dict[str, Any], source: str) -> None:
@@ -1733,6 +1760,15 @@ def convert_record(rec: Any, validate: bool, mappings: Path | None) -> list[Any]
     except RulesError as exc:
         raise SourceError("map", f"the C-CDA rules are broken: {exc}", {"error": "rules"}) from exc
     resources = [e["resource"] for e in bundle["entry"]]
+    if any(UNIDENTIFIED in r.get("meta", {}).get("tag", ()) for r in resources):
+        # A twin is a patient: a document naming nobody must not become one (nor join one)
+        raise SourceError(
+            "map",
+            f"{name}: the document has no recordTarget/patientRole, so it names no patient "
+            "and cannot join a twin; add the recordTarget and send it again (the original "
+            "bytes are kept in this dead letter)",
+            {"error": "no patient", "xpath": "/ClinicalDocument/recordTarget"},
+        )
     comp = next((r for r in resources if r["resourceType"] == "Composition"), None)
     when = comp.get("date") if comp else None
     control = next(

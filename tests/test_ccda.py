@@ -187,7 +187,6 @@ def test_bad_timestamp_is_left_out_and_reported() -> None:
         ),
         (b"<ClinicalDocument xmlns='urn:hl7-org:v3'><id>", "not well-formed XML"),
         (b"<Bundle xmlns='http://hl7.org/fhir'/>", "not ClinicalDocument"),
-        (b"<ClinicalDocument xmlns='urn:hl7-org:v3'/>", "no recordTarget/patientRole"),
     ],
 )
 def test_bad_input_gets_a_clear_error(data: bytes, expected: str) -> None:
@@ -274,38 +273,110 @@ def test_pipeline_plugin_raises_source_error_with_location() -> None:
     assert "line" in info.value.error
 
 
+_NO_PATIENT = b"""<ClinicalDocument xmlns="urn:hl7-org:v3">
+  <id root="2.16.840.1.113883.19.5" extension="stub-7"/>
+  <code code="34133-9" codeSystem="2.16.840.1.113883.6.1"/>
+  <component><structuredBody><component><section>
+    <code code="11450-4" codeSystem="2.16.840.1.113883.6.1"/>
+    <entry><act classCode="ACT" moodCode="EVN">
+      <templateId root="2.16.840.1.113883.10.20.22.4.3"/>
+      <id root="c1b1b7a0-0000-4000-8000-0000000000a1"/>
+      <code code="CONC" codeSystem="2.16.840.1.113883.5.6"/>
+      <statusCode code="active"/>
+      <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN">
+        <templateId root="2.16.840.1.113883.10.20.22.4.4"/>
+        <id root="c1b1b7a0-0000-4000-8000-0000000000a2"/>
+        <code code="55607006" codeSystem="2.16.840.1.113883.6.96"/>
+        <statusCode code="completed"/>
+        <value xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="CD"
+               code="38341003" codeSystem="2.16.840.1.113883.6.96" displayName="Hypertension"/>
+      </observation></entryRelationship>
+    </act></entry>
+  </section></component></structuredBody></component>
+</ClinicalDocument>"""
+
+
+def test_document_without_patient_converts_about_a_placeholder_that_says_so() -> None:
+    """The IG's example stubs name no patient and no time: their content still converts,
+    R4B-valid, about one Patient per document that identifies nobody and is tagged so,
+    and the conversion says what it assumed."""
+    warnings: list[dict[str, Any]] = []
+    out = ccda.convert(_NO_PATIENT, source="stub.xml", validate=True, warnings=warnings)
+    (patient,) = _resources(out, "Patient")
+    assert patient["meta"]["tag"] == [ccda.UNIDENTIFIED]
+    assert set(patient) == {"resourceType", "id", "meta"}  # no identity is invented
+    (condition,) = _resources(out, "Condition")
+    assert condition["subject"] == {"reference": f"Patient/{patient['id']}"}
+    assert condition["code"]["coding"][0]["code"] == "38341003"
+    (comp,) = _resources(out, "Composition")
+    assert comp["subject"] == {"reference": f"Patient/{patient['id']}"}
+    assert "date" not in comp
+    assert comp["_date"]["extension"][0]["valueCode"] == "unknown"
+    (note,) = [w for w in warnings if "recordTarget" in w["warning"]]
+    assert patient["id"] in note["warning"] and note["xpath"] == "/ClinicalDocument"
+    # the same document twice: the same placeholder; another document: another one
+    again = ccda.convert(_NO_PATIENT, source="stub.xml")
+    assert _resources(again, "Patient")[0]["id"] == patient["id"]
+    other = ccda.convert(_NO_PATIENT.replace(b"stub-7", b"stub-8"), source="stub.xml")
+    assert _resources(other, "Patient")[0]["id"] != patient["id"]
+
+
+def test_cli_converts_a_document_without_patient_and_warns(tmp_path: Path) -> None:
+    stub = tmp_path / "stub.xml"
+    stub.write_bytes(_NO_PATIENT)
+    result = CliRunner().invoke(
+        app, ["convert", "--from", "ccda", str(stub), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "no recordTarget/patientRole" in result.output
+    assert "1 document(s) converted, 0 failed" in result.output
+    assert validate_bundle(json.loads((tmp_path / "out" / "stub.json").read_bytes())) == []
+
+
+def test_pipeline_refuses_a_document_without_patient() -> None:
+    """A twin is a patient: the pipeline dead-letters (never attributes) such a document."""
+    with pytest.raises(SourceError) as info:
+        ccda.convert_record(_record(_NO_PATIENT), True, None)
+    assert info.value.stage == "map"
+    assert "no recordTarget/patientRole" in info.value.reason
+    assert "doc.xml" in info.value.reason
+    assert info.value.error["error"] == "no patient"
+
+
 # -- the corpus -------------------------------------------------------------------------
 
 
 def _corpus_documents(corpus: Path) -> list[Path]:
     docs = sorted((corpus / "microsoft-fhir-converter/data/SampleData/Ccda").glob("*.ccda"))
     docs += [
-        p for p in sorted((corpus / "hl7-c-cda-examples").rglob("*.xml")) if ccda.is_document(p)
+        p
+        for p in sorted((corpus / "hl7-c-cda-examples").rglob("*"))
+        if p.suffix.lower() == ".xml" and ccda.is_document(p)  # CCD 1 is "CCD.XML"
     ]
     return docs
 
 
 def test_corpus_documents_convert_to_valid_bundles(corpus: Path) -> None:
-    """Every document of the corpus that names its patient converts, R4B-valid; the
-    stubbed guide examples without a recordTarget are refused with that reason."""
+    """Every document of the corpus converts, R4B-valid, with exactly one Patient; the
+    guide's stubs without a recordTarget (and only they) get the placeholder."""
     docs = _corpus_documents(corpus)
-    assert len(docs) >= 46
-    converted, refused, failures = 0, [], []
+    examples = [p for p in docs if "hl7-c-cda-examples" in p.parts]
+    assert len(docs) >= 47 and len(examples) >= 30
+    failures, placeholders, missing = [], [], []
     for path in docs:
         data = path.read_bytes()
         try:
             bundle = ccda.convert(data, source=path.name, validate=True)
         except ccda.CcdaError as exc:
-            if "no recordTarget" in exc.reason:
-                refused.append(path.name)
-            else:
-                failures.append(f"{path.name}: {exc}")
+            failures.append(f"{path.name}: {exc}")
             continue
-        converted += 1
-        assert _resources(bundle, "Patient"), path.name
+        (patient,) = _resources(bundle, "Patient")
+        if ccda.UNIDENTIFIED in patient.get("meta", {}).get("tag", ()):
+            placeholders.append(path.name)
+        if b"recordTarget" not in data:
+            missing.append(path.name)
     assert failures == []
-    assert converted >= 36
-    assert len(refused) <= 10
+    assert sorted(placeholders) == sorted(missing)
 
 
 def test_every_resource_has_its_own_id(bundle: dict) -> None:
@@ -317,10 +388,7 @@ def test_every_resource_has_its_own_id(bundle: dict) -> None:
 
 def test_corpus_bundles_have_unique_ids(corpus: Path) -> None:
     for path in _corpus_documents(corpus):
-        try:
-            out = ccda.convert(path.read_bytes(), source=path.name)
-        except ccda.CcdaError:
-            continue
+        out = ccda.convert(path.read_bytes(), source=path.name)
         keys = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in out["entry"]]
         assert len(keys) == len(set(keys)), path.name
 
