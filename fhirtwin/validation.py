@@ -4,7 +4,13 @@ R4B models accept R4 JSON unchanged; R5-only elements are rejected, which is
 what we want from an R4 converter. Value-set bindings are not checked by the
 models (see docs/architecture.md).
 
-Validating a resource with the models costs far more than converting it, and a
+Each resource first goes to ``fhirtwin.fastcheck``, which walks the JSON with tables
+read from the same models and answers either "the models accept it" (then that is
+the verdict) or "not sure". Only the second kind, and every invalid resource, is
+built with the models, which also give the messages. ``FHIRTWIN_VALIDATOR=models``
+(or ``set_fast(False)``) sends every resource to the models.
+
+On the models' path, validating a resource costs far more than converting it, and a
 live feed sends the same Organization, Location, Practitioner or Device again and
 again. So the outcome of each resource's validation is kept in a bounded LRU
 cache keyed by the resource's exact JSON bytes (orjson, key order kept: the order
@@ -23,6 +29,7 @@ neither value, so the stand-in's verdict is the original's, path for path.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -31,12 +38,14 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from fhirtwin import fastcheck
 from fhirtwin.mapping import LINEAGE_EXTENSION
 
 __all__ = [
     "cache_info",
     "clear_cache",
     "set_cache_size",
+    "set_fast",
     "validate_bundle",
     "validate_resource",
 ]
@@ -56,6 +65,8 @@ _SOURCE_STANDIN = "urn:fhirtwin:validation-cache"
 _LINEAGE_STANDIN = {"url": LINEAGE_EXTENSION, "valueString": "SEG[0]"}
 _LINEAGE_TAGS = re.compile(r"[A-Z][A-Z0-9]{2}\[[0-9]+\](?:,[A-Z][A-Z0-9]{2}\[[0-9]+\])*\Z")
 
+# FHIRTWIN_VALIDATOR=models: every resource through the models, no fastcheck first
+_fast = os.environ.get("FHIRTWIN_VALIDATOR", "fast").strip().lower() != "models"
 _models: dict[str, Any] = {}
 _cache: OrderedDict[bytes, _Problems] = OrderedDict()
 _cache_size = DEFAULT_CACHE_SIZE
@@ -73,7 +84,14 @@ def _model(resource_type: str) -> Any:
 
 
 def _check(resource: dict[str, Any]) -> _Problems:
-    """The models' verdict on one resource, paths relative to it."""
+    """The models' verdict on one resource, paths relative to it (fastcheck first: when it
+    says the models accept the resource, they do)."""
+    if _fast and fastcheck.accepts(resource):
+        return ()
+    return _check_models(resource)
+
+
+def _check_models(resource: dict[str, Any]) -> _Problems:
     rt = resource.get("resourceType", "")
     try:
         model = _model(rt)
@@ -87,6 +105,10 @@ def _check(resource: dict[str, Any]) -> _Problems:
             loc = ".".join(str(x) for x in err["loc"] if x != "__root__")
             out.append((f".{loc}" if loc else "", err["msg"]))
         return tuple(out)
+    except (AttributeError, TypeError, ValueError) as exc:
+        # a model validator that trips over a value of the wrong type (a number where a
+        # url belongs raises AttributeError in fhir_core): invalid, not a crash
+        return (("", f"the R4 models could not read this resource: {type(exc).__name__}: {exc}"),)
     return ()
 
 
@@ -130,19 +152,21 @@ def _key(resource: dict[str, Any], trusted: bool) -> bytes | None:
 
 
 def _cached_check(resource: dict[str, Any], trusted: bool) -> _Problems:
+    if _fast and fastcheck.accepts(resource):
+        return ()  # cheaper than the cache key
     if _cache_size <= 0:
-        return _check(resource)
+        return _check_models(resource)
     template = _template(resource)
     key = _key(template, trusted)
     if key is None:
-        return _check(resource)
+        return _check_models(resource)
     with _lock:
         got = _cache.get(key)
         if got is not None:
             _cache.move_to_end(key)
             _stats["hits"] += 1
             return got
-    got = _check(template)
+    got = _check_models(template)
     with _lock:
         _stats["misses"] += 1
         _cache[key] = got
@@ -216,3 +240,12 @@ def set_cache_size(maxsize: int) -> None:
         _cache_size = max(0, int(maxsize))
         while len(_cache) > _cache_size:
             _cache.popitem(last=False)
+
+
+def set_fast(on: bool) -> bool:
+    """Whether fastcheck answers first (the default; ``FHIRTWIN_VALIDATOR=models`` turns it
+    off at start): it only ever says "the models accept this", never the opposite.
+    Returns the previous setting."""
+    global _fast
+    before, _fast = _fast, bool(on)
+    return before

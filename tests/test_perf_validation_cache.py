@@ -19,9 +19,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "hl7v2"
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> Iterator[None]:
+    """The cache serves the models' path (fastcheck off, as FHIRTWIN_VALIDATOR=models, and
+    the resources fastcheck is not sure of): these tests take that path."""
+    fast = validation.set_fast(False)
     validation.set_cache_size(validation.DEFAULT_CACHE_SIZE)
     validation.clear_cache()
     yield
+    validation.set_fast(fast)
     validation.set_cache_size(validation.DEFAULT_CACHE_SIZE)
     validation.clear_cache()
 

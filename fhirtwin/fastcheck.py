@@ -1,0 +1,256 @@
+"""A fast, conservative first look at FHIR R4 JSON, answering "do the R4B models accept it?".
+
+The fhir.resources R4B models are the reference for what is valid FHIR here, but building
+them costs several times more than converting an HL7 v2 message (about 5 ms for a message
+of 45 resources, against 1.5 ms to convert it). Nearly every resource a converter makes is
+valid, so most of that time only confirms what was expected.
+
+``accepts(resource)`` walks the plain JSON instead, with tables read once from the same
+model classes:
+
+* every key must be a field's JSON name (its alias), else the answer is "not sure";
+* a list where the model has a list (non-empty, no nulls), one value where it has one;
+* a complex value is checked against its own model's table (``Reference`` →
+  ``Reference``); a contained or Bundle resource against the model its ``resourceType``
+  names (which must be a Resource, as the models require);
+* a primitive value goes through the very pydantic validator the model uses for that
+  field (``TypeAdapter`` of the field's annotation, e.g. ``Annotated[str, Code()]``), its
+  verdict remembered per (type, value): codes, systems and units repeat endlessly;
+* required fields (``element_required``, satisfied by the value or by its ``_name``
+  extension, as the models allow) and choice groups (``value[x]``: at most one, one when
+  required) as in ``FHIRAbstractModel``.
+
+It answers True only when the models would accept the resource. Anything it does not
+model exactly (a ``null``, an empty object or list, a ``fhir_comments``, a field's Python
+name instead of its JSON name, a type of union it does not know) makes it answer False,
+which means "not sure": the caller then asks the models themselves, which also give the
+messages. So a False costs only time; a True must never be wrong, which
+``tests/test_fastcheck.py`` checks against the models on every resource the converters
+make from the corpus and on mutations of them.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter
+
+__all__ = ["accepts", "cache_info"]
+
+# field kinds
+_PRIM, _MODEL, _RESOURCE = 1, 2, 3
+_MAX_VALUES = 200_000  # remembered primitive verdicts, then the memory starts again
+
+
+@dataclass(slots=True)
+class _Field:
+    kind: int
+    many: bool
+    adapter: Any = None  # _PRIM: a pydantic TypeAdapter of the field's annotation
+    table: Any = None  # _MODEL: the _Table of the value's model
+
+
+@dataclass(slots=True)
+class _Table:
+    name: str
+    resource_type: str | None  # resources: the value "resourceType" must have
+    fields: dict[str, _Field] = field(default_factory=dict)
+    # (field alias, alias of its primitive extension or None) that must be present
+    required: tuple[tuple[str, str | None], ...] = ()
+    # choice groups: (aliases, one of them required)
+    choices: tuple[tuple[tuple[str, ...], bool], ...] = ()
+    unsure: frozenset[str] = frozenset()  # keys the walk does not model: answer "not sure"
+
+
+_tables: dict[type, _Table] = {}
+_adapters: dict[Any, TypeAdapter[Any]] = {}
+_values: dict[tuple[int, type, Any], bool] = {}
+_lock = threading.RLock()
+_stats = {"prim_hits": 0, "prim_misses": 0}
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool] | None:
+    """(inner type, is a list) of a field's annotation without its ``| None``; None when it
+    is a union the walk does not model (``fhir_comments``: ``str | List[str]``)."""
+    ann = annotation
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) != 1:
+            return None
+        ann = args[0]
+        origin = typing.get_origin(ann)
+    if origin in (list, typing.List):  # noqa: UP006 - the models use typing.List
+        (inner,) = typing.get_args(ann)
+        if typing.get_origin(inner) in (typing.Union, types.UnionType):
+            # List[Optional[X]] (primitive lists and their ``_name`` lists keep nulls as
+            # placeholders): checked as a list of X, where a null makes the walk unsure
+            args = [a for a in typing.get_args(inner) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            inner = args[0]
+        return inner, True
+    return ann, False
+
+
+def _table(klass: type) -> _Table:
+    table = _tables.get(klass)
+    if table is not None:
+        return table
+    with _lock:
+        table = _tables.get(klass)
+        if table is not None:
+            return table
+        is_resource = bool(getattr(klass, "has_resource_base", lambda: False)())
+        table = _Table(klass.__name__, klass.__resource_type__ if is_resource else None)  # type: ignore[attr-defined]
+        _tables[klass] = table  # before the fields: models refer to themselves
+        unsure: set[str] = set()
+        by_name: dict[str, str] = {}
+        choices: dict[str, list[str]] = {}
+        required_choice: dict[str, bool] = {}
+        required: list[tuple[str, str | None]] = []
+        for name, info in klass.model_fields.items():  # type: ignore[attr-defined]
+            alias = info.alias or name
+            by_name[name] = alias
+            if name != alias:
+                unsure.add(name)  # populate_by_name: the Python name also works there
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("one_of_many"):
+                group = str(extra["one_of_many"])
+                choices.setdefault(group, []).append(alias)
+                required_choice[group] = extra.get("one_of_many_required") is True
+            shape = _unwrap(info.annotation)
+            if shape is None:
+                unsure.add(alias)
+                continue
+            inner, many = shape
+            get_klass = getattr(inner, "get_model_klass", None)
+            if get_klass is not None:
+                target = get_klass()
+                if target.__name__ == "Resource":
+                    table.fields[alias] = _Field(_RESOURCE, many)
+                elif target.__name__ == "Element":
+                    unsure.add(alias)
+                else:
+                    table.fields[alias] = _Field(_MODEL, many, table=_table(target))
+            else:
+                adapter = _adapters.get(inner)
+                if adapter is None:
+                    adapter = _adapters[inner] = TypeAdapter(inner)
+                table.fields[alias] = _Field(_PRIM, many, adapter=adapter)
+            if info.is_required():
+                required.append((alias, None))
+        try:
+            prim_required = klass.get_required_fields(klass.model_construct())  # type: ignore[attr-defined]
+        except Exception:  # a model we cannot read is one we are unsure of
+            prim_required = None
+        if prim_required is None:
+            table.unsure = frozenset(table.fields) | frozenset(unsure)
+        else:
+            for name, ext in prim_required:
+                required.append((by_name.get(name, name), by_name.get(ext) if ext else None))
+            table.unsure = frozenset(unsure)
+        table.required = tuple(required)
+        table.choices = tuple(
+            (tuple(aliases), required_choice[group]) for group, aliases in choices.items()
+        )
+        return table
+
+
+def _resource_table(resource_type: Any) -> _Table | None:
+    if type(resource_type) is not str:
+        return None
+    from fhir.resources.R4B import get_fhir_model_class
+
+    try:
+        klass = get_fhir_model_class(resource_type)
+    except (KeyError, ValueError, AttributeError, ImportError):
+        return None
+    table = _table(klass)
+    return table if table.resource_type == resource_type else None
+
+
+def _prim(f: _Field, value: Any) -> bool:
+    if value is None or value == "" or type(value) in (dict, list):
+        return False
+    key = (id(f.adapter), type(value), value)
+    hit = _values.get(key)
+    if hit is not None:
+        _stats["prim_hits"] += 1
+        return hit
+    _stats["prim_misses"] += 1
+    try:
+        f.adapter.validate_python(value)
+        ok = True
+    except Exception:  # some validators raise AttributeError on odd types
+        ok = False
+    if len(_values) >= _MAX_VALUES:
+        _values.clear()
+    _values[key] = ok
+    return ok
+
+
+def _one(f: _Field, value: Any) -> bool:
+    kind = f.kind
+    if kind == _PRIM:
+        return _prim(f, value)
+    if type(value) is not dict:
+        return False
+    if kind == _MODEL:
+        return _check(f.table, value)
+    table = _resource_table(value.get("resourceType"))
+    return table is not None and _check(table, value)
+
+
+def _check(table: _Table, obj: dict[str, Any]) -> bool:
+    if not obj:
+        return False
+    fields = table.fields
+    for key, value in obj.items():
+        f = fields.get(key)
+        if f is None:
+            if key == "resourceType" and table.resource_type is not None:
+                if value != table.resource_type:
+                    return False
+                continue
+            return False
+        if key in table.unsure:
+            return False
+        if f.many:
+            if type(value) is not list or not value:
+                return False
+            for item in value:
+                if not _one(f, item):
+                    return False
+        elif type(value) is list or not _one(f, value):
+            return False
+    for alias, ext in table.required:
+        # the models take a missing required primitive when its ``_name`` has extensions
+        if alias not in obj and (ext is None or "extension" not in obj.get(ext, ())):
+            return False
+    for aliases, needed in table.choices:
+        present = 0
+        for alias in aliases:
+            if alias in obj:
+                present += 1
+        if present > 1 or (needed and present == 0):
+            return False
+    return True
+
+
+def accepts(resource: Any) -> bool:
+    """True when the R4B models accept this resource (JSON); False when they do not or
+    when this check is not sure: then ask the models (``fhirtwin.validation``)."""
+    if type(resource) is not dict:
+        return False
+    table = _resource_table(resource.get("resourceType"))
+    return table is not None and _check(table, resource)
+
+
+def cache_info() -> dict[str, int]:
+    """Remembered primitive verdicts, and how often they answered."""
+    return {"values": len(_values), **_stats}
