@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +76,11 @@ class ContextConfig:
 
     rules: list[Any]  # medspacy.context.ConTextRule
     prune_on_target_overlap: bool = False
+    # category → the span attributes it sets: CATEGORY_ATTRIBUTES plus the combined
+    # categories of this file ("NEGATED_EXISTENCE+HISTORICAL")
+    attributes: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: dict(CATEGORY_ATTRIBUTES)
+    )
 
 
 def context_rules_path(nlp_dir: Path) -> Path:
@@ -123,6 +128,23 @@ def _category(value: object, path: Path, where: str, key: str, custom: frozenset
         f"{key} {value!r} is not a ConText category",
         f"use one of {', '.join(CATEGORY_ATTRIBUTES)}{extra}",
     )
+
+
+def _combined_category(value: list[Any], path: Path, where: str) -> list[str]:
+    """``category: [NEGATED_EXISTENCE, HISTORICAL]``: one modifier that sets both."""
+    parts = [v.upper() if isinstance(v, str) else v for v in value]
+    if (
+        len(parts) < 2
+        or len(set(parts)) != len(parts)
+        or not all(isinstance(v, str) and v in CATEGORY_ATTRIBUTES for v in parts)
+    ):
+        raise _fail(
+            path,
+            where,
+            f"category {value!r} is not a list of two or more different ConText categories",
+            f"write category: [A, B] with A, B from {', '.join(CATEGORY_ATTRIBUTES)}",
+        )
+    return parts
 
 
 def _categories(
@@ -231,7 +253,17 @@ def _parse_rule(
         )
     if not isinstance(literal, str) or not literal.strip():
         raise _fail(path, where, "literal is missing or empty", "give the phrase the rule matches")
-    category = _category(raw.get("category"), path, where, "category", custom)
+    raw_category = raw.get("category")
+    if isinstance(raw_category, list):
+        # A combined category sets every attribute of its parts; like a modifier of one of
+        # them, its scope ends where the parts' scopes end (their terminated_by) and at
+        # another modifier of one of the parts.
+        parts = _combined_category(raw_category, path, where)
+        category = "+".join(parts)
+        base_terms = set(parts).union(*(terminators.get(p, set()) for p in parts))
+    else:
+        category = _category(raw_category, path, where, "category", custom)
+        base_terms = set(terminators.get(category, set()))
     direction = raw.get("direction", "BIDIRECTIONAL")
     if not isinstance(direction, str) or direction.upper() not in DIRECTIONS:
         raise _fail(
@@ -253,7 +285,7 @@ def _parse_rule(
     for key in ("allowed_types", "excluded_types"):
         if key in raw:
             kwargs[key] = _labels(raw[key], path, where, key)
-    terminated_by = set(terminators.get(category, set()))
+    terminated_by = base_terms
     if "terminated_by" in raw:
         terminated_by |= _categories(raw["terminated_by"], path, where, "terminated_by", custom)
     try:
@@ -338,7 +370,11 @@ def load_context_config(nlp_dir: Path) -> ContextConfig:
         if isinstance(raw, Mapping) and isinstance(raw.get("terminated_by"), list):
             used |= {str(c).upper() for c in raw["terminated_by"]}
     for i, raw in enumerate(raw_rules):
-        if isinstance(raw, Mapping) and raw.get("category") in custom - used:
+        if (
+            isinstance(raw, Mapping)
+            and isinstance(raw.get("category"), str)
+            and raw["category"] in custom - used
+        ):
             raise _fail(
                 path,
                 _rule_where(i, raw),
@@ -371,7 +407,15 @@ def load_context_config(nlp_dir: Path) -> ContextConfig:
         raise _fail(path, "drop", "drop needs medspacy_defaults: true", "remove drop or the flag")
 
     rules.extend(_parse_rule(raw, i, path, terminators, custom) for i, raw in enumerate(raw_rules))
-    return ContextConfig(rules=rules, prune_on_target_overlap=prune)
+    attributes: dict[str, dict[str, Any]] = dict(CATEGORY_ATTRIBUTES)
+    for rule in rules:
+        if "+" in rule.category:
+            attributes[rule.category] = {
+                name: value
+                for part in rule.category.split("+")
+                for name, value in CATEGORY_ATTRIBUTES[part].items()
+            }
+    return ContextConfig(rules=rules, prune_on_target_overlap=prune, attributes=attributes)
 
 
 _MAX_EXPANSION = 256
@@ -465,6 +509,64 @@ def _register_attributes() -> None:
                 Span.set_extension(name, default=False)
 
 
+_FACTORY = "fhirtwin_context"
+
+
+def _register_factory() -> str:
+    """Register ``fhirtwin_context``: medspaCy's ConText with target-overlap pruning done
+    before the scopes are set.
+
+    medspaCy's ``prune_on_target_overlap`` "removes matched modifiers which overlap with
+    target entities", but only after every modifier has limited the scopes of the others: a
+    removed modifier still cut them. In "Allergies: allergy to latex" (target "allergy to
+    latex") the inner, removed "allergy" ended the scope of the title's "Allergies", so the
+    target was not historical. Here the modifiers that overlap a
+    target are dropped first; everything else is medspaCy's ``ConText.__call__`` unchanged.
+    """
+    from spacy.language import Language
+
+    if Language.has_factory(_FACTORY):
+        return _FACTORY
+    from medspacy.common.util import tuple_overlaps
+    from medspacy.context import ConText
+    from medspacy.context.context_graph import ConTextGraph
+    from medspacy.context.context_modifier import ConTextModifier
+
+    class TargetPrunedContext(ConText):  # type: ignore[misc]
+        def __call__(self, doc: Any, targets: str | None = None) -> Any:
+            if not self.prune_on_target_overlap:
+                return super().__call__(doc, targets)
+            if targets:
+                spans = getattr(doc._, targets)
+            elif self.input_span_type == "group":
+                spans = doc.spans[self.span_group_name]
+            else:
+                spans = doc.ents
+            graph = ConTextGraph(prune_on_modifier_overlap=True)
+            graph.targets = spans
+            matcher = self._ConText__matcher
+            bounds = [(t.start, t.end) for t in spans]
+            graph.modifiers = []
+            for match_id, start, end in matcher(doc):
+                if any(tuple_overlaps((start, end), b) for b in bounds):
+                    continue
+                rule = matcher.rule_map[self.nlp.vocab[match_id].text]
+                graph.modifiers.append(
+                    ConTextModifier(rule, start, end, doc, max_scope=self.max_scope)
+                )
+            graph.update_scopes()
+            graph.apply_modifiers()
+            for target, modifier in graph.edges:
+                target._.modifiers += (modifier,)
+            if self.context_attributes_mapping:
+                self.set_context_attributes(graph.edges)
+            doc._.context_graph = graph
+            return doc
+
+    Language.factory(_FACTORY)(TargetPrunedContext)
+    return _FACTORY
+
+
 def add_context(nlp: Language, nlp_dir: Path | None, *, input_span_type: str = "ents") -> Any:
     """Add medspaCy's ``medspacy_context`` to ``nlp`` with the rules of ``nlp_dir``.
 
@@ -480,11 +582,14 @@ def add_context(nlp: Language, nlp_dir: Path | None, *, input_span_type: str = "
     else:
         config = load_context_config(nlp_dir)
     _register_attributes()
+    # our rules: medspaCy's ConText, pruning target-overlapping modifiers before scoping
+    # (see _register_factory); the pipe keeps medspaCy's name
     component: Any = nlp.add_pipe(
-        "medspacy_context",
+        "medspacy_context" if nlp_dir is None else _register_factory(),
+        name="medspacy_context",
         config={
             "rules": None,
-            "span_attrs": CATEGORY_ATTRIBUTES,
+            "span_attrs": dict(config.attributes),
             "input_span_type": input_span_type,
             "prune_on_target_overlap": config.prune_on_target_overlap,
         },

@@ -159,6 +159,28 @@ def _assertions(nlp: Any, sentence: str, target: str) -> dict[str, bool]:
         ("Denies fever but reports cough.", "fever", "is_negated", True),
         ("Denies fever but reports cough.", "cough", "is_negated", False),
         ("She is a 60-year-old woman with pneumonia.", "pneumonia", "is_historical", False),
+        # "resolved" negates both ways (genConText PREN and POST)
+        ("Her rash and itching resolved.", "rash", "is_negated", True),
+        ("The headache has resolved by now.", "headache", "is_negated", True),
+        ("Resolved otitis media on the right.", "otitis media", "is_negated", True),
+        # an earlier episode
+        ("He got dizzy the last time he took codeine.", "dizzy", "is_historical", True),
+        # ", with" attaches what the patient has now to a historical item
+        (
+            "History of gastric bypass, with fatigue and anemia.",
+            "gastric bypass",
+            "is_historical",
+            True,
+        ),
+        ("History of gastric bypass, with fatigue and anemia.", "anemia", "is_historical", False),
+        # a denied habit is negated and historical; any other denial only negated
+        ("Patient denies tobacco or cannabis.", "tobacco", "is_historical", True),
+        ("Patient denies tobacco or cannabis.", "cannabis", "is_negated", True),
+        ("She denied any smoking.", "smoking", "is_historical", True),
+        ("Patient denies headache.", "headache", "is_historical", False),
+        ("Patient denies headache.", "headache", "is_negated", True),
+        # a trigger inside the target neither modifies it nor ends another trigger's scope
+        ("Allergies: allergy to latex since 2001.", "allergy to latex", "is_historical", True),
     ],
 )
 def test_context_behaviour(
@@ -239,6 +261,14 @@ def _rules_dir(tmp_path: Path, text: str) -> Path:
         (
             "rules:\n  - {literal: x, category: HISTORICAL, pattern: '(unclosed'}\n",
             r"rules\[0\] \(literal 'x'\): pattern is not a valid regex",
+        ),
+        (
+            "rules:\n  - {literal: x, category: [HISTORICAL]}\n",
+            r"rules\[0\] \(literal 'x'\): category \['HISTORICAL'\] is not a list of two",
+        ),
+        (
+            "rules:\n  - {literal: x, category: [HISTORICAL, NEGATED]}\n",
+            r"rules\[0\] \(literal 'x'\): category .* is not a list of two or more different",
         ),
         ("rules: [\n", r"context.yaml: not valid YAML"),
         ("colour: blue\n", r"top level: unknown key\(s\) colour"),
