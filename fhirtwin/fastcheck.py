@@ -43,7 +43,8 @@ __all__ = ["accepts", "cache_info"]
 
 # field kinds
 _PRIM, _MODEL, _RESOURCE = 1, 2, 3
-_MAX_VALUES = 200_000  # remembered primitive verdicts, then the memory starts again
+_MAX_VALUES = 100_000  # remembered primitive verdicts, then the memory starts again
+_MAX_REMEMBERED_CHARS = 256  # longer text (narratives, base64 attachments): checked each time
 
 
 @dataclass(slots=True)
@@ -63,7 +64,9 @@ class _Table:
     required: tuple[tuple[str, str | None], ...] = ()
     # choice groups: (aliases, one of them required)
     choices: tuple[tuple[tuple[str, ...], bool], ...] = ()
-    unsure: frozenset[str] = frozenset()  # keys the walk does not model: answer "not sure"
+    # keys of the model the walk does not model (never in ``fields``: a key missing from
+    # ``fields`` already means "not sure"; kept to say which)
+    unsure: frozenset[str] = frozenset()
 
 
 _tables: dict[type, _Table] = {}
@@ -148,12 +151,13 @@ def _table(klass: type) -> _Table:
             prim_required = klass.get_required_fields(klass.model_construct())  # type: ignore[attr-defined]
         except Exception:  # a model we cannot read is one we are unsure of
             prim_required = None
-        if prim_required is None:
-            table.unsure = frozenset(table.fields) | frozenset(unsure)
+        if prim_required is None:  # then no key is modelled: every one is "not sure"
+            unsure |= set(table.fields)
+            table.fields.clear()
         else:
             for name, ext in prim_required:
                 required.append((by_name.get(name, name), by_name.get(ext) if ext else None))
-            table.unsure = frozenset(unsure)
+        table.unsure = frozenset(unsure - set(table.fields))  # what a key's absence means
         table.required = tuple(required)
         table.choices = tuple(
             (tuple(aliases), required_choice[group]) for group, aliases in choices.items()
@@ -177,20 +181,23 @@ def _resource_table(resource_type: Any) -> _Table | None:
 def _prim(f: _Field, value: Any) -> bool:
     if value is None or value == "" or type(value) in (dict, list):
         return False
-    key = (id(f.adapter), type(value), value)
-    hit = _values.get(key)
-    if hit is not None:
-        _stats["prim_hits"] += 1
-        return hit
+    remember = type(value) is not str or len(value) <= _MAX_REMEMBERED_CHARS
+    if remember:
+        key = (id(f.adapter), type(value), value)
+        hit = _values.get(key)
+        if hit is not None:
+            _stats["prim_hits"] += 1
+            return hit
     _stats["prim_misses"] += 1
     try:
         f.adapter.validate_python(value)
         ok = True
     except Exception:  # some validators raise AttributeError on odd types
         ok = False
-    if len(_values) >= _MAX_VALUES:
-        _values.clear()
-    _values[key] = ok
+    if remember:
+        if len(_values) >= _MAX_VALUES:
+            _values.clear()
+        _values[key] = ok
     return ok
 
 
@@ -217,8 +224,6 @@ def _check(table: _Table, obj: dict[str, Any]) -> bool:
                 if value != table.resource_type:
                     return False
                 continue
-            return False
-        if key in table.unsure:
             return False
         if f.many:
             if type(value) is not list or not value:
