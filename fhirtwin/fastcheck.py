@@ -52,6 +52,7 @@ class _Field:
     kind: int
     many: bool
     adapter: Any = None  # _PRIM: a pydantic TypeAdapter of the field's annotation
+    aid: int = 0  # _PRIM: id(adapter), the first part of a remembered value's key
     table: Any = None  # _MODEL: the _Table of the value's model
 
 
@@ -70,10 +71,11 @@ class _Table:
 
 
 _tables: dict[type, _Table] = {}
+_by_type: dict[str, _Table | None] = {}  # resourceType → its table (None: not a resource)
 _adapters: dict[Any, TypeAdapter[Any]] = {}
 _values: dict[tuple[int, type, Any], bool] = {}
 _lock = threading.RLock()
-_stats = {"prim_hits": 0, "prim_misses": 0}
+_stats = {"validated": 0}  # primitive values run through their TypeAdapter
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool] | None:
@@ -144,7 +146,7 @@ def _table(klass: type) -> _Table:
                 adapter = _adapters.get(inner)
                 if adapter is None:
                     adapter = _adapters[inner] = TypeAdapter(inner)
-                table.fields[alias] = _Field(_PRIM, many, adapter=adapter)
+                table.fields[alias] = _Field(_PRIM, many, adapter=adapter, aid=id(adapter))
             if info.is_required():
                 required.append((alias, None))
         try:
@@ -168,14 +170,19 @@ def _table(klass: type) -> _Table:
 def _resource_table(resource_type: Any) -> _Table | None:
     if type(resource_type) is not str:
         return None
+    if resource_type in _by_type:
+        return _by_type[resource_type]
     from fhir.resources.R4B import get_fhir_model_class
 
     try:
-        klass = get_fhir_model_class(resource_type)
+        table: _Table | None = _table(get_fhir_model_class(resource_type))
     except (KeyError, ValueError, AttributeError, ImportError):
-        return None
-    table = _table(klass)
-    return table if table.resource_type == resource_type else None
+        table = None
+    if table is not None and table.resource_type != resource_type:
+        table = None
+    if len(_by_type) < 1000:  # the R4 resource types, and a few misspellings
+        _by_type[resource_type] = table
+    return table
 
 
 def _prim(f: _Field, value: Any) -> bool:
@@ -183,12 +190,11 @@ def _prim(f: _Field, value: Any) -> bool:
         return False
     remember = type(value) is not str or len(value) <= _MAX_REMEMBERED_CHARS
     if remember:
-        key = (id(f.adapter), type(value), value)
+        key = (f.aid, type(value), value)
         hit = _values.get(key)
         if hit is not None:
-            _stats["prim_hits"] += 1
             return hit
-    _stats["prim_misses"] += 1
+    _stats["validated"] += 1
     try:
         f.adapter.validate_python(value)
         ok = True
@@ -201,22 +207,12 @@ def _prim(f: _Field, value: Any) -> bool:
     return ok
 
 
-def _one(f: _Field, value: Any) -> bool:
-    kind = f.kind
-    if kind == _PRIM:
-        return _prim(f, value)
-    if type(value) is not dict:
-        return False
-    if kind == _MODEL:
-        return _check(f.table, value)
-    table = _resource_table(value.get("resourceType"))
-    return table is not None and _check(table, value)
-
-
 def _check(table: _Table, obj: dict[str, Any]) -> bool:
+    # _prim, and the walk into nested objects, inlined: this loop runs ~50 times per resource
     if not obj:
         return False
     fields = table.fields
+    values = _values
     for key, value in obj.items():
         f = fields.get(key)
         if f is None:
@@ -225,14 +221,39 @@ def _check(table: _Table, obj: dict[str, Any]) -> bool:
                     return False
                 continue
             return False
+        items: Any
         if f.many:
             if type(value) is not list or not value:
                 return False
-            for item in value:
-                if not _one(f, item):
-                    return False
-        elif type(value) is list or not _one(f, value):
+            items = value
+        elif type(value) is list:
             return False
+        else:
+            items = (value,)
+        kind = f.kind
+        if kind == _PRIM:
+            aid = f.aid
+            for item in items:
+                if type(item) is str and len(item) <= _MAX_REMEMBERED_CHARS:
+                    hit = values.get((aid, str, item))
+                    if hit is not None:
+                        if hit:
+                            continue
+                        return False
+                if not _prim(f, item):
+                    return False
+        elif kind == _MODEL:
+            sub = f.table
+            for item in items:
+                if type(item) is not dict or not _check(sub, item):
+                    return False
+        else:
+            for item in items:
+                if type(item) is not dict:
+                    return False
+                found = _resource_table(item.get("resourceType"))
+                if found is None or not _check(found, item):
+                    return False
     for alias, ext in table.required:
         # the models take a missing required primitive when its ``_name`` has extensions
         if alias not in obj and (ext is None or "extension" not in obj.get(ext, ())):
@@ -257,5 +278,5 @@ def accepts(resource: Any) -> bool:
 
 
 def cache_info() -> dict[str, int]:
-    """Remembered primitive verdicts, and how often they answered."""
+    """How many primitive verdicts are remembered, and how many values were validated."""
     return {"values": len(_values), **_stats}
