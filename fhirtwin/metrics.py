@@ -65,6 +65,11 @@ MESSAGES_OUT = Counter("fhirtwin_messages_out_total", "Records produced", ["topi
 CONVERSION_ERRORS = Counter(
     "fhirtwin_conversion_errors_total", "Inputs that could not be converted", ["stage", "reason"]
 )
+LOSSES = Counter(
+    "fhirtwin_conversion_losses_total",
+    "Entries of the conversions' loss reports: what was not carried over, or was assumed",
+    ["kind", "what"],
+)
 DEADLETTERS = Counter("fhirtwin_deadletters_total", "Records sent to twin.deadletter", ["stage"])
 ACKS = Counter("fhirtwin_mllp_acks_total", "MLLP acknowledgements sent", ["code"])
 MLLP_CONNECTIONS = Gauge(

@@ -39,7 +39,7 @@ from fhirtwin.crypto import (
     seal_event,
 )
 from fhirtwin.erasure import ERASED_DROPPED
-from fhirtwin.metrics import CONVERSION_ERRORS, LATENCY
+from fhirtwin.metrics import CONVERSION_ERRORS, LATENCY, LOSSES
 from fhirtwin.mpi import MPIConfig, Resolver
 from fhirtwin.redisconn import connect
 from fhirtwin.twin import TwinStore, fhir_time_ms
@@ -73,6 +73,15 @@ class Converted:
     deleted: tuple[str, ...] = ()  # ``Type/id`` the source deleted (found in the twins by id)
 
 
+_LOSS_KINDS = (
+    "unmapped_segments",
+    "unmapped_fields",
+    "untranslated_codes",
+    "assumptions",
+    "errors",
+)
+
+
 def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converted]:
     from fhirtwin.conversion import ConversionError, HL7ParseError, convert_hl7v2
 
@@ -82,8 +91,12 @@ def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converte
         raise SourceError("parse", str(exc), exc.to_dict()) from exc
     except ConversionError as exc:
         raise SourceError("map", str(exc), exc.to_dict()) from exc
-    problems = conv.report.get("validation") or []
-    control = str(conv.report.get("message", {}).get("control_id", "") or "")
+    report = conv.report
+    for what in _LOSS_KINDS:  # the loss report, counted (fhirtwin_conversion_losses_total)
+        if n := len(report.get(what) or ()):
+            LOSSES.labels("hl7v2", what).inc(n)
+    problems = report.get("validation") or []
+    control = str(report.get("message", {}).get("control_id", "") or "")
     if problems:
         first = problems[0]
         raise SourceError(

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fhirtwin import logs, metrics
+from fhirtwin.conversion import convert_hl7v2
 from fhirtwin.infra import free_port
 from fhirtwin.mllp import ack_code, send
 
@@ -216,6 +217,11 @@ def test_fhirtwin_up_metrics_move_after_a_short_ingest(tmp_path: Path) -> None:
         grew("fhirtwin_deadletters_total", 2)
         grew("fhirtwin_conversion_errors_total", 2)
         grew("fhirtwin_twin_updates_total", 10)
+        # the loss reports of the two good messages, counted
+        for what in ("unmapped_fields", "assumptions"):
+            n = sum(len(convert_hl7v2(m).report[what]) for m in good)
+            assert n > 0, what
+            grew("fhirtwin_conversion_losses_total", n, kind="hl7v2", what=what)
         grew("fhirtwin_snapshot_decisions_total", 1, allowed="true")
         grew("fhirtwin_stage_seconds_count", 2, stage="normalize-hl7v2")
         grew("fhirtwin_stage_seconds_count", 2, stage="assemble")
