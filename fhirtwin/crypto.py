@@ -37,11 +37,13 @@ created on first use with mode 0600 — the embedded default.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import importlib
 import os
 import secrets
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -292,15 +294,28 @@ def load_kek() -> tuple[bytes, list[bytes]]:
     if not path.exists():
         if os.environ.get("FHIRTWIN_KEK_FILE"):
             raise CryptoError(f"FHIRTWIN_KEK_FILE={path}: no such file")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _create_kek_file(path)
+    return _b64key(path.read_text(), str(path)), previous
+
+
+def _create_kek_file(path: Path) -> None:
+    """A new KEK at ``path``, unless another process made one first (``fhirtwin up`` starts
+    every worker at once on a fresh home): the key is written and synced to a temporary
+    file, then hard-linked into place, which is atomic and fails if the name exists. So
+    no process ever reads a half-written key, and all of them end up with the same one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kek-")  # mode 0600
+    try:
         try:
             os.write(fd, base64.b64encode(secrets.token_bytes(32)) + b"\n")
-        except BaseException:
+            os.fsync(fd)
+        finally:
             os.close(fd)
-            raise
-        os.close(fd)
-    return _b64key(path.read_text(), str(path)), previous
+        with contextlib.suppress(FileExistsError):  # another process was first: theirs
+            os.link(tmp, path)
+            _fsync_dir(path.parent)
+    finally:
+        os.unlink(tmp)
 
 
 def open_keystore(spec: str | None = None) -> KeyStore:

@@ -143,6 +143,48 @@ def test_a_cluster_process_refuses_to_make_its_own_keys(monkeypatch: pytest.Monk
         load_kek()
 
 
+def test_processes_starting_at_once_on_a_fresh_home_share_one_kek(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fhirtwin up` starts every worker at the same moment on a new FHIRTWIN_HOME: none may
+    crash on the KEK another one is creating, nor read it half written, and all must end up
+    with the same key (else each would wrap data keys the others cannot open). Making a key
+    is slowed down here so that the starts overlap every time."""
+    import time
+
+    from fhirtwin import crypto
+
+    monkeypatch.setenv("FHIRTWIN_HOME", str(tmp_path))
+    monkeypatch.delenv("FHIRTWIN_KEK", raising=False)
+    monkeypatch.delenv("FHIRTWIN_KEK_FILE", raising=False)
+    real = crypto.secrets.token_bytes
+
+    def slow(n: int) -> bytes:
+        time.sleep(0.3)
+        return real(n)
+
+    monkeypatch.setattr(crypto.secrets, "token_bytes", slow)
+    got: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            got.append(crypto.load_kek()[0])
+        except BaseException as exc:  # what a worker would die of
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # each one starts while the first is still making its key
+    for t in threads:
+        t.join(10)
+    assert errors == [] and len(got) == 4
+    assert len(set(got)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kek"]  # no temporary file left
+    assert (tmp_path / "kek").stat().st_mode & 0o777 == 0o600
+
+
 def test_a_kek_of_the_wrong_size_is_refused_with_a_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
