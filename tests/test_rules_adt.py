@@ -674,3 +674,19 @@ def test_a_different_reaction_is_a_different_allergy() -> None:
         "AL1|2|DA|P^PENICILLIN^ICDO|MI|RASH",
     )
     assert len(_all(conv, "AllergyIntolerance")) == 2
+
+
+def test_xtn_without_a_number_keeps_its_equipment_type() -> None:
+    # IG XTN[ContactPoint]: each component maps on its own, none is required, so an XTN
+    # with only XTN-3 ("^^CP": a cell phone, number not sent) is a ContactPoint with a
+    # system and no value (FHIR R4 cpt-2 asks for a system when there is a value, not
+    # the reverse). An XTN with no component at all still makes nothing.
+    nk1 = "NK1|1|Doe^Ann|MTH^Mother^HL70063||5551234^PRN^PH~^^CP~^WPN^Internet~"
+    conv = _msg(MSH.format(type="ADT^A04^ADT_A01"), "PID|1||M1^^^H^MR||Doe^Jan", nk1)
+    telecom = _one(conv, "RelatedPerson")["telecom"]
+    assert {"system": "phone", "use": "mobile"} in telecom
+    assert {"system": "email", "use": "work"} in [
+        {k: v for k, v in t.items() if k != "extension"} for t in telecom
+    ]
+    assert {"system": "phone", "use": "home", "value": "5551234"} in telecom
+    assert len(telecom) == 3
