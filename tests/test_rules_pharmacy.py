@@ -161,8 +161,14 @@ def test_vxu_funding_observations_map_to_immunization_elements():
 
 
 def order_and_encoded(conv, placer: str) -> tuple[dict, dict]:
-    """The order (ORC [+ RXO]) and the pharmacy's encoding of it (RXE), by ORC-2."""
-    order = by_identifier(conv, "MedicationRequest", placer)
+    """The order (ORC [+ RXO]) and the pharmacy's encoding of it (RXE), by ORC-2 (both
+    carry ORC-2; the order is the one that is not the filler's view)."""
+    (order,) = [
+        mr
+        for mr in resources(conv, "MedicationRequest")
+        if mr["intent"] != "filler-order"
+        and any(i.get("value") == placer for i in mr.get("identifier", []))
+    ]
     encoded = [
         mr
         for mr in resources(conv, "MedicationRequest")
@@ -253,8 +259,12 @@ def test_rde_order_status_wins_over_order_control():
     order, encoded = order_and_encoded(conv, "ORD-9003")
     assert order["status"] == encoded["status"] == "completed"  # ORC-5 CM
     assert codes(by_ref(conv, order["medicationReference"])["code"]) == {(RXNORM, "313782")}
-    # no ORC-3: the encoded order keeps no placer number (it would take the order's id)
-    assert "identifier" not in encoded
+    # no ORC-3: the encoded order still carries ORC-2 (IG ORC[ServiceRequest] ORC-2 →
+    # identifier PLAC: it names the order), under an id of its own, not the order's
+    assert [(i["value"], i["type"]["coding"][0]["code"]) for i in encoded["identifier"]] == [
+        ("ORD-9003", "PLAC")
+    ]
+    assert encoded["id"] != order["id"]
 
 
 def test_rde_each_order_has_its_own_medication():
