@@ -165,6 +165,11 @@ class Deliberate:
     # Source kinds the rule applies to: the D rules read the HL7 v2 IG (and the message),
     # the C rules the C-CDA document; neither fires on the other kind of source.
     kinds: tuple[str, ...] = ("hl7v2",)
+    # Only for `count` (count:<Type>) rules: `short_by(ctx)` is how many resources the
+    # oracle is short by construction. The rule then applies only when our count exceeds
+    # the expected one by exactly that many (any other difference, or none, is compared as
+    # usual): it excuses the documented shortfall and nothing else.
+    short_by: Callable[[Any], int] | None = None
 
 
 def _is_example_uri(value: Any) -> bool:
@@ -523,6 +528,136 @@ def _count_with_report_for_document(n: Any, ctx: Any) -> bool:
         r.get("resourceType") == "DiagnosticReport" and r.get("presentedForm")
         for r in bundle_resources(ctx.bundle)
     )
+
+
+def _merged_mothers(ctx: Any) -> int:
+    """How many expected RelatedPersons are such merged persons (see _mother_merged)."""
+    return sum(
+        1
+        for r in bundle_resources(ctx.bundle)
+        if r.get("resourceType") == "RelatedPerson" and _mother_merged(r, ctx)
+    )
+
+
+def _report_for_document_obx(ctx: Any) -> int:
+    """How many OBX of the message are ED/RP (each became a DiagnosticReport, D20/D39)."""
+    return sum(1 for seg in _segments(ctx, "OBX") if seg.value(2) in ("ED", "RP"))
+
+
+# RFC 5646 §2.1.1: language tags are case-insensitive. An ISO 639-1 code (two letters) sent
+# in upper case is, as a BCP-47 tag, the same tag as its lower-case form.
+_ISO639_1_UPPER = re.compile(r"^[A-Z]{2}$")
+
+
+def _language_code_uncased(value: Any, ctx: Any) -> bool:
+    """A PID-15 language coding kept as sent (an upper-case two-letter ISO 639-1 code) in an
+    invented table-0296 system, where the IG translates it to BCP-47 (lower case)."""
+    if not isinstance(value, dict) or not _is_example_uri(value.get("system")):
+        return False
+    code = str(value.get("code") or "")
+    if not _ISO639_1_UPPER.match(code):
+        return False
+    return any(seg.value(15, r, 1) == code for seg in _segments(ctx, "PID") for r in range(4))
+
+
+# US Core (STU 3-6) ombCategory value sets: the five OMB race categories, the two OMB
+# ethnicity categories, and the null flavors UNK / ASKU that US Core 4+ allows there.
+_OMB_RACE = frozenset({"1002-5", "2028-9", "2054-5", "2076-8", "2106-3", "UNK", "ASKU"})
+_OMB_ETHNICITY = frozenset({"2135-2", "2186-5", "UNK", "ASKU"})
+
+
+def _omb_category_outside(allowed: frozenset[str], field: int) -> Callable[[Any, Any], bool]:
+    """Predicate: a US Core race/ethnicity ombCategory coding with no system and a code
+    outside the OMB categories, which is the code of PID-`field` (10 race, 22 ethnic group)
+    copied as it was sent."""
+
+    def check(value: Any, ctx: Any) -> bool:
+        if not isinstance(value, dict) or value.get("system"):
+            return False
+        code = str(value.get("code") or "")
+        sent = {seg.value(field, r, 1) for seg in _segments(ctx, "PID") for r in range(8)}
+        return code not in allowed and code in sent - {""}
+
+    return check
+
+
+def _prescription_number_typed_prn(value: Any, ctx: Any) -> bool:
+    """An identifier type coded PRN in an invented code system, on an identifier whose value
+    is the RXE-15 prescription number of the message."""
+    if not (
+        isinstance(value, dict)
+        and value.get("code") == "PRN"
+        and _is_example_uri(value.get("system"))
+    ):
+        return False
+    el = ctx.element if isinstance(ctx.element, dict) else {}
+    rxe15 = {seg.value(15) for seg in _segments(ctx, "RXE")} - {""}
+    return el.get("value") in rxe15
+
+
+_SCH_PARTICIPANTS = (
+    (12, "placer contact"),
+    (16, "filler contact"),
+    (20, "enterer"),
+)
+
+
+def _sch_participants_left_out(values: Any, ctx: Any) -> bool:
+    """An Appointment whose participants include none of those the IG makes from SCH-12
+    (placer contact), SCH-16 (filler contact) and SCH-20 (entered by), although the
+    message's SCH values at least one of them."""
+    sch = _segments(ctx, "SCH")
+    if not sch or not any(seg.has(n) for seg in sch for n, _ in _SCH_PARTICIPANTS):
+        return False
+    res = ctx.resource if isinstance(ctx.resource, dict) else {}
+    words = {w for _, w in _SCH_PARTICIPANTS}
+    for part in res.get("participant") or []:
+        for t in part.get("type") or [] if isinstance(part, dict) else []:
+            texts = [t.get("text")] + [c.get("code") for c in t.get("coding") or []]
+            if any(str(x or "").lower() in words for x in texts):
+                return False
+    return True
+
+
+_V2_TS = re.compile(r"^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})?(?:\.\d+)?([+-]\d{4})?$")
+
+
+def _v2_when(ts: str) -> When | None:
+    """An HL7 v2 DTM to the minute or second (with or without its offset), parsed as a FHIR
+    dateTime; None for other shapes."""
+    m = _V2_TS.match(ts)
+    if not m:
+        return None
+    y, mo, d, hh, mi, ss, tz = m.groups()
+    text = f"{y}-{mo}-{d}T{hh}:{mi}:{ss or '00'}"
+    if tz:
+        text += f"{tz[:3]}:{tz[3:]}"
+    return When.parse(text)
+
+
+def _period_from_pv2(planned: int, actual: int) -> Callable[[Any, Any], bool]:
+    """Predicate: an Encounter period boundary that is the same instant as PV2-`planned`
+    (expected admit / discharge date) of the message and as no PV1-`actual` (admit /
+    discharge date)."""
+
+    def check(value: Any, ctx: Any) -> bool:
+        exp = When.parse(str(value)) if isinstance(value, str) else None
+        if exp is None:
+            return False
+
+        def sent(seg_name: str, n: int) -> list[When]:
+            out = []
+            for seg in _segments(ctx, seg_name):
+                w = _v2_when(seg.value(n))
+                if w is not None:
+                    out.append(w)
+            return out
+
+        return any(when_matches(exp, w) for w in sent("PV2", planned)) and not any(
+            when_matches(exp, w) for w in sent("PV1", actual)
+        )
+
+    return check
 
 
 def _dose_from_rxo_minimum(value: Any, ctx: Any) -> bool:
@@ -1389,6 +1524,7 @@ DELIBERATE: tuple[Deliberate, ...] = (
         "segments/HL7 Segment - FHIR R4_ PID[Patient] - PID.csv line 37 (PID-21)",
         _count_with_merged_mother,
         context=True,
+        short_by=_merged_mothers,
     ),
     Deliberate(
         "D38",
@@ -1414,6 +1550,7 @@ DELIBERATE: tuple[Deliberate, ...] = (
         "..._MDM_T02 - Sheet1.csv line 34",
         _count_with_report_for_document,
         context=True,
+        short_by=_report_for_document_obx,
     ),
     Deliberate(
         "D40",
@@ -1425,6 +1562,88 @@ DELIBERATE: tuple[Deliberate, ...] = (
         "(RXO-2, RXO-4)",
         _dose_from_rxo_minimum,
         context=True,
+    ),
+    Deliberate(
+        "D41",
+        "Patient",
+        "communication.language",
+        "PID-15 language kept as sent, an upper-case ISO 639-1 code (EN) in an invented "
+        "table-0296 system; the IG translates PID-15 with the PrimaryLanguage concept map to "
+        "BCP-47 (urn:ietf:bcp:47, 'en'). BCP-47 tags are case-insensitive (RFC 5646 "
+        "2.1.1), so both name one language; the oracle's coding is not the IG's.",
+        "segments/HL7 Segment - FHIR R4_ PID[Patient] - PID.csv line 26 (PID-15, "
+        "PrimaryLanguage); codesystems/HL7 Concept Map_ PrimaryLanguage - Sheet1.csv",
+        _language_code_uncased,
+        context=True,
+    ),
+    Deliberate(
+        "D42",
+        "Patient",
+        "race",
+        "US Core race ombCategory holding the PID-10 code as sent (e.g. 'U', 'C', '1') with "
+        "no system; US Core binds ombCategory (required) to the OMB race categories (five CDC "
+        "codes, UNK, ASKU), and the IG leaves PID-10 to that local extension.",
+        "segments/HL7 Segment - FHIR R4_ PID[Patient] - PID.csv line 16 (PID-10: local "
+        "extension); US Core us-core-race ombCategory (required binding, OMB Race Categories)",
+        _omb_category_outside(_OMB_RACE, 10),
+        context=True,
+    ),
+    Deliberate(
+        "D43",
+        "Patient",
+        "ethnicity",
+        "US Core ethnicity ombCategory holding the PID-22 code as sent (e.g. 'A') with no "
+        "system; US Core binds ombCategory (required) to the OMB ethnicity categories "
+        "(2135-2, 2186-5, UNK, ASKU), and the IG leaves PID-22 to that local extension.",
+        "segments/HL7 Segment - FHIR R4_ PID[Patient] - PID.csv line 38 (PID-22: local "
+        "extension); US Core us-core-ethnicity ombCategory (required binding)",
+        _omb_category_outside(_OMB_ETHNICITY, 22),
+        context=True,
+    ),
+    Deliberate(
+        "D44",
+        "MedicationRequest",
+        "identifier.type",
+        "RXE-15 prescription number typed 'PRN' in an invented code system "
+        "(.../CodeSystem/identifier-type-code); the IG types identifiers from table 0203 "
+        "only, where PRN is 'Provider number', and has no code for a prescription number "
+        "(the IG's RXE map is under construction).",
+        "datatypes/HL7 Data Type - FHIR R4_ CX[Identifier] - Sheet1.csv (CX.5 → type, table "
+        "0203); v2-to-FHIR Map Inventory - Segment.csv (RXE[MedicationRequest]: under "
+        "construction)",
+        _prescription_number_typed_prn,
+        context=True,
+    ),
+    Deliberate(
+        "D45",
+        "Appointment",
+        "participant",
+        "Appointment participant count when the oracle left out every participant the IG "
+        "makes from SCH-12 (placer contact), SCH-16 (filler contact) and SCH-20 (entered "
+        "by, type 'enterer') although the SCH values at least one of them.",
+        "segments/HL7 Segment - FHIR R4_ SCH[Appointment] - Sheet1.csv lines 16-18 (SCH-12), "
+        "22-24 (SCH-16), 28-30 (SCH-20)",
+        _sch_participants_left_out,
+        context=True,
+    ),
+    *(
+        Deliberate(
+            rule_id,
+            "Encounter",
+            f"period.{end}",
+            f"Encounter.period.{end} taken from PV2-{planned} ({what}); the IG maps PV2-"
+            f"{planned} to the extension Encounter.{ext}, and period.{end} from PV1-{actual} "
+            "only (what happened, not what was planned).",
+            f"segments/HL7 Segment - FHIR R4_ PV2[Encounter] - Sheet1.csv lines {lines} "
+            f"(PV2-{planned}); segments/HL7 Segment - FHIR R4_ PV1[Encounter] - PV1.csv "
+            f"(PV1-{actual})",
+            _period_from_pv2(planned, actual),
+            context=True,
+        )
+        for rule_id, end, planned, actual, what, ext, lines in (
+            ("D46", "start", 8, 44, "expected admit date/time", "plannedStartDate", "13-14"),
+            ("D47", "end", 9, 45, "expected discharge date/time", "plannedEndDate", "15-16"),
+        )
     ),
     *CCDA_RULES,
 )
@@ -2264,6 +2483,7 @@ def _compare_type(
             result.extra += sum(count_leaves(a, SPECS[rtype], ctx) for a in acts)
         return
     same = len(exps) == len(acts)
+    count_ctx = Ctx(rtype, rules, bundle=expected_bundle, source=source, kind=kind)
     count_rule = next(
         (
             r
@@ -2271,9 +2491,8 @@ def _compare_type(
             if r.path == "count"
             and r.resource == rtype
             and kind in r.kinds
-            and r.when(
-                len(exps), Ctx(rtype, rules, bundle=expected_bundle, source=source, kind=kind)
-            )
+            and r.when(len(exps), count_ctx)
+            and (r.short_by is None or len(acts) - len(exps) == r.short_by(count_ctx))
         ),
         None,
     )

@@ -379,10 +379,141 @@ def test_d33_name_of_another_party_and_d36_d38_merged_mother() -> None:
         "name": [{"family": "EVERYMAN", "given": ["ADAM"]}, {"family": "Jack", "given": ["ADAM"]}],
     }
     exp = bundle(pat, rp)
-    act = bundle({"resourceType": "Patient", "name": [{"family": "EVERYMAN", "given": ["ADAM"]}]})
+    our_pat = {"resourceType": "Patient", "name": [{"family": "EVERYMAN", "given": ["ADAM"]}]}
+    mother = {"resourceType": "RelatedPerson", "identifier": [{"value": "MOM1"}]}
+    child = {"resourceType": "RelatedPerson", "identifier": [{"value": "K1"}]}
+    # Two RelatedPersons where the oracle merged them into one: D37 excuses that count
+    act = bundle(our_pat, mother, child)
     res = C.compare_bundles(exp, act, source=_MSG_OTHER_PARTY, kind="hl7v2")
     by_rule = res.excluded_by_rule()
     assert by_rule["D33"] == 2  # Jack, ADAM: IN2-7, not the patient's own name
     assert by_rule["D36"] == 1 and by_rule["D38"] == 1 and by_rule["D37"] == 1
+    # ... but only a count short by exactly the merged person (short_by): none, or
+    # three, is compared as usual
+    for people in ((), (mother, child, {"resourceType": "RelatedPerson"})):
+        res = C.compare_bundles(exp, bundle(our_pat, *people), source=_MSG_OTHER_PARTY)
+        assert "D37" not in res.excluded_by_rule()
+        (count,) = [o for o in res.outcomes if o.path == "count:RelatedPerson"]
+        assert count.status == "disagree"
     # EVERYMAN is the patient's own name: still compared (and agreeing)
     assert not any(o.expected == "EVERYMAN" and o.status != "agree" for o in res.outcomes)
+
+
+def _seg(name: str, fields: dict[int, str]) -> bytes:
+    """One HL7 v2 segment with the given fields (1-based) valued, the others empty."""
+    top = max(fields)
+    return ("|".join([name] + [fields.get(n, "") for n in range(1, top + 1)]) + "\r").encode()
+
+
+_MSH = b"MSH|^~\\&|A|F|||20260101120000+0000||ADT^A01|X1|P|2.8\r"
+
+
+def _excluded(exp: dict[str, Any], act: dict[str, Any], msg: bytes) -> dict[str, int]:
+    return C.compare_bundles(exp, act, source=msg, kind="hl7v2").excluded_by_rule()
+
+
+def test_d41_language_code_in_upper_case_only_when_sent_so() -> None:
+    msg = _MSH + _seg("PID", {3: "P1", 5: "DOE^JANE", 15: "EN^ENGLISH^HL70296"})
+
+    def pat(code: str, system: str) -> dict[str, Any]:
+        concept = {"coding": [{"system": system, "code": code}]}
+        return {"resourceType": "Patient", "communication": [{"language": concept}]}
+
+    ours = bundle(pat("en", "urn:ietf:bcp:47"))
+    assert _excluded(bundle(pat("EN", EX + "CodeSystem/HL70296")), ours, msg)["D41"] == 1
+    # the IG's own BCP-47 coding, or another code than PID-15's, is compared
+    assert "D41" not in _excluded(bundle(pat("EN", "urn:ietf:bcp:47")), ours, msg)
+    assert "D41" not in _excluded(bundle(pat("FR", EX + "CodeSystem/HL70296")), ours, msg)
+
+
+def test_d42_d43_local_race_and_ethnicity_codes_in_omb_category() -> None:
+    msg = _MSH + _seg("PID", {3: "P1", 10: "U", 22: "A^White - British"})
+
+    def pat(url: str, coding: dict[str, Any]) -> dict[str, Any]:
+        sub = [{"url": "ombCategory", "valueCoding": coding}]
+        return {"resourceType": "Patient", "extension": [{"url": url, "extension": sub}]}
+
+    core = "http://hl7.org/fhir/us/core/StructureDefinition/"
+    ours = bundle({"resourceType": "Patient"})
+    got = _excluded(bundle(pat(core + "us-core-race", {"code": "U"})), ours, msg)
+    assert got["D42"] == 1
+    got = _excluded(bundle(pat(core + "us-core-ethnicity", {"code": "A"})), ours, msg)
+    assert got["D43"] == 1
+    # an OMB category (even without a system), or a code PID-10 does not hold, is compared
+    assert not _excluded(bundle(pat(core + "us-core-race", {"code": "2106-3"})), ours, msg)
+    assert not _excluded(bundle(pat(core + "us-core-race", {"code": "X"})), ours, msg)
+
+
+def test_d44_prescription_number_typed_prn_in_an_invented_system() -> None:
+    msg = _MSH + _seg("RXE", {2: "123^Drug^NDC", 15: "PN15"})
+
+    def mr(value: str, system: str) -> dict[str, Any]:
+        ident = {"value": value, "type": {"coding": [{"system": system, "code": "PRN"}]}}
+        return {"resourceType": "MedicationRequest", "identifier": [ident]}
+
+    ours = bundle({"resourceType": "MedicationRequest", "identifier": [{"value": "PN15"}]})
+    invented = EX + "CodeSystem/identifier-type-code"
+    assert _excluded(bundle(mr("PN15", invented)), ours, msg)["D44"] == 1
+    # table 0203's own PRN (provider number), or another identifier, is compared
+    v2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+    assert "D44" not in _excluded(bundle(mr("PN15", v2_0203)), ours, msg)
+    assert "D44" not in _excluded(bundle(mr("OTHER", invented)), ours, msg)
+
+
+def test_d45_appointment_without_the_sch_participants() -> None:
+    msg = _MSH + _seg("SCH", {1: "1", 12: "99^Smith^Adam"})
+    patient_only = {"resourceType": "Appointment", "participant": [{"status": "accepted"}]}
+    ours = bundle({"resourceType": "Appointment", "participant": [{}, {}]})
+    assert _excluded(bundle(patient_only), ours, msg)["D45"] == 1
+    # the oracle lists a placer contact: the count is compared
+    placer = {"type": [{"coding": [{"code": "placer contact"}]}], "status": "accepted"}
+    with_placer = {"resourceType": "Appointment", "participant": [{}, placer]}
+    assert "D45" not in _excluded(bundle(with_placer), ours, msg)
+    # no SCH-12/16/20 sent: nothing to leave out
+    assert "D45" not in _excluded(bundle(patient_only), ours, _MSH + _seg("SCH", {1: "1"}))
+
+
+def test_d46_d47_encounter_period_from_pv2_planned_dates() -> None:
+    msg = (
+        _MSH
+        + _seg("PID", {3: "P1"})
+        + _seg("PV1", {2: "I", 44: "20150208113419+0110"})
+        + _seg("PV2", {8: "20150208113419+0110", 9: "20150209113419+0110"})
+    )
+
+    def enc(start: str, end: str) -> dict[str, Any]:
+        return {"resourceType": "Encounter", "period": {"start": start, "end": end}}
+
+    ours = bundle({"resourceType": "Encounter", "period": {"start": "2015-02-08T11:34:19+01:10"}})
+    # PV2-9 written as period.end (same instant, another offset): excluded; period.start is
+    # PV1-44 as well as PV2-8, so it is compared (and agrees)
+    got = _excluded(
+        bundle(enc("2015-02-08T15:54:19+05:30", "2015-02-09T15:54:19+05:30")), ours, msg
+    )
+    assert got.get("D47") == 1 and "D46" not in got
+    # a date that is not PV2-9 is compared
+    got = _excluded(
+        bundle(enc("2015-02-08T15:54:19+05:30", "2015-02-10T15:54:19+05:30")), ours, msg
+    )
+    assert "D47" not in got
+
+
+def test_d39_count_excused_only_when_short_by_the_ed_obx() -> None:
+    msg = (
+        b"MSH|^~\\&|A|F|||20260101120000+0000||ORU^R01|X1|P|2.8\r"
+        + _seg("OBR", {1: "1", 4: "1^Panel^L"})
+        + _seg("OBX", {1: "1", 2: "NM", 3: "2^A^L", 5: "1"})
+        + _seg("OBX", {1: "2", 2: "ED", 3: "3^Doc^L", 5: "^AP^PDF^Base64^AAAA"})
+    )
+    report = {"resourceType": "DiagnosticReport", "presentedForm": [{"data": "AAAA"}]}
+    obs = {"resourceType": "Observation", "code": {"coding": [{"code": "2"}]}}
+    exp = bundle(report, obs)
+
+    def count_status(*ours: dict[str, Any]) -> str:
+        res = C.compare_bundles(exp, bundle(*ours), source=msg, kind="hl7v2")
+        (count,) = [o for o in res.outcomes if o.path == "count:Observation"]
+        return count.status
+
+    assert count_status(obs, dict(obs)) == "excluded"  # one more: the ED OBX
+    assert count_status(obs) == "agree"  # same count: nothing to excuse
+    assert count_status(obs, dict(obs), dict(obs)) == "disagree"
