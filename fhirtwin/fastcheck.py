@@ -68,6 +68,9 @@ class _Table:
     # keys of the model the walk does not model (never in ``fields``: a key missing from
     # ``fields`` already means "not sure"; kept to say which)
     unsure: frozenset[str] = frozenset()
+    # set once every part above is filled: a table another thread is still building (or
+    # one that refers to it) makes the walk "not sure", never a wrong "accepted"
+    ready: bool = False
 
 
 _tables: dict[type, _Table] = {}
@@ -164,6 +167,7 @@ def _table(klass: type) -> _Table:
         table.choices = tuple(
             (tuple(aliases), required_choice[group]) for group, aliases in choices.items()
         )
+        table.ready = True
         return table
 
 
@@ -209,7 +213,7 @@ def _prim(f: _Field, value: Any) -> bool:
 
 def _check(table: _Table, obj: dict[str, Any]) -> bool:
     # _prim, and the walk into nested objects, inlined: this loop runs ~50 times per resource
-    if not obj:
+    if not obj or not table.ready:
         return False
     fields = table.fields
     values = _values

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fhirtwin import ccda, fastcheck, validation
 from fhirtwin.conversion import convert_hl7v2
 from fhirtwin.hl7v2 import split_batch
@@ -206,3 +208,14 @@ def test_validation_reports_what_the_models_report() -> None:
     assert got and all(p["path"].startswith("r") for p in got)
     assert any("bogusKey" in p["path"] for p in got)
     assert validation.validate_resource(res) == []
+
+
+def test_a_table_still_being_built_makes_it_unsure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread may meet a model's table before its required fields and choices are
+    filled in: that must read as "not sure", even through a nested type."""
+    patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Doe"}]}
+    assert fastcheck.accepts(patient)
+    human_name = fastcheck._resource_table("Patient").fields["name"].table
+    monkeypatch.setattr(human_name, "ready", False)
+    assert not fastcheck.accepts(patient)
+    assert fastcheck.accepts({"resourceType": "Patient", "id": "p1"})  # no name: unaffected
