@@ -179,6 +179,15 @@ def _assertions(nlp: Any, sentence: str, target: str) -> dict[str, bool]:
         ("She denied any smoking.", "smoking", "is_historical", True),
         ("Patient denies headache.", "headache", "is_historical", False),
         ("Patient denies headache.", "headache", "is_negated", True),
+        # a relative who asks or decides about the patient's care is not the experiencer
+        (
+            "The family  had wanted her admitted for her chest pain.",
+            "chest pain",
+            "is_family",
+            False,
+        ),
+        ("Her husband requested imaging of her knee pain.", "knee pain", "is_family", False),
+        ("Her mother had breast cancer.", "breast cancer", "is_family", True),
         # a trigger inside the target neither modifies it nor ends another trigger's scope
         ("Allergies: allergy to latex since 2001.", "allergy to latex", "is_historical", True),
     ],
