@@ -37,13 +37,11 @@ created on first use with mode 0600 — the embedded default.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import importlib
 import os
 import secrets
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -130,33 +128,12 @@ class FileKeyStore:
     def put_new(self, name: str, blob: bytes) -> bytes:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, blob)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process made it first: theirs is the key
-        else:
-            _fsync_dir(path.parent)  # the new name must survive a crash as well as the bytes
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path.read_bytes()
+        _create_once(path, blob)
+        return path.read_bytes()  # ours, or the one another process made first
 
     def replace(self, name: str, blob: bytes) -> None:
         path = self._path(name)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, blob)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        os.replace(_synced_temp(path, blob), path)
         _fsync_dir(path.parent)
 
     def destroy(self, name: str) -> bool:
@@ -193,6 +170,33 @@ class FileKeyStore:
                 name = f"{kind}:{path.name}"
                 if name.startswith(prefix):
                     yield name
+
+
+def _synced_temp(path: Path, blob: bytes) -> Path:
+    """``blob`` written and fsynced to a new temporary file (mode 0600) beside ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, blob)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _create_once(path: Path, blob: bytes) -> None:
+    """``blob`` at ``path`` unless the name exists already (another process was first: its
+    file stands). Written to a synced temporary file and hard-linked into place, which is
+    atomic and fails if the name exists: no reader ever sees a half-written file."""
+    tmp = _synced_temp(path, blob)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    else:
+        _fsync_dir(path.parent)  # the new name must survive a crash as well as the bytes
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -300,22 +304,10 @@ def load_kek() -> tuple[bytes, list[bytes]]:
 
 def _create_kek_file(path: Path) -> None:
     """A new KEK at ``path``, unless another process made one first (``fhirtwin up`` starts
-    every worker at once on a fresh home): the key is written and synced to a temporary
-    file, then hard-linked into place, which is atomic and fails if the name exists. So
-    no process ever reads a half-written key, and all of them end up with the same one."""
+    every worker at once on a fresh home): ``_create_once``, so no process ever reads a
+    half-written key, and all of them end up with the same one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kek-")  # mode 0600
-    try:
-        try:
-            os.write(fd, base64.b64encode(secrets.token_bytes(32)) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with contextlib.suppress(FileExistsError):  # another process was first: theirs
-            os.link(tmp, path)
-            _fsync_dir(path.parent)
-    finally:
-        os.unlink(tmp)
+    _create_once(path, base64.b64encode(secrets.token_bytes(32)) + b"\n")
 
 
 def open_keystore(spec: str | None = None) -> KeyStore:
