@@ -268,11 +268,9 @@ if redis.call('EXISTS', base .. ':erased') == 1 then return {'erased'} end
 local merged = redis.call('HGET', base .. ':meta', 'merged_into')
 if merged then return {'merged', merged} end
 local know, evt15, src = ARGV[1], ARGV[2], ARGV[3]
-local changed = {}
-local n = tonumber(ARGV[6])
-for i = 0, n - 1 do
-  local j = 7 + i * 5
-  local ref, h, body, clin, op = ARGV[j], ARGV[j+1], ARGV[j+2], ARGV[j+3], ARGV[j+4]
+-- keep the version in the history; true when it is newer than the current one, which it
+-- then becomes (:ver), for a write or a deletion alike
+local function becomes_current(ref, h, body)
   local vkey = ref .. '|' .. h
   if redis.call('HSETNX', base .. ':vers', vkey, body) == 1 then
     redis.call('HSET', base .. ':vinfo', vkey, evt15 .. '|' .. know .. '|' .. src)
@@ -281,8 +279,18 @@ for i = 0, n - 1 do
   local order = evt15 .. h
   local cur = redis.call('HGET', base .. ':ver', ref)
   if (not cur) or string.sub(cur, 1, 47) < order then
-    redis.call('HSET', base .. ':cur', ref, body)
     redis.call('HSET', base .. ':ver', ref, order .. '|' .. know)
+    return true
+  end
+  return false
+end
+local changed = {}
+local n = tonumber(ARGV[6])
+for i = 0, n - 1 do
+  local j = 7 + i * 5
+  local ref, h, body, clin, op = ARGV[j], ARGV[j+1], ARGV[j+2], ARGV[j+3], ARGV[j+4]
+  if becomes_current(ref, h, body) then
+    redis.call('HSET', base .. ':cur', ref, body)
     if clin ~= '' then
       redis.call('ZADD', base .. ':tl', clin, ref)
     else
@@ -314,16 +322,8 @@ local m = tonumber(ARGV[d0] or '0') or 0
 for i = 0, m - 1 do
   local j = d0 + 1 + i * 3
   local ref, h, body = ARGV[j], ARGV[j+1], ARGV[j+2]
-  local vkey = ref .. '|' .. h
-  if redis.call('HSETNX', base .. ':vers', vkey, body) == 1 then
-    redis.call('HSET', base .. ':vinfo', vkey, evt15 .. '|' .. know .. '|' .. src)
-    redis.call('ZADD', base .. ':hist', know, vkey)
-  end
-  local order = evt15 .. h
-  local cur = redis.call('HGET', base .. ':ver', ref)
-  if (not cur) or string.sub(cur, 1, 47) < order then
+  if becomes_current(ref, h, body) then
     local had = redis.call('HDEL', base .. ':cur', ref)
-    redis.call('HSET', base .. ':ver', ref, order .. '|' .. know)
     redis.call('ZREM', base .. ':tl', ref)
     for _, name in ipairs({STATE_SETS}) do
       redis.call('SREM', base .. ':set:' .. name, ref)
