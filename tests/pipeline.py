@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
 
 from fhirtwin import bus
 from fhirtwin.assemble import AssembleWorker
 from fhirtwin.crypto import default_keyring, open_event, open_raw_headers
+from fhirtwin.ingest import ingest
 from fhirtwin.normalize import NormalizeWorker
+from fhirtwin.twin import TwinStore
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], *, key: bytes | None = None) -> None:
@@ -60,6 +63,38 @@ def drain(
         stop.set()
         thread.join(30)
     return n, assembler.stream.processed
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "hl7v2"
+
+
+@dataclasses.dataclass
+class ExampleTwins:
+    """The shipped HL7 v2 examples, through the pipeline: patient A (MRN448812) and B
+    (MRN550021), their twins and their Patient ids."""
+
+    client: Any  # redis.Redis
+    store: TwinStore
+    twin_a: str
+    twin_b: str
+    a: str
+    b: str
+
+
+def ingest_examples(bootstrap: str, redis_url: str) -> ExampleTwins:
+    """Create the topics, ingest ``examples/hl7v2`` and drain it into the twin store."""
+    bus.ensure_topics(bootstrap, partitions=4)
+    ingest(bootstrap, "hl7v2", [str(EXAMPLES)])
+    drain(bootstrap, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    store = TwinStore(client)
+    twin_a, twin_b = store.resolve("MRN448812"), store.resolve("MRN550021")
+    assert twin_a and twin_b
+
+    def pid(twin: str) -> str:
+        return next(x["id"] for x in store.resources(twin) if x["resourceType"] == "Patient")
+
+    return ExampleTwins(client, store, twin_a, twin_b, pid(twin_a), pid(twin_b))
 
 
 def opened(rec: bus.Record) -> bus.Record:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,16 +19,13 @@ from fhirtwin.api import MAX_COUNT, kafka_audit, router
 from fhirtwin.auth import ASSERTION_TYPE, Authority
 from fhirtwin.auth import router as auth_router
 from fhirtwin.infra import EmbeddedKafka, EmbeddedRedis, free_port
-from fhirtwin.ingest import ingest
 from fhirtwin.principal import AuthError, Principal
 from fhirtwin.snapshot import consent_event
 from fhirtwin.subscribers import Registry, make_subscriber
 from fhirtwin.twin import TwinStore
-from tests.pipeline import drain, produce, records
+from tests.pipeline import drain, ingest_examples, produce, records
 from tests.serving import serve
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "hl7v2"
 SCOPES = "http://terminology.hl7.org/CodeSystem/consentscope"
 LOINC = "http://loinc.org"
 
@@ -100,13 +96,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     with EmbeddedKafka() as k, EmbeddedRedis(prefer_existing=False) as r:
-        bus.ensure_topics(k.bootstrap, partitions=4)
-        ingest(k.bootstrap, "hl7v2", [str(EXAMPLES)])
-        drain(k.bootstrap, r.url)
-        client = redis.Redis.from_url(r.url)
-        store = TwinStore(client)
-        twin_a, twin_b = store.resolve("MRN448812"), store.resolve("MRN550021")
-        assert twin_a and twin_b
+        ex = ingest_examples(k.bootstrap, r.url)
+        client, store, twin_a, twin_b = ex.client, ex.store, ex.twin_a, ex.twin_b
         produce(
             k.bootstrap,
             bus.RESOURCES,
@@ -114,9 +105,6 @@ def env() -> Iterator[Env]:
             key=twin_a.encode(),
         )
         drain(k.bootstrap, r.url)
-
-        def pid(twin: str) -> str:
-            return next(x["id"] for x in store.resources(twin) if x["resourceType"] == "Patient")
 
         registry = Registry(client)
         registry.put(
@@ -157,8 +145,8 @@ def env() -> Iterator[Env]:
                 k.bootstrap,
                 r.url,
                 f"http://127.0.0.1:{port}/fhir",
-                pid(twin_a),
-                pid(twin_b),
+                ex.a,
+                ex.b,
                 twin_a,
                 twin_b,
                 store,

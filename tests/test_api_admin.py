@@ -28,15 +28,13 @@ from fhirtwin.auth import ASSERTION_TYPE, Authority
 from fhirtwin.cli_api import build_app
 from fhirtwin.deadletter import list_deadletters
 from fhirtwin.infra import EmbeddedKafka, EmbeddedRedis, free_port
-from fhirtwin.ingest import ingest
 from fhirtwin.normalize import NormalizeWorker
 from fhirtwin.subscribers import Registry, make_subscriber
 from fhirtwin.twin import TwinStore
-from tests.pipeline import drain, produce, wait_for
+from tests.pipeline import ingest_examples, produce, wait_for
 from tests.serving import serve
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "hl7v2"
 MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.9001.1"
 SCOPES = "http://terminology.hl7.org/CodeSystem/consentscope"
 ADMIN, AUDIT = "fhirtwin/admin", "fhirtwin/audit"
@@ -158,17 +156,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         mp.setenv("FHIRTWIN_HOME", str(home))  # the audit log's dev signing keys go here
         for name in ("FHIRTWIN_AUDIT_SIGNER", "FHIRTWIN_AUDIT_VERIFIER"):
             mp.delenv(name, raising=False)
-        bus.ensure_topics(k.bootstrap, partitions=4)
-        ingest(k.bootstrap, "hl7v2", [str(EXAMPLES)])
-        drain(k.bootstrap, r.url)
-        client = redis.Redis.from_url(r.url)
-        store = TwinStore(client)
-        twin_a, twin_b = store.resolve("MRN448812"), store.resolve("MRN550021")
-        assert twin_a and twin_b
-
-        def pid(twin: str) -> str:
-            return next(x["id"] for x in store.resources(twin) if x["resourceType"] == "Patient")
-
+        ex = ingest_examples(k.bootstrap, r.url)
+        client, store = ex.client, ex.store
         registry = Registry(client)
         for sub_id, value in (("ops", "sim-ops"), ("ops2", "sim-ops2")):
             registry.put(
@@ -195,10 +184,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             r.url,
             f"http://127.0.0.1:{port}",
             store,
-            pid(twin_a),
-            pid(twin_b),
-            twin_a,
-            twin_b,
+            ex.a,
+            ex.b,
+            ex.twin_a,
+            ex.twin_b,
             authority,
         )
         # the operator's clients: as `fhirtwin up` makes them (no subscriber) …

@@ -5,25 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import orjson
 import pytest
-import redis
 
 from fhirtwin import bus
 from fhirtwin.auth import Authority
 from fhirtwin.cli_api import build_app
 from fhirtwin.infra import EmbeddedKafka, EmbeddedRedis, free_port
-from fhirtwin.ingest import ingest
 from fhirtwin.subscribers import Registry, make_subscriber
 from fhirtwin.twin import TwinStore
-from tests.pipeline import drain, records
+from tests.pipeline import ingest_examples, records
 from tests.serving import serve
 from tests.test_api_admin import Client, new_key
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "hl7v2"
 
 
 @dataclass
@@ -40,17 +35,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     with EmbeddedKafka() as k, EmbeddedRedis(prefer_existing=False) as r:
-        bus.ensure_topics(k.bootstrap, partitions=4)
-        ingest(k.bootstrap, "hl7v2", [str(EXAMPLES)])
-        drain(k.bootstrap, r.url)
-        client = redis.Redis.from_url(r.url)
-        store = TwinStore(client)
-        twin_a, twin_b = store.resolve("MRN448812"), store.resolve("MRN550021")
-        assert twin_a and twin_b
-
-        def pid(twin: str) -> str:
-            return next(x["id"] for x in store.resources(twin) if x["resourceType"] == "Patient")
-
+        ex = ingest_examples(k.bootstrap, r.url)
+        client, store = ex.client, ex.store
         Registry(client).put(
             make_subscriber(
                 "care",
@@ -72,8 +58,8 @@ def env() -> Iterator[Env]:
                 k.bootstrap,
                 store,
                 f"http://127.0.0.1:{port}/fhir",
-                pid(twin_a),
-                pid(twin_b),
+                ex.a,
+                ex.b,
                 authority.dev_token(["fhirtwin/admin"]),
                 reader,
             )
