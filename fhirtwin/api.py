@@ -72,6 +72,7 @@ __all__ = [
     "FhirApi",
     "ViewCache",
     "allows",
+    "fhir_base",
     "kafka_audit",
     "router",
 ]
@@ -1502,6 +1503,14 @@ def capability_statement(base: str, now: datetime, *, admin: bool = False) -> di
     return statement
 
 
+def fhir_base(request: Request, base_url: str | None) -> str:
+    """The FHIR base that Location headers and Bundle links use: the configured public base,
+    else the one the request came in on."""
+    if base_url:
+        return base_url.rstrip("/")
+    return str(request.base_url).rstrip("/") + "/fhir"
+
+
 def router(
     store: TwinStore,
     registry: Registry,
@@ -1520,9 +1529,7 @@ def router(
     r = APIRouter(prefix="/fhir", route_class=_FhirRoute)
 
     def base_of(request: Request) -> str:
-        if base_url:
-            return base_url.rstrip("/")
-        return str(request.base_url).rstrip("/") + "/fhir"
+        return fhir_base(request, base_url)
 
     def begin(request: Request) -> _Ctx:
         principal = authenticate(request.headers.get("authorization"))

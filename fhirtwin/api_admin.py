@@ -58,6 +58,7 @@ from fhirtwin.api import (
     _token_match,
     audit_access,
     capability_statement,
+    fhir_base,
     fhir_response,
 )
 from fhirtwin.auth import ADMIN_SCOPE, AUDIT_SCOPE, Authority, ClientError, require_scope
@@ -356,9 +357,7 @@ def router(
     producer: Any = bus.producer(bootstrap)
 
     def base_of(request: Request) -> str:
-        if base_url:
-            return base_url.rstrip("/")
-        return str(request.base_url).rstrip("/") + "/fhir"
+        return fhir_base(request, base_url)
 
     def admin(request: Request) -> Principal:
         principal = authenticate(request.headers.get("authorization"))
