@@ -24,10 +24,10 @@ from fhirtwin.crypto import CryptoError, ErasedError, open_event
 from fhirtwin.erasure import ERASED_DROPPED
 from fhirtwin.metrics import LATENCY, TWIN_UPDATES
 from fhirtwin.redisconn import connect
-from fhirtwin.twin import TwinStore
+from fhirtwin.twin import TwinStore, Write
 from fhirtwin.worker import Out, StreamWorker, dead_letter
 
-__all__ = ["AssembleWorker", "apply_event", "rebuild"]
+__all__ = ["AssembleWorker", "apply_event", "apply_events", "rebuild"]
 
 log = logging.getLogger("fhirtwin.assemble")
 
@@ -45,60 +45,111 @@ def read_event(store: TwinStore, rec: bus.Record) -> dict[str, Any]:
     return event
 
 
-def apply_event(store: TwinStore, rec: bus.Record) -> list[Out]:
-    """Apply one ``fhir.resources`` record to the store; the twin events it causes."""
-    try:
-        event = read_event(store, rec)
-    except ErasedError:
-        ERASED_DROPPED.labels("assemble").inc()
-        return []
+def _write(event: dict[str, Any], rec: bus.Record) -> Write:
+    """What applying an event writes; KeyError/TypeError for an event that is not one."""
     twin = event["twin"]
-    outs: list[Out] = []
+    resources = event.get("resources") or []
+    for res in resources:  # a resource without type or id is not ours: refuse it here
+        if not (isinstance(res["resourceType"], str) and isinstance(res["id"], str)):
+            raise TypeError("resourceType and id must be strings")
+    # Keep every decision that changed identity (a new twin, a new identifier linked, a
+    # merge, a conflict); a plain match of known identifiers is not worth a record per event.
     decision = event.get("identity") or {}
-    merge_from = event.get("merge_from")
-    if merge_from and merge_from != twin:
-        moved = store.merge(merge_from, twin, known_ms=rec.timestamp_ms, reason=decision)
-        outs.append(
-            _twin_event(
-                twin,
-                {"type": "merge", "merged": merge_from, "into": twin, "changed": moved},
-                rec,
-            )
-        )
-    applied = store.apply(
+    new_ids = set(decision.get("linked", ())) - set(decision.get("matched", ()))
+    link = None
+    if (
+        decision.get("rule") not in (None, "identifier", "no-patient", "deletion")
+        or decision.get("conflicts")
+        or new_ids
+    ):
+        link = {
+            **decision,
+            "record": rec.ref,
+            "source": event.get("source"),
+            "at": rec.timestamp_ms,
+        }
+    return Write(
         twin,
-        event.get("resources") or [],
+        resources,
         event_ms=int(event.get("event_ms") or rec.timestamp_ms),
         known_ms=rec.timestamp_ms,
         src=rec.ref,
         identifiers=event.get("identifiers") or (),
         shared=twin.startswith("_"),
         deleted=event.get("deleted") or (),
+        link=link,
     )
-    # Keep every decision that changed identity (a new twin, a new identifier linked, a
-    # merge, a conflict); a plain match of known identifiers is not worth a record per event.
-    new_ids = set(decision.get("linked", ())) - set(decision.get("matched", ()))
-    rule = decision.get("rule")
-    if (
-        rule not in (None, "identifier", "no-patient", "deletion")
-        or decision.get("conflicts")
-        or new_ids
-    ):
-        store.record_link(
-            applied.twin,
-            {**decision, "record": rec.ref, "source": event.get("source"), "at": rec.timestamp_ms},
-        )
-    if applied.changed:
-        TWIN_UPDATES.inc(len(applied.changed))
-        outs.append(
-            _twin_event(
-                applied.twin,
-                {"type": "update", "changed": applied.changed},
-                rec,
-                event.get("source"),
+
+
+def apply_events(store: TwinStore, recs: list[bus.Record]) -> list[list[Out]]:
+    """Apply ``fhir.resources`` records, in order; per record, the twin events it causes.
+
+    The events go to ``TwinStore.apply_many`` together (a few Redis round trips per batch,
+    not per event); a merge is done, alone, between the events before and after it. A
+    record that is not a fhirtwin event becomes a dead letter; an erased twin's record is
+    dropped.
+    """
+    outs: list[list[Out]] = [[] for _ in recs]
+    batch: list[tuple[int, dict[str, Any], Write]] = []
+
+    def flush() -> None:
+        applied = store.apply_many([w for _, _, w in batch])
+        for (i, event, _), got in zip(batch, applied, strict=True):
+            if got.changed:
+                TWIN_UPDATES.inc(len(got.changed))
+                outs[i].append(
+                    _twin_event(
+                        got.twin,
+                        {"type": "update", "changed": got.changed},
+                        recs[i],
+                        event.get("source"),
+                    )
+                )
+        batch.clear()
+
+    for i, rec in enumerate(recs):
+        try:
+            event = read_event(store, rec)
+            write = _write(event, rec)
+        except ErasedError:
+            ERASED_DROPPED.labels("assemble").inc()
+            continue
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, CryptoError) as exc:
+            outs[i].append(_not_an_event(rec, exc))
+            continue
+        merge_from = event.get("merge_from")
+        if merge_from and merge_from != write.twin:
+            flush()  # what came before the merge is applied before it
+            moved = store.merge(
+                merge_from,
+                write.twin,
+                known_ms=rec.timestamp_ms,
+                reason=event.get("identity") or {},
             )
-        )
+            outs[i].append(
+                _twin_event(
+                    write.twin,
+                    {"type": "merge", "merged": merge_from, "into": write.twin, "changed": moved},
+                    rec,
+                )
+            )
+        batch.append((i, event, write))
+    flush()
     return outs
+
+
+def apply_event(store: TwinStore, rec: bus.Record) -> list[Out]:
+    """Apply one ``fhir.resources`` record to the store; the twin events it causes."""
+    return apply_events(store, [rec])[0]
+
+
+def _not_an_event(rec: bus.Record, exc: Exception) -> Out:
+    return dead_letter(
+        rec,
+        stage="assemble",
+        reason=f"not a fhirtwin event ({type(exc).__name__}: {exc}); "
+        "only normalize workers should write to fhir.resources",
+    )
 
 
 def _twin_event(
@@ -119,23 +170,19 @@ class AssembleWorker:
         return self.stream.run(stop, idle_exit=idle_exit)
 
     def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
-        out = []
-        for rec in recs:
-            t0 = time.perf_counter()
-            try:
-                out.append(apply_event(self.store, rec))
-            except (orjson.JSONDecodeError, KeyError, TypeError, CryptoError) as exc:
-                out.append(
-                    [
-                        dead_letter(
-                            rec,
-                            stage="assemble",
-                            reason=f"not a fhirtwin event ({type(exc).__name__}: {exc}); "
-                            "only normalize workers should write to fhir.resources",
-                        )
-                    ]
-                )
-            LATENCY.labels("assemble").observe(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        try:
+            out = apply_events(self.store, recs)
+        except (KeyError, TypeError, ValueError) as exc:
+            # An event that read well but failed in the store: find it (the events before
+            # it are applied again, which changes nothing) and dead-letter it alone.
+            if len(recs) > 1:
+                return [self.handle([rec])[0] for rec in recs]
+            out = [[_not_an_event(recs[0], exc)]]
+        share = (time.perf_counter() - t0) / max(len(recs), 1)
+        stage = LATENCY.labels("assemble")
+        for _ in recs:
+            stage.observe(share)
         return out
 
 
@@ -144,11 +191,31 @@ def rebuild(bootstrap: str, redis_url: str, *, flush: bool = True) -> dict[str, 
     store = TwinStore(connect(redis_url))
     deleted = store.flush() if flush else 0
     n = 0
-    for rec in bus.read_topic(bootstrap, bus.RESOURCES):
+    chunk: list[bus.Record] = []
+
+    def apply_chunk() -> int:
         try:
-            apply_event(store, rec)  # an erased twin's events no longer open: skipped
-        except (orjson.JSONDecodeError, KeyError, TypeError, CryptoError):
-            log.warning("skipping %s: not a fhirtwin event", rec.ref)
-            continue
-        n += 1
+            results = apply_events(store, chunk)
+        except (KeyError, TypeError, ValueError):  # one bad event: again one by one
+            results = []
+            for rec in chunk:
+                try:
+                    results += apply_events(store, [rec])
+                except (KeyError, TypeError, ValueError) as exc:
+                    results.append([_not_an_event(rec, exc)])
+        applied = 0
+        # an erased twin's events no longer open: skipped (no output, no dead letter)
+        for rec, outs in zip(chunk, results, strict=True):
+            if any(o.topic == bus.DEADLETTER for o in outs):
+                log.warning("skipping %s: not a fhirtwin event", rec.ref)
+            else:
+                applied += 1
+        chunk.clear()
+        return applied
+
+    for rec in bus.read_topic(bootstrap, bus.RESOURCES):
+        chunk.append(rec)
+        if len(chunk) >= 500:
+            n += apply_chunk()
+    n += apply_chunk()
     return {"deleted_keys": deleted, "events": n, "twins": len(store.twins())}

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 import redis
 
-from fhirtwin.twin import TwinStore, clinical_time_ms, content_hash, fhir_time_ms, state_op
+from fhirtwin.twin import (
+    TwinStore,
+    Write,
+    clinical_time_ms,
+    content_hash,
+    fhir_time_ms,
+    state_op,
+)
 
 T1, T2 = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
 
@@ -220,3 +227,103 @@ def test_a_merge_carries_deletions_along(store: TwinStore) -> None:
     # a late copy of the old version still does not resurrect it in the survivor
     store.apply(T1, [condition("active")], event_ms=1000, known_ms=40)
     assert store.resource(T1, "Condition/c1") is None
+
+
+def _writes() -> list[Write]:
+    """A feed for two twins: new resources, a newer and an older version, a redelivery, a
+    deletion, identifiers, identity decisions, and events that reach T2 after it was
+    merged into T1 (so the store must forward them)."""
+    other = {**patient(), "id": "p2", "identifier": [{"system": "urn:mrn", "value": "M2"}]}
+    return [
+        Write(
+            T1,
+            [patient(), condition("active")],
+            1000,
+            10,
+            "r/0/1",
+            ["urn:mrn|M1"],
+            link={"rule": "new", "twin": T1},
+        ),
+        Write(T2, [other], 1100, 11, "r/1/1", ["urn:mrn|M2"], link={"rule": "new", "twin": T2}),
+        Write(T1, [glucose("g1", 99, "2026-01-06")], 1200, 12, "r/0/2"),
+        Write(T1, [patient("Newer")], 3000, 13, "r/0/3"),
+        Write(T1, [patient("Older")], 900, 14, "r/0/4"),
+        Write(T2, [glucose("g2", 120, "2026-01-07")], 1300, 15, "r/1/2"),
+        Write(T1, [glucose("g1", 99, "2026-01-06")], 1200, 16, "r/0/2"),  # redelivered
+        Write(T1, [], 2000, 17, "r/0/5", deleted=["Condition/c1"]),
+        Write(T2, [glucose("g3", 130, "2026-01-08")], 1400, 18, "r/1/3"),
+        Write(
+            T2,
+            [condition("active", "c2")],
+            1500,
+            19,
+            "r/1/4",
+            ["urn:mrn|M2b"],
+            link={"rule": "identifier", "twin": T2, "linked": ["urn:mrn|M2b"]},
+        ),
+    ]
+
+
+def _one_by_one(store: TwinStore, writes: list[Write]) -> list[Any]:
+    out = []
+    for w in writes:
+        got = store.apply(
+            w.twin,
+            w.resources,
+            event_ms=w.event_ms,
+            known_ms=w.known_ms,
+            src=w.src,
+            identifiers=w.identifiers,
+            shared=w.shared,
+            deleted=w.deleted,
+        )
+        if w.link is not None:
+            store.record_link(got.twin, w.link)
+        out.append(got)
+    return out
+
+
+def _everything(store: TwinStore) -> dict[str, Any]:
+    return {
+        t: (
+            store.digest(t),
+            store.counts(t),
+            store.identifiers(t),
+            store.links(t),
+            [ref for _, ref in store.timeline(t)],
+        )
+        for t in store.twins()
+    }
+
+
+def test_apply_many_is_apply_one_after_another(store: TwinStore) -> None:
+    """The assembler's batched path gives what one apply per event gives: the same
+    answers, twins, identifiers and identity records — including events for a twin that
+    was merged meanwhile, which are forwarded in order."""
+    writes = _writes()
+    results = {}
+    for how in ("one by one", "batched"):
+        store.flush()
+        first, rest = writes[:6], writes[6:]
+        if how == "one by one":
+            got = _one_by_one(store, first)
+        else:
+            got = store.apply_many(first)
+        store.merge(T2, T1, known_ms=50, reason={"rule": "merge"})
+        got += _one_by_one(store, rest) if how == "one by one" else store.apply_many(rest)
+        results[how] = (got, _everything(store))
+    assert results["batched"] == results["one by one"]
+    answers, twins = results["batched"]
+    assert list(twins) == [T1]  # T2 was merged: its later events landed in T1
+    assert [a.twin for a in answers[6:]] == [T1] * 4
+    assert answers[6].changed == [] and answers[4].changed == []  # redelivery, older version
+    assert "Condition/c2" in answers[9].changed
+    assert store.resolve("M2b") == T1
+
+
+def test_apply_many_survives_redis_forgetting_the_script(store: TwinStore) -> None:
+    """After a Redis restart the script cache is empty (NOSCRIPT): the batch still applies."""
+    store.r.script_flush()
+    got = store.apply_many(_writes()[:3])
+    assert [a.twin for a in got] == [T1, T2, T1]
+    assert store.counts(T1) == {"Condition": 1, "Observation": 1, "Patient": 1}
