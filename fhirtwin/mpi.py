@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +24,7 @@ import yaml
 
 from fhirtwin.crypto import KeyRing, default_keyring
 from fhirtwin.redisconn import RedisClient, mget, mset
-from fhirtwin.twin import follow_merges
+from fhirtwin.twin import follow_merges_many
 
 __all__ = ["Identity", "MPIConfig", "Resolver", "linking_identifiers", "split_patients"]
 
@@ -149,7 +149,14 @@ class Identity:
 
 
 class Resolver:
-    """Finds or creates the twin of a message's patient (state in Redis)."""
+    """Finds or creates the twin of a message's patient (state in Redis).
+
+    A worker that handles records in batches calls ``prefetch`` with the batch first: the
+    lookups of every identifier in it then cost two round trips for the whole batch
+    instead of two per record. What this resolver writes meanwhile (a new twin, a new
+    link, a merge) updates what it read, so a later record of the same batch sees it;
+    ``forget`` drops it all at the end of the batch.
+    """
 
     def __init__(
         self, client: RedisClient, cfg: MPIConfig | None = None, keys: KeyRing | None = None
@@ -157,12 +164,60 @@ class Resolver:
         self.r: Any = client
         self.cfg = cfg or MPIConfig.load()
         self.keys = keys or default_keyring()
+        # identifier → (its twin, the erased twin it names), both as read; twin → live twin
+        self._seen: dict[str, tuple[str | None, str | None]] | None = None
+        self._live: dict[str, str] = {}
 
     def _k(self, ident: str) -> str:
         return f"ft:id:{self.keys.blind(ident)}"
 
-    def _follow(self, twin: str) -> str:
-        return follow_merges(self.r, twin)
+    def _identifiers(
+        self, resources: list[dict[str, Any]], patient_identifiers: Sequence[str]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], list[str]]:
+        """(subject patients, prior patients, their linking identifiers, the priors')."""
+        subjects, priors = split_patients(resources)
+        idents: list[str] = []
+        for p in subjects:
+            idents += [i for i in linking_identifiers(p, self.cfg) if i not in idents]
+        idents += [i for i in patient_identifiers if i not in idents]
+        prior_ids: list[str] = []
+        for p in priors:
+            prior_ids += [i for i in linking_identifiers(p, self.cfg) if i not in prior_ids]
+        return subjects, priors, idents, prior_ids
+
+    def _lookup(self, idents: Sequence[str]) -> list[tuple[str | None, str | None]]:
+        """One round trip: the twin of each identifier, and the erased twin it names."""
+        blinds = [self.keys.blind(i) for i in idents]
+        vals = mget(self.r, [f"ft:id:{b}" for b in blinds] + [f"ft:erased:id:{b}" for b in blinds])
+        n = len(idents)
+        return [
+            (v.decode() if v else None, e.decode() if e else None)
+            for v, e in zip(vals[:n], vals[n:], strict=True)
+        ]
+
+    def prefetch(self, units: Iterable[tuple[list[dict[str, Any]], Sequence[str]]]) -> None:
+        """Read what ``resolve`` will need for these (resources, patient identifiers)."""
+        every: list[str] = []
+        for resources, patient_identifiers in units:
+            _, _, idents, prior_ids = self._identifiers(resources, patient_identifiers)
+            every += idents + prior_ids
+        every = list(dict.fromkeys(every))
+        looked = self._lookup(every) if every else []
+        self._seen = dict(zip(every, looked, strict=True))
+        twins = {t for t, _ in looked if t}
+        self._live = follow_merges_many(self.r, twins) if twins else {}
+
+    def forget(self) -> None:
+        self._seen, self._live = None, {}
+
+    def _saw(self, ident: str, twin: str | None) -> None:
+        """Record what this resolver wrote (None: a write it lost; read it again)."""
+        if self._seen is not None:
+            if twin is None:
+                self._seen.pop(ident, None)
+            else:
+                self._seen[ident] = (twin, None)
+                self._live.setdefault(twin, twin)
 
     def resolve(
         self, resources: list[dict[str, Any]], patient_identifiers: Sequence[str] = ()
@@ -173,25 +228,23 @@ class Resolver:
         no Patient resource (a Bulk NDJSON Observation, a CSV row): they link like a
         Patient's identifiers would.
         """
-        subjects, priors = split_patients(resources)
-        idents: list[str] = []
-        for p in subjects:
-            idents += [i for i in linking_identifiers(p, self.cfg) if i not in idents]
-        idents += [i for i in patient_identifiers if i not in idents]
+        subjects, priors, idents, prior_ids = self._identifiers(resources, patient_identifiers)
         if not subjects and not idents:
             return None
-        prior_ids: list[str] = []
-        for p in priors:
-            prior_ids += [i for i in linking_identifiers(p, self.cfg) if i not in prior_ids]
-        # One round trip: the twins of all identifiers, and whether any was erased.
         every = list(dict.fromkeys(idents + prior_ids))
-        blinds = [self.keys.blind(i) for i in every]
-        vals = mget(self.r, [f"ft:id:{b}" for b in blinds] + [f"ft:erased:id:{b}" for b in blinds])
-        if erased := next((v.decode() for v in vals[len(every) :] if v), None):
+        seen = self._seen
+        if seen is not None and all(i in seen for i in every):
+            looked = [seen[i] for i in every]
+        else:
+            looked = self._lookup(every)
+        if erased := next((e for _, e in looked if e), None):
             return Identity(twin=erased, rule="erased")
-        found = {i: v.decode() for i, v in zip(every, vals[: len(every)], strict=True) if v}
-        known = {i: self._follow(found[i]) for i in idents if i in found}
-        prior_known = {i: self._follow(found[i]) for i in prior_ids if i in found}
+        found = {i: t for i, (t, _) in zip(every, looked, strict=True) if t}
+        live = {t: self._live[t] for t in found.values() if t in self._live}
+        if missing := set(found.values()) - live.keys():
+            live.update(follow_merges_many(self.r, missing))
+        known = {i: live[found[i]] for i in idents if i in found}
+        prior_known = {i: live[found[i]] for i in prior_ids if i in found}
         twins = list(dict.fromkeys(known.values()))
         prior_twins = list(dict.fromkeys(prior_known.values()))
 
@@ -201,16 +254,20 @@ class Resolver:
             # Identifier change (A47) or merge into a not-yet-known number: keep the twin.
             twin, rule = prior_twins[0], "identifier-change"
         elif subjects and self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
-            found = self.r.get(f"ft:demo:{self.keys.blind(dk)}")
-            twin, rule = (found.decode(), "demographic") if found else ("", "new")
+            demo = self.r.get(f"ft:demo:{self.keys.blind(dk)}")
+            twin, rule = (demo.decode(), "demographic") if demo else ("", "new")
         else:
             twin, rule = "", "new"
         if not twin:
             twin = str(uuid.uuid4())
             # Claim the first identifier; a racing worker may have claimed it first.
-            if idents and not self.r.set(self._k(idents[0]), twin, nx=True):
-                got = self.r.get(self._k(idents[0]))
-                twin, rule = (got.decode(), "identifier") if got else (twin, rule)
+            if idents:
+                claimed = bool(self.r.set(self._k(idents[0]), twin, nx=True))
+                if not claimed and (got := self.r.get(self._k(idents[0]))):
+                    twin, rule, claimed = got.decode(), "identifier", True
+                if claimed:
+                    found[idents[0]] = twin
+                self._saw(idents[0], twin if claimed else None)
         identity = Identity(twin=twin, rule=rule, matched=sorted(known))
         for i in idents:
             other = known.get(i)
@@ -218,21 +275,28 @@ class Resolver:
                 identity.identifiers.append(i)
             else:
                 identity.conflicts[i] = other  # never linked silently: stays where it was
-        if identity.identifiers:
-            pipe = self.r.pipeline(transaction=False)
-            for i in identity.identifiers:
-                pipe.set(self._k(i), twin, nx=True)
-            if subjects and self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
-                pipe.set(f"ft:demo:{self.keys.blind(dk)}", twin, nx=True)
-            pipe.execute()
+        # Link what is not linked yet (SET NX of a key that exists would change nothing: a
+        # message of a known patient with known identifiers costs no write).
+        pipe = self.r.pipeline(transaction=False)
+        linking = [i for i in identity.identifiers if i not in found]
+        for i in linking:
+            pipe.set(self._k(i), twin, nx=True)
+        if subjects and self.cfg.demographic and (dk := demographic_key(subjects[0], self.cfg)):
+            pipe.set(f"ft:demo:{self.keys.blind(dk)}", twin, nx=True)
+        if len(pipe):
+            for i, won in zip(linking, pipe.execute(), strict=False):
+                self._saw(i, twin if won else None)
         if priors:
             others = [t for t in prior_twins if t != twin]
             if others:
                 identity.merge_from = others[0]
                 identity.rule = "merge"
                 mset(self.r, {self._k(i): twin for i in prior_known})
+                for i in prior_known:
+                    self._saw(i, twin)
             for i in prior_ids:
                 if i not in prior_known:
                     identity.identifiers.append(i)
-                    self.r.set(self._k(i), twin, nx=True)
+                    won = self.r.set(self._k(i), twin, nx=True)
+                    self._saw(i, twin if won else None)
         return identity

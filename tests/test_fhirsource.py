@@ -21,7 +21,7 @@ from fhirtwin.fhirsource import (
     patient_ref_key,
 )
 from fhirtwin.ingest import ingest
-from fhirtwin.normalize import Converted, NormalizeWorker, SourceError
+from fhirtwin.normalize import Converted, SourceError
 from fhirtwin.twin import TwinStore
 from fhirtwin.validation import validate_bundle
 from tests.pipeline import drain, records
@@ -433,23 +433,10 @@ def drain_fhir(bootstrap: str, redis_url: str, idle: float = 2.0) -> tuple[int, 
     return drain(bootstrap, redis_url, validate=True, idle=idle, kinds=["fhir"])
 
 
-def _spine_links_patient_identifiers() -> bool:
-    import inspect
-
-    return "patient_identifiers" in Converted.__dataclass_fields__ and "patient_identifiers" in (
-        inspect.getsource(NormalizeWorker.handle_one)
-    )
-
-
 @pytest.mark.corpus
 def test_smart_bulk_set_becomes_one_twin_per_patient(
     corpus: Path, kafka: str, redis_url: str, tmp_path: Path
 ) -> None:
-    if not _spine_links_patient_identifiers():
-        pytest.skip(
-            "fhirtwin.normalize does not pass Converted.patient_identifiers to the MPI yet: "
-            "NDJSON lines without a Patient cannot be linked"
-        )
     src = corpus / SMART
     # what each patient should hold: the convert output (checked complete above)
     report = convert_files([str(src)], tmp_path / "out", validate=False)

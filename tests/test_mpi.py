@@ -105,3 +105,74 @@ def test_a_record_without_a_patient_links_by_the_identifiers_it_names(resolver: 
     new = resolver.resolve([obs], ["urn:mrn|Z9"])
     assert new is not None and new.twin != first.twin and new.rule == "new"
     assert resolver.resolve([patient("Z9")]).twin == new.twin  # type: ignore[union-attr]
+
+
+def _feed() -> list[tuple[list[dict[str, Any]], list[str]]]:
+    obs = {"resourceType": "Observation", "id": "o1"}
+    return [
+        ([patient("A1")], []),  # new
+        ([patient("A1")], []),  # known
+        ([patient("B1")], []),  # new
+        ([patient("A1", "B1")], []),  # conflict
+        ([obs], ["urn:mrn|Z9"]),  # new, named by a record without a Patient
+        ([patient("Z9", "Z8")], []),  # known, and a new identifier linked
+        ([patient("Z8")], []),  # found by the identifier just linked
+        ([patient("A2"), patient("A1", prior_of="A2")], []),  # identifier change
+        ([patient("A2"), patient("B1", prior_of="A2")], []),  # merge
+        ([patient("B1")], []),  # now the survivor's
+        ([patient("E1")], []),  # erased
+    ]
+
+
+def _decisions(resolver: Resolver, batched: bool) -> list[tuple[Any, ...]]:
+    resolver.r.flushdb()
+    erased = str(uuid.uuid4())
+    resolver.r.set(f"ft:erased:id:{resolver.keys.blind('urn:mrn|E1')}", erased)
+    resolver.r.config_resetstat()
+    feed = _feed()
+    if batched:
+        resolver.prefetch(feed)
+    got = [resolver.resolve(resources, idents) for resources, idents in feed]
+    resolver.forget()
+    labels: dict[str, str] = {erased: "erased"}
+
+    def label(twin: str | None) -> str | None:
+        return None if twin is None else labels.setdefault(twin, f"T{len(labels)}")
+
+    mgets = int(resolver.r.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+    return [
+        (
+            label(i.twin),
+            i.rule,
+            i.identifiers,
+            i.matched,
+            label(i.merge_from),
+            {k: label(v) for k, v in i.conflicts.items()},
+        )
+        for i in got
+        if i is not None
+    ] + [("MGET calls", mgets)]
+
+
+def test_a_prefetched_batch_resolves_as_one_record_at_a_time(resolver: Resolver) -> None:
+    """The normalize worker reads a batch's identities at once (``prefetch``); what it then
+    decides record by record, including what earlier records of the batch created,
+    linked or merged, is what resolving each record alone decides — with one MGET."""
+    alone, batched = _decisions(resolver, False), _decisions(resolver, True)
+    assert alone[:-1] == batched[:-1]
+    assert [d[1] for d in batched[:-1]] == [
+        "new",
+        "identifier",
+        "new",
+        "identifier",
+        "new",
+        "identifier",
+        "identifier",
+        "identifier-change",
+        "merge",
+        "identifier",
+        "erased",
+    ]
+    assert batched[8][4] == batched[2][0]  # B1's twin is merged into A's
+    assert batched[9][0] == batched[0][0]
+    assert alone[-1] == ("MGET calls", 11) and batched[-1] == ("MGET calls", 1)
