@@ -10,7 +10,12 @@ each over the whole mix repeated until the run lasts at least ``--min-seconds``:
 
 * fhirtwin parse, lazy (segments and fields only) and with every field split (``seg.field(n)``);
 * fhirtwin full conversion, validation off and on (messages that convert only);
-* python-hl7 ``hl7.parse`` and hl7apy ``parse_message`` (TOLERANT, no groups), parse only.
+* python-hl7 ``hl7.parse`` and hl7apy ``parse_message`` (TOLERANT, no groups), parse only;
+* two floors: the converter's own output rebuilt by a Python recursive copy, and by
+  ``orjson.loads`` — what building those dicts costs with no mapping logic at all.
+
+The process settles its garbage collector as fhirtwin's workers do (``fhirtwin.heap``);
+one conversion row repeats "validation off" with CPython's default collector settings.
 
 python-hl7 and hl7apy get their input pre-normalised outside the timed loop (decoded str, BOM
 stripped, CR separators), fhirtwin gets the raw bytes: the comparison favours them.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import math
@@ -37,12 +43,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from fhirtwin import validation  # noqa: E402
+from fhirtwin import heap, validation  # noqa: E402
 from fhirtwin.conversion import convert_hl7v2  # noqa: E402
 from fhirtwin.hl7v2 import HL7ParseError, parse, split_batch  # noqa: E402
 from fhirtwin.mapping import ConversionError  # noqa: E402
@@ -52,6 +60,7 @@ HL7APY_CAP_SECONDS = 3.0
 GOAL_CONVERT_MSGS = 3000.0
 GOAL_CONVERT_RATIO = 8.0
 GOAL_VALIDATE_MSGS = 1500.0
+DEFAULT_GC_THRESHOLD = (700, 10, 10)  # CPython's
 
 
 @dataclass
@@ -216,6 +225,53 @@ def convert(
     return run
 
 
+def _py_copy(x: Any) -> Any:
+    if type(x) is dict:
+        return {k: _py_copy(v) for k, v in x.items()}
+    if type(x) is list:
+        return [_py_copy(v) for v in x]
+    return x
+
+
+def _nodes(x: Any) -> int:
+    if type(x) is dict:
+        return 1 + sum(_nodes(v) for v in x.values())
+    if type(x) is list:
+        return 1 + sum(_nodes(v) for v in x)
+    return 1
+
+
+def floor_rows(msgs: Sequence[bytes], runs: int, min_seconds: float) -> list[Row]:
+    """What building the output alone costs: the Bundles the converter made for these
+    messages, rebuilt by the simplest Python code (a recursive copy: one dict or list per
+    node, no logic at all) and by orjson.loads (in C, from their JSON). No converter that
+    builds these dicts in Python can beat the first; the second is what a converter with a
+    compiled core would start from."""
+    bundles = [convert_hl7v2(m, validate=False).bundle for m in msgs]
+    texts = [orjson.dumps(b) for b in bundles]
+    nodes = sum(map(_nodes, bundles)) / max(len(bundles), 1)
+
+    def copy_pass() -> int:
+        for b in bundles:
+            _py_copy(b)
+        return len(bundles)
+
+    def loads_pass() -> int:
+        for t in texts:
+            orjson.loads(t)
+        return len(texts)
+
+    note = f"floor, not a converter: {nodes:,.0f} JSON nodes per Bundle, no mapping logic"
+    out = []
+    for what, fn in (
+        ("output rebuilt by a Python recursive copy", copy_pass),
+        ("output rebuilt by orjson.loads (C)", loads_pass),
+    ):
+        r = measure(fn, len(bundles), runs, min_seconds)
+        out.append(Row(what, len(bundles), statistics.median(r), None, None, 0, r, note))
+    return out
+
+
 def python_hl7(texts: Sequence[str]) -> Callable[[], int]:
     import hl7
 
@@ -361,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no HL7 v2 messages found", file=sys.stderr)
         return 2
     texts = [for_other_parsers(m) for m in msgs]
+    heap.settle()
 
     machine = {
         "cpu_count": os.cpu_count(),
@@ -459,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     # emptied before every pass over the mix, so only repeats within one pass hit (the
     # first pass of a feed); "warm": kept between passes (a feed that keeps sending the
     # same places, people and devices, each time in a new message).
+    # Every row runs with the collector settled as in fhirtwin's workers and `fhirtwin
+    # convert` (fhirtwin.heap), python-hl7 and hl7apy included, except the first
+    # conversion row: CPython's default settings, for comparison.
     modes = [
+        ("off, default GC", False, None, True),
         ("off", False, None, True),
         ("on", True, "cold", True),
         ("on, models only, no cache", True, "none", False),
@@ -467,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         ("on, models only, warm cache", True, "warm", False),
     ]
     for label, validate, cache, fast in modes:
+        if label == "off, default GC":
+            gc.unfreeze()
+            gc.set_threshold(*DEFAULT_GC_THRESHOLD)
+        else:
+            heap.settle()
         validation.set_fast(fast)
         validation.set_cache_size(0 if cache == "none" else validation.DEFAULT_CACHE_SIZE)
         validation.clear_cache()
@@ -525,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append(row)
         conv_rows[label] = row
-        if not validate:
+        if label == "off":
             # The corpus is mostly 4 KB "every field filled" samples; a live ADT/ORU feed
             # is nearer 1-2 KB. Shown for context only: the goals use the whole mix.
             small = [m for m in ok if len(m) < SMALL_BYTES]
@@ -547,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     validation.set_fast(True)
     validation.set_cache_size(validation.DEFAULT_CACHE_SIZE)
     validation.clear_cache()
+    rows += floor_rows(split_convertible(msgs, False)[0], args.runs, args.min_seconds)
 
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fhirtwin import heap
 from fhirtwin.conversion import Conversion, ConversionError, HL7ParseError, convert_hl7v2
 from fhirtwin.hl7v2 import split_batch
 from fhirtwin.rules import MappingError
@@ -121,7 +122,9 @@ def convert(
     )
     with progress:
         task = progress.add_task("convert", total=len(messages))
-        for stem, data in messages:
+        for n, (stem, data) in enumerate(messages):
+            if n == 1:
+                heap.settle()  # the rules and models the first message needed are loaded
             try:
                 conv = convert_hl7v2(data, validate=validate, mappings=mappings)
             except (HL7ParseError, ConversionError) as exc:
@@ -180,6 +183,7 @@ def _convert_other(
     except ModuleNotFoundError:
         err.print(f"[red]converting from {kind} is not available yet[/red]")
         raise typer.Exit(2) from None
+    heap.settle()  # the converter and the models it validates with are loaded
     code = module.convert_paths(
         inputs, out, validate=validate, profile=profile, console=err, **options
     )

@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from fhirtwin import bus, hl7v2
+from fhirtwin import bus, heap, hl7v2
 from fhirtwin.crypto import KeyRing, default_keyring
 from fhirtwin.metrics import (
     ACKS,
@@ -848,6 +848,7 @@ class MLLPServer:
 
         async def main() -> None:
             await self.start()
+            heap.settle()
             try:
                 if ready is not None:
                     ready(self.port)

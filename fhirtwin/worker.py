@@ -24,7 +24,7 @@ import orjson
 import redis
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from fhirtwin import bus
+from fhirtwin import bus, heap
 from fhirtwin.crypto import default_keyring
 from fhirtwin.metrics import DEADLETTERS, MESSAGES_IN, MESSAGES_OUT, beat
 
@@ -122,6 +122,8 @@ class StreamWorker:
         consumer.subscribe(self.topics, on_assign=on_assign, on_revoke=on_revoke)
         last = time.monotonic()
         failures: list[str] = []
+        heap.settle()
+        settled = False  # again after the first batch: the rules it needed are compiled
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
             if err is not None:
@@ -184,6 +186,9 @@ class StreamWorker:
                     )
                     continue
                 self.processed += len(recs)
+                if not settled:
+                    heap.settle()
+                    settled = True
         finally:
             producer.flush(10)
             consumer.close()
