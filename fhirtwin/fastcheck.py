@@ -43,7 +43,7 @@ __all__ = ["accepts", "cache_info"]
 
 # field kinds
 _PRIM, _MODEL, _RESOURCE = 1, 2, 3
-_MAX_VALUES = 100_000  # remembered primitive verdicts, then the memory starts again
+_MAX_VALUES = 50_000  # remembered verdicts per primitive type, then its memory starts again
 _MAX_REMEMBERED_CHARS = 256  # longer text (narratives, base64 attachments): checked each time
 
 
@@ -52,7 +52,10 @@ class _Field:
     kind: int
     many: bool
     adapter: Any = None  # _PRIM: a pydantic TypeAdapter of the field's annotation
-    aid: int = 0  # _PRIM: id(adapter), the first part of a remembered value's key
+    # _PRIM: the verdicts remembered for that adapter (shared by every field using it):
+    # a str value is its own key, any other value is keyed (type, value) so that 1,
+    # 1.0 and True stay apart
+    seen: dict[Any, bool] = field(default_factory=dict)
     table: Any = None  # _MODEL: the _Table of the value's model
 
 
@@ -76,7 +79,7 @@ class _Table:
 _tables: dict[type, _Table] = {}
 _by_type: dict[str, _Table | None] = {}  # resourceType → its table (None: not a resource)
 _adapters: dict[Any, TypeAdapter[Any]] = {}
-_values: dict[tuple[int, type, Any], bool] = {}
+_seen: dict[int, dict[Any, bool]] = {}  # id(adapter) → the verdicts remembered for it
 _lock = threading.RLock()
 _stats = {"validated": 0}  # primitive values run through their TypeAdapter
 
@@ -149,7 +152,8 @@ def _table(klass: type) -> _Table:
                 adapter = _adapters.get(inner)
                 if adapter is None:
                     adapter = _adapters[inner] = TypeAdapter(inner)
-                table.fields[alias] = _Field(_PRIM, many, adapter=adapter, aid=id(adapter))
+                seen = _seen.setdefault(id(adapter), {})
+                table.fields[alias] = _Field(_PRIM, many, adapter=adapter, seen=seen)
             if info.is_required():
                 required.append((alias, None))
         try:
@@ -193,9 +197,10 @@ def _prim(f: _Field, value: Any) -> bool:
     if value is None or value == "" or type(value) in (dict, list):
         return False
     remember = type(value) is not str or len(value) <= _MAX_REMEMBERED_CHARS
+    key = value if type(value) is str else (type(value), value)
+    seen = f.seen
     if remember:
-        key = (f.aid, type(value), value)
-        hit = _values.get(key)
+        hit = seen.get(key)
         if hit is not None:
             return hit
     _stats["validated"] += 1
@@ -205,9 +210,9 @@ def _prim(f: _Field, value: Any) -> bool:
     except Exception:  # some validators raise AttributeError on odd types
         ok = False
     if remember:
-        if len(_values) >= _MAX_VALUES:
-            _values.clear()
-        _values[key] = ok
+        if len(seen) >= _MAX_VALUES:
+            seen.clear()
+        seen[key] = ok
     return ok
 
 
@@ -216,7 +221,6 @@ def _check(table: _Table, obj: dict[str, Any]) -> bool:
     if not obj or not table.ready:
         return False
     fields = table.fields
-    values = _values
     for key, value in obj.items():
         f = fields.get(key)
         if f is None:
@@ -236,10 +240,10 @@ def _check(table: _Table, obj: dict[str, Any]) -> bool:
             items = (value,)
         kind = f.kind
         if kind == _PRIM:
-            aid = f.aid
+            seen = f.seen
             for item in items:
-                if type(item) is str and len(item) <= _MAX_REMEMBERED_CHARS:
-                    hit = values.get((aid, str, item))
+                if type(item) is str:
+                    hit = seen.get(item)  # only short strings are ever remembered
                     if hit is not None:
                         if hit:
                             continue
@@ -283,4 +287,4 @@ def accepts(resource: Any) -> bool:
 
 def cache_info() -> dict[str, int]:
     """How many primitive verdicts are remembered, and how many values were validated."""
-    return {"values": len(_values), **_stats}
+    return {"values": sum(map(len, _seen.values())), **_stats}
