@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no HL7 v2 messages found", file=sys.stderr)
         return 2
     texts = [for_other_parsers(m) for m in msgs]
+    heap.enable()  # this process measures fhirtwin's: settle it as the workers do
     heap.settle()
 
     machine = {

@@ -79,8 +79,10 @@ def load_messages(root: Path) -> tuple[list[bytes], str]:
 
 def serve_main(bootstrap: str, profile_out: str | None) -> None:
     """Subprocess entry: run the listener until stdin closes; print its port first."""
+    from fhirtwin import heap
     from fhirtwin.mllp import MLLPServer
 
+    heap.enable()  # as `fhirtwin mllp` runs it
     server = MLLPServer(bootstrap, "127.0.0.1", 0)
     stop = threading.Event()
 

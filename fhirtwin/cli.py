@@ -255,5 +255,12 @@ register_auth(app)
 register_keys(app)
 register_api(app)
 
-if __name__ == "__main__":
+
+def main() -> None:
+    """The ``fhirtwin`` command: this process is fhirtwin's, so its heap may be settled."""
+    heap.enable()
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -15,15 +15,28 @@ from __future__ import annotations
 
 import gc
 
-__all__ = ["settle"]
+__all__ = ["enable", "settle"]
 
 YOUNG_THRESHOLD = 10_000
+_enabled = False
+
+
+def enable() -> None:
+    """Let ``settle`` act: called by the ``fhirtwin`` command (and the benches), whose
+    process is fhirtwin's own. In a program or test run that only imports fhirtwin,
+    ``settle`` does nothing: objects frozen there could be garbage cycles later, which
+    the collector would then never free."""
+    global _enabled
+    _enabled = True
 
 
 def settle() -> None:
     """Move everything alive now out of the collector's sight (``gc.freeze``) and collect
-    the young generation less often. Call it once what lives for the whole process is
-    loaded (rules compiled, models imported); calling it again later is harmless."""
+    the young generation less often. Called once what lives for the whole process is
+    loaded (rules compiled, models imported); again later is harmless. A no-op unless
+    ``enable`` was called."""
+    if not _enabled:
+        return
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
