@@ -536,16 +536,7 @@ class TwinStore:
         if is_cluster(self.r):
             out = []
             for w in writes:
-                got = self.apply(
-                    w.twin,
-                    w.resources,
-                    event_ms=w.event_ms,
-                    known_ms=w.known_ms,
-                    src=w.src,
-                    identifiers=w.identifiers,
-                    shared=w.shared,
-                    deleted=w.deleted,
-                )
+                got = self._apply_write(w)
                 if w.link is not None and not got.erased:
                     self.record_link(got.twin, w.link)
                 out.append(got)
@@ -566,16 +557,7 @@ class TwinStore:
         for (i, _), out in zip(calls, answers, strict=True):
             w = writes[i]
             if out and out[0] == b"merged":
-                results[i] = got = self.apply(
-                    w.twin,
-                    w.resources,
-                    event_ms=w.event_ms,
-                    known_ms=w.known_ms,
-                    src=w.src,
-                    identifiers=w.identifiers,
-                    shared=w.shared,
-                    deleted=w.deleted,
-                )
+                results[i] = got = self._apply_write(w)
             elif out and out[0] == b"erased":
                 results[i] = got = AppliedEvent(w.twin, [], erased=True)
             else:
@@ -586,6 +568,18 @@ class TwinStore:
         if len(pipe):
             pipe.execute()
         return [r for r in results if r is not None]
+
+    def _apply_write(self, w: Write) -> AppliedEvent:
+        return self.apply(
+            w.twin,
+            w.resources,
+            event_ms=w.event_ms,
+            known_ms=w.known_ms,
+            src=w.src,
+            identifiers=w.identifiers,
+            shared=w.shared,
+            deleted=w.deleted,
+        )
 
     def _eval_many(self, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
         """The apply script over (key, args) pairs, pipelined; loads the script if Redis
