@@ -507,7 +507,7 @@ def test_dockerfile_copies_what_exists_and_runs_as_non_root() -> None:
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["fhirtwin"] == "fhirtwin.cli:app"
+    assert scripts["fhirtwin"] == "fhirtwin.cli:main"  # the CLI, with its heap settled
     assert "USER 10001" in final and "COPY --from=build" in final
     for tool in ("apt-get", "gcc", "build-essential", "pip install"):
         assert tool not in final, tool  # nothing is built or installed in the final image
