@@ -22,9 +22,9 @@ import orjson
 from fhirtwin import bus
 from fhirtwin.crypto import CryptoError, ErasedError, open_event
 from fhirtwin.erasure import ERASED_DROPPED
-from fhirtwin.metrics import LATENCY, TWIN_UPDATES
+from fhirtwin.metrics import TWIN_UPDATES, observe_batch
 from fhirtwin.redisconn import connect
-from fhirtwin.twin import TwinStore, Write
+from fhirtwin.twin import AppliedEvent, TwinStore, Write
 from fhirtwin.worker import Out, StreamWorker, dead_letter
 
 __all__ = ["AssembleWorker", "apply_event", "apply_events", "rebuild"]
@@ -93,9 +93,24 @@ def apply_events(store: TwinStore, recs: list[bus.Record]) -> list[list[Out]]:
     batch: list[tuple[int, dict[str, Any], Write]] = []
 
     def flush() -> None:
-        applied = store.apply_many([w for _, _, w in batch])
+        if not batch:
+            return
+        applied: list[AppliedEvent | Exception]
+        try:
+            applied = list(store.apply_many([w for _, _, w in batch]))
+        except (KeyError, TypeError, ValueError):
+            # An event that read well but failed in the store: one by one (the events
+            # before it are applied again, which changes nothing), to refuse it alone.
+            applied = []
+            for _, _, w in batch:
+                try:
+                    applied += store.apply_many([w])
+                except (KeyError, TypeError, ValueError) as exc:
+                    applied.append(exc)
         for (i, event, _), got in zip(batch, applied, strict=True):
-            if got.changed:
+            if isinstance(got, Exception):
+                outs[i].append(_not_an_event(recs[i], got))
+            elif got.changed:
                 TWIN_UPDATES.inc(len(got.changed))
                 outs[i].append(
                     _twin_event(
@@ -171,18 +186,8 @@ class AssembleWorker:
 
     def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
         t0 = time.perf_counter()
-        try:
-            out = apply_events(self.store, recs)
-        except (KeyError, TypeError, ValueError) as exc:
-            # An event that read well but failed in the store: find it (the events before
-            # it are applied again, which changes nothing) and dead-letter it alone.
-            if len(recs) > 1:
-                return [self.handle([rec])[0] for rec in recs]
-            out = [[_not_an_event(recs[0], exc)]]
-        share = (time.perf_counter() - t0) / max(len(recs), 1)
-        stage = LATENCY.labels("assemble")
-        for _ in recs:
-            stage.observe(share)
+        out = apply_events(self.store, recs)
+        observe_batch("assemble", time.perf_counter() - t0, len(recs))
         return out
 
 
@@ -194,18 +199,9 @@ def rebuild(bootstrap: str, redis_url: str, *, flush: bool = True) -> dict[str, 
     chunk: list[bus.Record] = []
 
     def apply_chunk() -> int:
-        try:
-            results = apply_events(store, chunk)
-        except (KeyError, TypeError, ValueError):  # one bad event: again one by one
-            results = []
-            for rec in chunk:
-                try:
-                    results += apply_events(store, [rec])
-                except (KeyError, TypeError, ValueError) as exc:
-                    results.append([_not_an_event(rec, exc)])
         applied = 0
         # an erased twin's events no longer open: skipped (no output, no dead letter)
-        for rec, outs in zip(chunk, results, strict=True):
+        for rec, outs in zip(chunk, apply_events(store, chunk), strict=True):
             if any(o.topic == bus.DEADLETTER for o in outs):
                 log.warning("skipping %s: not a fhirtwin event", rec.ref)
             else:

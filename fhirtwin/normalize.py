@@ -39,7 +39,7 @@ from fhirtwin.crypto import (
     seal_event,
 )
 from fhirtwin.erasure import ERASED_DROPPED
-from fhirtwin.metrics import CONVERSION_ERRORS, LATENCY, LOSSES
+from fhirtwin.metrics import CONVERSION_ERRORS, LOSSES, observe_batch
 from fhirtwin.mpi import MPIConfig, Resolver
 from fhirtwin.redisconn import connect
 from fhirtwin.twin import TwinStore, fhir_time_ms
@@ -298,10 +298,7 @@ class NormalizeWorker:
             ]
         finally:
             self.resolver.forget()
-        share = (time.perf_counter() - t0) / max(len(recs), 1)
-        stage = LATENCY.labels(f"normalize-{self.kind}")
-        for _ in recs:
-            stage.observe(share)
+        observe_batch(f"normalize-{self.kind}", time.perf_counter() - t0, len(recs))
         return outs
 
     def handle_one(self, sealed: bus.Record) -> list[Out]:
