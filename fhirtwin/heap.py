@@ -5,10 +5,10 @@ A worker's heap is mostly objects that live as long as the process: the fhir.res
 model classes and their pydantic-core schemas, the compiled mapping rules, fastcheck's
 tables. CPython's cyclic collector walks all of them at every full collection, and
 conversion allocates so many short-lived dicts that collections are frequent: on the
-HL7 v2 corpus mix one core converted 688 msg/s with the default settings and 842 after
-``gc.freeze()`` (874 with the young generation collected every 10,000 allocations instead
-of 700; validation on: 507 → 628). Reference counting still frees what conversion makes;
-only cycles wait a little longer for the collector. See docs/architecture.md.
+HL7 v2 corpus mix one core converts 672 msg/s with the default settings and 870 settled
+(``bench/hl7v2.py``, its "default GC" row against "validation off"). Reference counting
+still frees what conversion makes; only cycles wait a little longer for the collector.
+See docs/architecture.md.
 """
 
 from __future__ import annotations
