@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 
+import fhirtwin.twin as twin_module
 from fhirtwin.twin import (
     TwinStore,
     Write,
@@ -296,10 +297,28 @@ def _everything(store: TwinStore) -> dict[str, Any]:
     }
 
 
-def test_apply_many_is_apply_one_after_another(store: TwinStore) -> None:
+def _index_keys(store: TwinStore) -> dict[str, Any]:
+    """Everything the index writes outside the twins: the list of twins, who holds each
+    resource, and the lookups of identifiers and bare values."""
+    out: dict[str, Any] = {"ft:twins": sorted(store.r.smembers("ft:twins"))}
+    for pattern in ("ft:ref:*", "ft:id:*", "ft:idv:*"):
+        for key in store.r.scan_iter(match=pattern):
+            kind = store.r.type(key)
+            out[key.decode()] = (
+                sorted(store.r.smembers(key)) if kind == b"set" else store.r.get(key)
+            )
+    return out
+
+
+@pytest.mark.parametrize("chunk", [2_000, 3], ids=["one script run", "runs of 3 operations"])
+def test_apply_many_is_apply_one_after_another(
+    store: TwinStore, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The assembler's batched path gives what one apply per event gives: the same
-    answers, twins, identifiers and identity records — including events for a twin that
-    was merged meanwhile, which are forwarded in order."""
+    answers, twins, identifiers, index keys and identity records — including events for a
+    twin that was merged meanwhile, which are forwarded in order. The batch's index writes
+    go in script runs of ``chunk`` operations: split anywhere, the result is the same."""
+    monkeypatch.setattr(twin_module, "_INDEX_CHUNK", chunk)
     writes = _writes()
     results = {}
     for how in ("one by one", "batched"):
@@ -311,9 +330,11 @@ def test_apply_many_is_apply_one_after_another(store: TwinStore) -> None:
             got = store.apply_many(first)
         store.merge(T2, T1, known_ms=50, reason={"rule": "merge"})
         got += _one_by_one(store, rest) if how == "one by one" else store.apply_many(rest)
-        results[how] = (got, _everything(store))
+        results[how] = (got, _everything(store), _index_keys(store))
     assert results["batched"] == results["one by one"]
-    answers, twins = results["batched"]
+    answers, twins, index = results["batched"]
+    assert index["ft:twins"] == [T1.encode()]
+    assert index[f"ft:id:{store.keys.blind('urn:mrn|M2b')}"] == T1.encode()
     assert list(twins) == [T1]  # T2 was merged: its later events landed in T1
     assert [a.twin for a in answers[6:]] == [T1] * 4
     assert answers[6].changed == [] and answers[4].changed == []  # redelivery, older version
