@@ -43,7 +43,7 @@ from fhirtwin.metrics import CONVERSION_ERRORS, LOSSES, observe_batch
 from fhirtwin.mpi import MPIConfig, Resolver
 from fhirtwin.redisconn import connect
 from fhirtwin.twin import TwinStore, fhir_time_ms
-from fhirtwin.worker import Out, StreamWorker, dead_letter
+from fhirtwin.worker import INFRA_ERRORS, Out, StreamWorker, dead_letter, internal_dead_letter
 
 __all__ = ["SHARED_TWIN", "NormalizeWorker", "SourceError", "convert_record"]
 
@@ -291,11 +291,23 @@ class NormalizeWorker:
             for conv in st[1]
             if conv.resources
         )
+        outs: list[list[Out]] = []
         try:
-            outs = [
-                st if isinstance(st, list) else self._route(sealed, *st)
-                for sealed, st in zip(recs, staged, strict=True)
-            ]
+            for sealed, st in zip(recs, staged, strict=True):
+                if isinstance(st, list):
+                    outs.append(st)
+                    continue
+                # A record that trips a bug is dead-lettered here, alone: were the batch
+                # handled again one record at a time (the worker's fallback), the records
+                # before it would be resolved twice and logged as known ("identifier")
+                # instead of "new".
+                try:
+                    outs.append(self._route(sealed, *st))
+                except INFRA_ERRORS:
+                    raise
+                except Exception as exc:
+                    log.exception("normalize: record %s failed; dead-lettered", sealed.ref)
+                    outs.append([internal_dead_letter(sealed, exc)])
         finally:
             self.resolver.forget()
         observe_batch(f"normalize-{self.kind}", time.perf_counter() - t0, len(recs))

@@ -28,7 +28,7 @@ from fhirtwin import bus, heap
 from fhirtwin.crypto import default_keyring
 from fhirtwin.metrics import DEADLETTERS, MESSAGES_IN, MESSAGES_OUT, beat
 
-__all__ = ["Out", "StreamWorker", "dead_letter", "install_stop_signals"]
+__all__ = ["Out", "StreamWorker", "dead_letter", "install_stop_signals", "internal_dead_letter"]
 
 log = logging.getLogger("fhirtwin.worker")
 
@@ -77,6 +77,18 @@ def dead_letter(
     ]
     DEADLETTERS.labels(stage).inc()
     return Out(bus.DEADLETTER, rec.value, rec.key, headers)
+
+
+def internal_dead_letter(rec: bus.Record, exc: BaseException) -> Out:
+    """The dead letter of a record a handler failed on with an unexpected exception (a bug,
+    not bad input): the original bytes, the exception and where it was raised. Call it
+    inside the ``except`` block, where the traceback is at hand."""
+    return dead_letter(
+        rec,
+        stage="internal",
+        reason=f"{type(exc).__name__}: {exc}",
+        error={"traceback": traceback.format_exc(limit=8)},
+    )
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -208,16 +220,7 @@ class StreamWorker:
             except INFRA_ERRORS:
                 raise
             except Exception as exc:
-                outs.append(
-                    [
-                        dead_letter(
-                            rec,
-                            stage="internal",
-                            reason=f"{type(exc).__name__}: {exc}",
-                            error={"traceback": traceback.format_exc(limit=8)},
-                        )
-                    ]
-                )
+                outs.append([internal_dead_letter(rec, exc)])
         return outs
 
     @staticmethod
