@@ -929,6 +929,27 @@ def update_cost(n: int, small: int, large: int, large_twins: int) -> dict[str, A
 # --------------------------------------------------------------------------- stage cost
 
 
+def _stage_run(norm: Any, asm: Any, batch: list[bus.Record]) -> tuple[float, float, int, int]:
+    """One batch through NormalizeWorker.handle, then AssembleWorker.handle: (seconds
+    normalizing, seconds assembling, events, dead letters)."""
+    t = time.perf_counter()
+    outs = norm.handle(batch)
+    t_norm = time.perf_counter() - t
+    events = [  # keyed by twin, as normalize writes them (the key opens the event)
+        bus.Record("fhir.resources", 0, k, batch[k].timestamp_ms, o.key, o.value, ())
+        for k, per in enumerate(outs)
+        for o in per
+        if o.topic == bus.RESOURCES
+    ]
+    t = time.perf_counter()
+    asm_outs = asm.handle(events)
+    t_asm = time.perf_counter() - t
+    # an assembler that dead-letters is fast: count it, so that cannot pass unseen
+    dead = len(batch) - len(events)
+    dead += sum(o.topic == bus.DEADLETTER for per in asm_outs for o in per)
+    return t_norm, t_asm, len(events), dead
+
+
 def stage_cost(n: int, patients: int, profile: int) -> dict[str, Any]:
     """µs per message of each worker's handler, in this process, with no Kafka.
 
@@ -963,29 +984,11 @@ def stage_cost(n: int, patients: int, profile: int) -> dict[str, Any]:
                 for i in range(patients + n)
             ]
 
-            def run(batch: list[bus.Record]) -> tuple[float, float, int, int]:
-                t = time.perf_counter()
-                outs = norm.handle(batch)
-                t_norm = time.perf_counter() - t
-                events = [  # keyed by twin, as normalize writes them (the key opens the event)
-                    bus.Record("fhir.resources", 0, k, batch[k].timestamp_ms, o.key, o.value, ())
-                    for k, per in enumerate(outs)
-                    for o in per
-                    if o.topic == bus.RESOURCES
-                ]
-                t = time.perf_counter()
-                asm_outs = asm.handle(events)
-                t_asm = time.perf_counter() - t
-                # an assembler that dead-letters is fast: count it, so that cannot pass unseen
-                dead = len(batch) - len(events)
-                dead += sum(o.topic == bus.DEADLETTER for per in asm_outs for o in per)
-                return t_norm, t_asm, len(events), dead
-
-            run(recs[:warm])  # rules compiled, scripts loaded
+            _stage_run(norm, asm, recs[:warm])  # rules compiled, scripts loaded
             heap.settle()  # as the workers do once warm (fhirtwin.worker)
             new_norm, new_asm, new_events, new_dead = 0.0, 0.0, 0, 0
             for k in range(warm, patients, 500):
-                a, b, c, d = run(recs[k : min(k + 500, patients)])
+                a, b, c, d = _stage_run(norm, asm, recs[k : min(k + 500, patients)])
                 new_norm, new_asm, new_events, new_dead = (
                     new_norm + a,
                     new_asm + b,
@@ -995,7 +998,7 @@ def stage_cost(n: int, patients: int, profile: int) -> dict[str, Any]:
             prof = cProfile.Profile() if profile else None
             if prof:
                 prof.enable()
-            t_norm, t_asm, n_events, dead = run(recs[patients:])
+            t_norm, t_asm, n_events, dead = _stage_run(norm, asm, recs[patients:])
             if prof:
                 prof.disable()
             key = "validate" if validate else "no_validate"
