@@ -9,7 +9,8 @@ key                         type   content
 ``ft:{T}:ver``              hash   ``Type/id`` → order key of the current version (see below)
 ``ft:{T}:vers``             hash   ``Type/id|hash`` → JSON of every version ever seen, sealed
 ``ft:{T}:vinfo``            hash   ``Type/id|hash`` → ``event ms|known ms|topic/partition/offset``
-``ft:{T}:hist``             zset   ``Type/id|hash`` scored by the time fhirtwin first knew it
+                                   (and ``Type/id|hash|event ms``: that content sent again)
+``ft:{T}:hist``             zset   the same keys, scored by the time fhirtwin first knew them
 ``ft:{T}:tl``               zset   ``Type/id`` scored by clinical time (the timeline)
 ``ft:{T}:set:<name>``       set    derived state: problems, medications, allergies
 ``ft:{T}:latest:<name>``    hash   derived state: vitals / labs, code → ``clinical ms|Type/id``
@@ -34,9 +35,13 @@ idempotent ``SADD``); it may name a twin since merged away (readers follow ``mer
 or several twins (a Practitioner in two patients' messages): readers check each twin's
 ``cur`` hash, which stays the truth.
 
-**Idempotence.** A version is identified by its content hash. The *order key* of a version
-is its event time (the source message's time, zero-padded ms) followed by its hash; the
-current version of a resource is the one with the greatest order key. That order is total
+**Idempotence.** A version is identified by its content hash (``content_view``: without
+``meta.source`` and the lineage extension, so a Practitioner or Location that every message
+repeats unchanged keeps one version instead of one a message; its lineage stays that of the
+message that first sent it, and each message's Provenance still names it). The *order key*
+of a version is its event time (the source message's time, zero-padded ms) followed by its
+hash; the current version of a resource is the one with the greatest order key (a content
+sent again carries its order forward). That order is total
 and does not depend on delivery order, so redelivery, replay, or two workers racing give
 the same twin, and an older version never overwrites a newer one. One Lua script applies
 all resources of one event atomically; its cost depends on the number of resources in the
@@ -104,18 +109,42 @@ VITAL_LOINC = {
 }
 
 
-def content_hash(resource: dict[str, Any]) -> str:
-    """128-bit hex digest of the resource's canonical JSON (keys sorted), without ``meta``
-    fields that the store itself sets."""
+# The converters' lineage extension (fhirtwin.mapping.LINEAGE_EXTENSION; not imported, to
+# keep the store free of the mapping engine: tests/test_twin_store.py checks they agree).
+LINEAGE_URL = "https://fhirtwin.dev/fhir/StructureDefinition/source-segment"
+_NOT_CONTENT = ("versionId", "lastUpdated", "source")
+
+
+def content_view(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource without what says where and when it was sent rather than what it says:
+    ``meta.versionId`` and ``meta.lastUpdated`` (the store sets them), ``meta.source`` (the
+    message that sent it) and the lineage extension (that message's segments)."""
+    out = resource
     meta = resource.get("meta")
-    if meta and ("versionId" in meta or "lastUpdated" in meta):
-        resource = dict(resource)
-        meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
-        if meta:
-            resource["meta"] = meta
+    if type(meta) is dict and any(k in meta for k in _NOT_CONTENT):
+        out = dict(resource)
+        kept = {k: v for k, v in meta.items() if k not in _NOT_CONTENT}
+        if kept:
+            out["meta"] = kept
         else:
-            del resource["meta"]
-    return hashlib.sha256(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+            del out["meta"]
+    exts = resource.get("extension")
+    if type(exts) is list and any(type(e) is dict and e.get("url") == LINEAGE_URL for e in exts):
+        if out is resource:
+            out = dict(resource)
+        rest = [e for e in exts if not (type(e) is dict and e.get("url") == LINEAGE_URL)]
+        if rest:
+            out["extension"] = rest
+        else:
+            del out["extension"]
+    return out
+
+
+def content_hash(resource: dict[str, Any]) -> str:
+    """128-bit hex digest of the resource's content (``content_view``) as canonical JSON
+    (keys sorted): the same for the same resource sent again by another message."""
+    view = content_view(resource)
+    return hashlib.sha256(orjson.dumps(view, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 def fhir_time_ms(value: Any) -> int | None:
@@ -271,29 +300,45 @@ if redis.call('EXISTS', base .. ':erased') == 1 then return {'erased'} end
 local merged = redis.call('HGET', base .. ':meta', 'merged_into')
 if merged then return {'merged', merged} end
 local know, evt15, src = ARGV[1], ARGV[2], ARGV[3]
--- keep the version in the history; true when it is newer than the current one, which it
--- then becomes (:ver), for a write or a deletion alike
+-- Keep the version in the history. When this assertion is newer than the current one
+-- (:ver), it becomes current, for a write or a deletion alike: the answer is then the body
+-- to store as current, or false when the content stays the same (another message sending
+-- the resource again: no new version, only a later event time, so that an older version
+-- arriving late cannot overtake it). A content held before and asserted again is kept as
+-- an assertion (Type/id|hash|event in :vinfo and :hist, no second body) for as_of and
+-- history. :ver's known time (lastUpdated) is when the content became current.
 local function becomes_current(ref, h, body)
   local vkey = ref .. '|' .. h
-  if redis.call('HSETNX', base .. ':vers', vkey, body) == 1 then
+  local fresh = redis.call('HSETNX', base .. ':vers', vkey, body) == 1
+  if fresh then
     redis.call('HSET', base .. ':vinfo', vkey, evt15 .. '|' .. know .. '|' .. src)
     redis.call('ZADD', base .. ':hist', know, vkey)
   end
   local order = evt15 .. h
   local cur = redis.call('HGET', base .. ':ver', ref)
-  if (not cur) or string.sub(cur, 1, 47) < order then
-    redis.call('HSET', base .. ':ver', ref, order .. '|' .. know)
-    return true
+  if cur and string.sub(cur, 1, 47) >= order then return false end
+  local same = cur and string.sub(cur, 16, 47) == h
+  local since = know
+  if same then since = string.sub(cur, 49) end
+  if not fresh then
+    local akey = vkey .. '|' .. evt15
+    if redis.call('HSETNX', base .. ':vinfo', akey, evt15 .. '|' .. since .. '|' .. src) == 1 then
+      redis.call('ZADD', base .. ':hist', know, akey)
+    end
   end
-  return false
+  redis.call('HSET', base .. ':ver', ref, order .. '|' .. since)
+  if same then return false end
+  if fresh then return body end
+  return redis.call('HGET', base .. ':vers', vkey)
 end
 local changed = {}
 local n = tonumber(ARGV[6])
 for i = 0, n - 1 do
   local j = 7 + i * 5
   local ref, h, body, clin, op = ARGV[j], ARGV[j+1], ARGV[j+2], ARGV[j+3], ARGV[j+4]
-  if becomes_current(ref, h, body) then
-    redis.call('HSET', base .. ':cur', ref, body)
+  local stored = becomes_current(ref, h, body)
+  if stored then
+    redis.call('HSET', base .. ':cur', ref, stored)
     if clin ~= '' then
       redis.call('ZADD', base .. ':tl', clin, ref)
     else
@@ -508,12 +553,14 @@ class TwinStore:
         out = []
         for res in resources:
             ref = f"{res['resourceType']}/{res['id']}"
-            meta = res.get("meta")
-            if meta and ("versionId" in meta or "lastUpdated" in meta):
-                digest, body = content_hash(res), orjson.dumps(res)
-            else:  # the canonical bytes are also what is stored: serialize once
+            view = content_view(res)
+            if view is res:  # the canonical bytes are also what is stored: serialize once
                 body = orjson.dumps(res, option=orjson.OPT_SORT_KEYS)
                 digest = hashlib.sha256(body).hexdigest()[:32]
+            else:
+                body = orjson.dumps(res)
+                canonical = orjson.dumps(view, option=orjson.OPT_SORT_KEYS)
+                digest = hashlib.sha256(canonical).hexdigest()[:32]
             clin = clinical_time_ms(res)
             out.append((ref, digest, body, "" if clin is None else clin, state_op(res)))
         return out
@@ -734,11 +781,16 @@ class TwinStore:
         # the source's key, sealed again with the target's by apply).
         grouped: dict[tuple[bytes, bytes, bytes], list[dict[str, Any]]] = {}
         gone: dict[tuple[bytes, bytes, bytes], list[str]] = {}
-        for vkey, body in versions.items():
-            evt, know, src = (infos.get(vkey) or b"0|0|").split(b"|", 2)
-            ref, digest = vkey.decode().rsplit("|", 1)
+        # every assertion: a version's first, and its content sent again later
+        assertions = {**dict.fromkeys(versions, b"0|0|"), **infos}
+        for key, info in assertions.items():
+            evt, know, src = info.split(b"|", 2)
+            ref, digest = key.decode().split("|")[:2]
             if digest.startswith(DELETED_MARK):
                 gone.setdefault((evt, know, src), []).append(ref)
+                continue
+            body = versions.get(f"{ref}|{digest}".encode())
+            if body is None:
                 continue
             grouped.setdefault((evt, know, src), []).append(self._load(source, ref, digest, body))
         changed: list[str] = []
@@ -835,24 +887,27 @@ class TwinStore:
         return _with_meta(self._load(twin, ref, order[15:47].decode(), body[0]), order)
 
     def history(self, twin: str, ref: str) -> list[dict[str, Any]]:
-        """Every known version of one resource, newest (by event time) first."""
+        """Every known version of one resource (each content once, at the latest event
+        time it was sent with), newest first."""
         b = self.base(twin)
         infos = self.r.hgetall(f"{b}:vinfo")
-        keys = [  # a deletion is not a version of the resource: left out
-            k
-            for k in infos
-            if k.decode().rsplit("|", 1)[0] == ref
-            and not k.decode().rsplit("|", 1)[1].startswith(DELETED_MARK)
-        ]
-        if not keys:
+        latest: dict[str, tuple[str, str]] = {}  # hash → (event ms, known ms) of its newest
+        for k, info in infos.items():
+            parts = k.decode().split("|")
+            if parts[0] != ref or parts[1].startswith(DELETED_MARK):
+                continue  # another resource, or a deletion (not a version of it)
+            evt, know, _src = info.decode().split("|", 2)
+            if parts[1] not in latest or latest[parts[1]][0] < evt:
+                latest[parts[1]] = (evt, know)
+        if not latest:
             return []
-        bodies = self.r.hmget(f"{b}:vers", keys)
+        hashes = list(latest)
+        bodies = self.r.hmget(f"{b}:vers", [f"{ref}|{h}" for h in hashes])
         out = []
-        for k, body in zip(keys, bodies, strict=True):
+        for h, body in zip(hashes, bodies, strict=True):
             if body is None:
                 continue
-            evt, know, _src = infos[k].decode().split("|", 2)
-            h = k.decode().rsplit("|", 1)[1]
+            evt, know = latest[h]
             res = _with_meta(self._load(twin, ref, h, body), f"{evt}{h}|{know}".encode())
             out.append((evt + h, res))
         out.sort(key=lambda x: x[0], reverse=True)
@@ -901,11 +956,11 @@ class TwinStore:
         for member, info in zip(members, infos, strict=True):
             if info is None:
                 continue
-            ref, h = member.decode().rsplit("|", 1)
+            ref, h = member.decode().split("|")[:2]  # a content sent again: ref|hash|event
             evt, know, src = info.decode().split("|", 2)
             order = evt + h
             if ref not in best or best[ref][0] < order:
-                best[ref] = (order, member, know)
+                best[ref] = (order, f"{ref}|{h}".encode(), know)
             if src.count("/") >= 2:
                 topic, part, off = src.rsplit("/", 2)
                 key = f"{topic}/{part}"

@@ -9,11 +9,14 @@ import pytest
 import redis
 
 import fhirtwin.twin as twin_module
+from fhirtwin.mapping import LINEAGE_EXTENSION
 from fhirtwin.twin import (
+    LINEAGE_URL,
     TwinStore,
     Write,
     clinical_time_ms,
     content_hash,
+    content_view,
     fhir_time_ms,
     state_op,
 )
@@ -72,6 +75,84 @@ def test_redelivery_changes_nothing(store: TwinStore) -> None:
     assert again.changed == []
     assert store.digest(T1) == before
     assert len(store.history(T1, "Patient/p1")) == 1
+
+
+def sent_by(res: dict[str, Any], control_id: str, segment: str) -> dict[str, Any]:
+    """The resource as a converter sends it: with the message and segment it came from."""
+    return {
+        **res,
+        "meta": {"source": f"urn:hl7v2:APP@FAC:{control_id}"},
+        "extension": [
+            {"url": "https://example.org/other", "valueString": "kept"},
+            {"url": LINEAGE_URL, "valueString": segment},
+        ],
+    }
+
+
+def test_the_lineage_url_is_the_converters() -> None:
+    assert LINEAGE_URL == LINEAGE_EXTENSION
+
+
+def _now(store: TwinStore, twin: str) -> list[dict[str, Any]]:
+    return store.as_of(twin, 10**15)["resources"]
+
+
+def test_the_same_content_sent_again_is_no_new_version(store: TwinStore) -> None:
+    """A Patient (or a Practitioner, a Location) that message after message repeats unchanged
+    keeps one version and the lineage of the message that first sent it; a change of content
+    is a new version; and the repeat's later event time still keeps an older, different
+    version that arrives late from overtaking it, in the current twin, in history and as_of."""
+    first = store.apply(T1, [sent_by(patient(), "C1", "PID[2]")], event_ms=1000, known_ms=10)
+    assert first.changed == ["Patient/p1"]
+    again = store.apply(T1, [sent_by(patient(), "C3", "PID[3]")], event_ms=3000, known_ms=30)
+    assert again.changed == []
+    (only,) = store.history(T1, "Patient/p1")
+    assert only["meta"]["source"].endswith(":C1")  # where this content was first said
+    current = store.resource(T1, "Patient/p1")
+    assert current is not None and current == only
+    assert current["meta"]["lastUpdated"] == "1970-01-01T00:00:00.010Z"  # current since then
+
+    late = store.apply(T1, [sent_by(patient("Old"), "C2", "PID[2]")], event_ms=2000, known_ms=40)
+    assert late.changed == []  # sent at 2000, before the repeat at 3000
+    current = store.resource(T1, "Patient/p1")
+    assert current is not None and current["name"][0]["family"] == "Okafor"
+    assert _now(store, T1) == [current]
+    assert [v["name"][0]["family"] for v in store.history(T1, "Patient/p1")] == ["Okafor", "Old"]
+    # what was known at 35 ms: the repeat (30 ms) but not yet the late version (40 ms)
+    assert store.as_of(T1, 35)["resources"] == [current]
+
+    changed = store.apply(T1, [sent_by(patient("New"), "C4", "PID[2]")], event_ms=4000, known_ms=50)
+    assert changed.changed == ["Patient/p1"]
+    # back to the first content, later still: current again, with its first body
+    back = store.apply(T1, [sent_by(patient(), "C5", "PID[9]")], event_ms=5000, known_ms=60)
+    assert back.changed == ["Patient/p1"]
+    current = store.resource(T1, "Patient/p1")
+    assert current is not None and current["meta"]["source"].endswith(":C1")
+    assert current["meta"]["lastUpdated"] == "1970-01-01T00:00:00.060Z"
+    assert _now(store, T1) == [current]
+    families = [v["name"][0]["family"] for v in store.history(T1, "Patient/p1")]
+    assert families == ["Okafor", "New", "Old"]
+    then = store.as_of(T1, 55)["resources"]
+    assert [r["name"][0]["family"] for r in then] == ["New"]
+
+    # a merge keeps all of it: T1 into T2 gives T2 the same current resource and history
+    store.merge(T1, T2, known_ms=70, reason={"rule": "test"})
+    assert store.resource(T2, "Patient/p1") == current
+    assert [v["name"][0]["family"] for v in store.history(T2, "Patient/p1")] == families
+
+
+def test_the_content_view_leaves_out_only_where_a_resource_came_from() -> None:
+    res = sent_by({**patient(), "meta": {"profile": ["x"]}}, "C9", "PID[1]")
+    res["meta"] = {**res["meta"], "profile": ["x"], "versionId": "1"}
+    view = content_view(res)
+    assert view["meta"] == {"profile": ["x"]}
+    assert view["extension"] == [{"url": "https://example.org/other", "valueString": "kept"}]
+    assert content_hash(sent_by(patient(), "C1", "PID[1]")) == content_hash(
+        sent_by(patient(), "C2", "PID[7]")
+    )
+    plain = {**patient(), "meta": {"source": "urn:x"}, "extension": [res["extension"][1]]}
+    assert content_hash(plain) == content_hash(patient())
+    assert content_hash(patient("Other")) != content_hash(patient())
 
 
 def test_older_version_never_overwrites_newer(store: TwinStore) -> None:
