@@ -951,7 +951,8 @@ def _stage_run(norm: Any, asm: Any, batch: list[bus.Record]) -> tuple[float, flo
 
 
 def stage_cost(n: int, patients: int, profile: int) -> dict[str, Any]:
-    """µs per message of each worker's handler, in this process, with no Kafka.
+    """µs per message of each worker's handler, in this process, with no Kafka; and what
+    those messages cost the Redis server (CPU from INFO commandstats, memory growth).
 
     Two figures per setting: the first message of each of ``patients`` patients (the MPI
     creates the twin and the key store makes, fsyncs and wraps its data key), then ``n``
@@ -995,12 +996,21 @@ def stage_cost(n: int, patients: int, profile: int) -> dict[str, Any]:
                     new_events + c,
                     new_dead + d,
                 )
+            r.config_resetstat()
+            mem0 = int(r.info("memory")["used_memory"])
             prof = cProfile.Profile() if profile else None
             if prof:
                 prof.enable()
-            t_norm, t_asm, n_events, dead = _stage_run(norm, asm, recs[patients:])
+            t_norm, t_asm, n_events, dead = 0.0, 0.0, 0, 0
+            for k in range(patients, patients + n, 500):  # the workers' largest batch
+                a, b, c, d = _stage_run(norm, asm, recs[k : k + 500])
+                t_norm, t_asm, n_events, dead = t_norm + a, t_asm + b, n_events + c, dead + d
             if prof:
                 prof.disable()
+            # what the same messages cost Redis: its own CPU (all commands, scripts included)
+            # and the memory the twins grew by
+            redis_us = sum(int(v["usec"]) for v in r.info("commandstats").values()) / n
+            redis_kib = (int(r.info("memory")["used_memory"]) - mem0) / n / 1024
             key = "validate" if validate else "no_validate"
             n_new = patients - warm
             out[key] = {
@@ -1011,6 +1021,8 @@ def stage_cost(n: int, patients: int, profile: int) -> dict[str, Any]:
                 "deadlettered": dead + new_dead,
                 "new_patient_normalize_us_per_msg": new_norm / max(n_new, 1) * 1e6,
                 "new_patient_assemble_us_per_msg": new_asm / max(new_events, 1) * 1e6,
+                "redis_server_us_per_msg": redis_us,
+                "redis_memory_kib_per_msg": redis_kib,
             }
             print(
                 f"validation {'on ' if validate else 'off'}: normalize {t_norm / n * 1e6:,.0f} µs/msg "
@@ -1018,7 +1030,8 @@ def stage_cost(n: int, patients: int, profile: int) -> dict[str, Any]:
                 f"{out[key]['assemble_us_per_msg']:,.0f} µs/msg; a new patient's first message: "
                 f"normalize {out[key]['new_patient_normalize_us_per_msg']:,.0f}, assemble "
                 f"{out[key]['new_patient_assemble_us_per_msg']:,.0f} µs; "
-                f"{dead + new_dead} dead letters"
+                f"{dead + new_dead} dead letters; Redis {redis_us:,.0f} µs and "
+                f"{redis_kib:,.1f} KiB per message"
             )
             if prof:
                 buf = io.StringIO()
@@ -1083,7 +1096,9 @@ def print_report(
                     f"(≤ {s['normalize_msgs_per_s_one_core']:,.0f} msg/s per worker), "
                     f"assemble {s['assemble_us_per_msg']:,.0f} µs/msg; a new patient's first "
                     f"message {s['new_patient_normalize_us_per_msg']:,.0f} + "
-                    f"{s['new_patient_assemble_us_per_msg']:,.0f} µs"
+                    f"{s['new_patient_assemble_us_per_msg']:,.0f} µs; Redis "
+                    f"{s['redis_server_us_per_msg']:,.0f} µs, {s['redis_memory_kib_per_msg']:,.1f} "
+                    "KiB per message"
                 )
     if upd:
         print(
