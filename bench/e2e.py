@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import pstats
+import shutil
 import socket
 import statistics
 import sys
@@ -75,6 +76,7 @@ import redis  # noqa: E402
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
 from fhirtwin import bus, heap  # noqa: E402
+from fhirtwin.crypto import reset_default_keyring  # noqa: E402
 from fhirtwin.infra import EmbeddedRedis, free_port  # noqa: E402
 from fhirtwin.mllp import ack_code  # noqa: E402
 
@@ -510,7 +512,9 @@ class RunResult:
     goals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_pipeline(args: argparse.Namespace, workers: int, validate: bool) -> RunResult:
+def run_pipeline(
+    args: argparse.Namespace, workers: int, validate: bool, scratch: Path
+) -> RunResult:
     from fhirtwin.up import Supervisor, UpConfig
 
     res = RunResult(workers, validate, load_before=list(os.getloadavg()))
@@ -519,7 +523,7 @@ def run_pipeline(args: argparse.Namespace, workers: int, validate: bool) -> RunR
     log_path.write_bytes(b"")
     res.log = str(log_path)
     print(f"\n== pipeline: {workers} normalize worker(s), validation {'on' if validate else 'off'}")
-    home = tempfile.mkdtemp(prefix="fhirtwin-bench-home-")
+    home = tempfile.mkdtemp(prefix="home-", dir=scratch)
     os.environ["FHIRTWIN_HOME"] = home  # the supervisor's state file; never ~/.fhirtwin
     t_start = time.monotonic()
     rserver = EmbeddedRedis(prefer_existing=False).start()
@@ -1231,13 +1235,23 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     heap.enable()  # the stage cost runs the handlers as fhirtwin's workers run them
-    upd = None if args.skip_update_cost else update_cost(args.update_n, 10, 10_000, 4)
-    stages = None if args.skip_stage_cost else stage_cost(args.stage_n, args.patients, args.profile)
+    # Every key, KEK and state file the bench makes goes in a temporary FHIRTWIN_HOME (one
+    # per pipeline run inside it), removed at the end: never the user's ~/.fhirtwin.
+    scratch = Path(tempfile.mkdtemp(prefix="fhirtwin-bench-e2e-"))
+    os.environ["FHIRTWIN_HOME"] = str(scratch / "in-process")
+    reset_default_keyring()
     runs: list[RunResult] = []
-    if not args.skip_pipeline:
-        for w in workers:
-            for v in validates:
-                runs.append(run_pipeline(args, w, v))
+    try:
+        upd = None if args.skip_update_cost else update_cost(args.update_n, 10, 10_000, 4)
+        stages = (
+            None if args.skip_stage_cost else stage_cost(args.stage_n, args.patients, args.profile)
+        )
+        if not args.skip_pipeline:
+            for w in workers:
+                for v in validates:
+                    runs.append(run_pipeline(args, w, v, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     print_report(runs, upd, stages)
     total = time.monotonic() - t_begin
     print(
