@@ -73,6 +73,7 @@ PROJECT_ROOT = BENCH_DIR.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from bench._scratch import private_home  # noqa: E402
 from fhirtwin import bus  # noqa: E402
 
 DEFAULT_JSON = BENCH_DIR / "results" / "api.json"
@@ -942,6 +943,15 @@ def pin_plan(no_pin: bool) -> tuple[int | None, set[int] | None, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The bench, with its keys and state in a temporary FHIRTWIN_HOME (bench/_scratch.py).
+    The API server it starts (this script with ``--serve``) inherits that home."""
+    if "--serve" in (sys.argv[1:] if argv is None else argv):
+        return _main(argv)
+    with private_home("fhirtwin-bench-api-home-"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -52,7 +52,6 @@ import math
 import os
 import platform
 import pstats
-import shutil
 import socket
 import statistics
 import sys
@@ -75,8 +74,8 @@ import orjson  # noqa: E402
 import redis  # noqa: E402
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
+from bench._scratch import private_home  # noqa: E402
 from fhirtwin import bus, heap  # noqa: E402
-from fhirtwin.crypto import reset_default_keyring  # noqa: E402
 from fhirtwin.infra import EmbeddedRedis, free_port  # noqa: E402
 from fhirtwin.mllp import ack_code  # noqa: E402
 
@@ -1237,11 +1236,8 @@ def main(argv: list[str] | None = None) -> int:
     heap.enable()  # the stage cost runs the handlers as fhirtwin's workers run them
     # Every key, KEK and state file the bench makes goes in a temporary FHIRTWIN_HOME (one
     # per pipeline run inside it), removed at the end: never the user's ~/.fhirtwin.
-    scratch = Path(tempfile.mkdtemp(prefix="fhirtwin-bench-e2e-"))
-    os.environ["FHIRTWIN_HOME"] = str(scratch / "in-process")
-    reset_default_keyring()
     runs: list[RunResult] = []
-    try:
+    with private_home("fhirtwin-bench-e2e-") as scratch:
         upd = None if args.skip_update_cost else update_cost(args.update_n, 10, 10_000, 4)
         stages = (
             None if args.skip_stage_cost else stage_cost(args.stage_n, args.patients, args.profile)
@@ -1250,8 +1246,6 @@ def main(argv: list[str] | None = None) -> int:
             for w in workers:
                 for v in validates:
                     runs.append(run_pipeline(args, w, v, scratch))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     print_report(runs, upd, stages)
     total = time.monotonic() - t_begin
     print(

@@ -53,6 +53,7 @@ PROJECT_ROOT = BENCH_DIR.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from bench._scratch import private_home  # noqa: E402
 from fhirtwin.consent import Policy, prepare  # noqa: E402
 from fhirtwin.merkle import (  # noqa: E402
     DictStore,
@@ -796,6 +797,12 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The bench, with its keys and state in a temporary FHIRTWIN_HOME (bench/_scratch.py)."""
+    with private_home("fhirtwin-bench-snapshot-"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
