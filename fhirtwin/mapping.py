@@ -1113,8 +1113,10 @@ class Engine:
                     "position in the message",
                 }
             )
-        _lineage(res, seg)
+        # the segment joins the lineage of the resource it made, or of the equal one an
+        # earlier segment made (the same insured in two IN1: one RelatedPerson, both named)
         res = st.add_resource(res)
+        _lineage(res, seg)
         if e.as_:
             st.slots[e.as_] = res
             assigned.append(e.as_)

@@ -30,6 +30,11 @@ def _msg(*segments: str) -> Any:
     return convert_hl7v2(("\r".join(segments) + "\r").encode(), validate=True)
 
 
+def _lineage(res: dict[str, Any]) -> str:
+    (ext,) = [e for e in res["extension"] if e["url"].endswith("/source-segment")]
+    return str(ext["valueString"])
+
+
 def _codes(concept: dict[str, Any]) -> set[tuple[str | None, str]]:
     return {(c.get("system"), c["code"]) for c in concept.get("coding", [])}
 
@@ -656,9 +661,12 @@ def test_the_same_allergy_and_insured_in_two_visit_groups_are_one_resource() -> 
         al1,
         in1b,
     )
-    assert len(_all(conv, "AllergyIntolerance")) == 1
+    (al,) = _all(conv, "AllergyIntolerance")
     rp = _one(conv, "RelatedPerson")
     assert rp["name"] == [{"family": "Doe", "given": ["Jon"]}]
+    # the lineage names both segments each one came from (1-based segment positions)
+    assert _lineage(al) == "AL1[5],AL1[8]"
+    assert _lineage(rp) == "IN1[6],IN1[9]"
     covs = _all(conv, "Coverage")
     assert sorted(i["value"] for c in covs for i in c["identifier"]) == ["P1", "P2"]
     assert all(_resolve(conv, c["subscriber"]) is rp for c in covs)
