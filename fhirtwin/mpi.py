@@ -148,6 +148,10 @@ class Identity:
         return d
 
 
+# subject patients, prior patients, their linking identifiers, the priors'
+_Unit = tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], list[str]]
+
+
 class Resolver:
     """Finds or creates the twin of a message's patient (state in Redis).
 
@@ -167,14 +171,20 @@ class Resolver:
         # identifier → (its twin, the erased twin it names), both as read; twin → live twin
         self._seen: dict[str, tuple[str | None, str | None]] | None = None
         self._live: dict[str, str] = {}
+        # id(resources) → (resources, patient identifiers, their _identifiers): computed
+        # once by prefetch, used by resolve (the list is held, so its id is not reused)
+        self._units: dict[int, tuple[list[dict[str, Any]], tuple[str, ...], _Unit]] = {}
 
     def _k(self, ident: str) -> str:
         return f"ft:id:{self.keys.blind(ident)}"
 
     def _identifiers(
         self, resources: list[dict[str, Any]], patient_identifiers: Sequence[str]
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], list[str]]:
+    ) -> _Unit:
         """(subject patients, prior patients, their linking identifiers, the priors')."""
+        hit = self._units.get(id(resources))
+        if hit is not None and hit[0] is resources and hit[1] == tuple(patient_identifiers):
+            return hit[2]
         subjects, priors = split_patients(resources)
         idents: list[str] = []
         for p in subjects:
@@ -198,9 +208,11 @@ class Resolver:
     def prefetch(self, units: Iterable[tuple[list[dict[str, Any]], Sequence[str]]]) -> None:
         """Read what ``resolve`` will need for these (resources, patient identifiers)."""
         every: list[str] = []
+        self._units = {}
         for resources, patient_identifiers in units:
-            _, _, idents, prior_ids = self._identifiers(resources, patient_identifiers)
-            every += idents + prior_ids
+            unit = self._identifiers(resources, patient_identifiers)
+            self._units[id(resources)] = (resources, tuple(patient_identifiers), unit)
+            every += unit[2] + unit[3]
         every = list(dict.fromkeys(every))
         looked = self._lookup(every) if every else []
         self._seen = dict(zip(every, looked, strict=True))
@@ -208,7 +220,7 @@ class Resolver:
         self._live = follow_merges_many(self.r, twins) if twins else {}
 
     def forget(self) -> None:
-        self._seen, self._live = None, {}
+        self._seen, self._live, self._units = None, {}, {}
 
     def _saw(self, ident: str, twin: str | None) -> None:
         """Record what this resolver wrote (None: a write it lost; read it again)."""
