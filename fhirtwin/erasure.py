@@ -86,11 +86,14 @@ def _merged_into(store: TwinStore, twin: str) -> list[str]:
             links = store.links(t)
         except CryptoError:  # a half-erased twin's links no longer open
             links = []
-        todo += [
-            str(lk["merged"])
-            for lk in links
-            if lk.get("into") == t and isinstance(lk.get("merged"), str)
-        ]
+        # newest first: a twin merged in and later given back (unmerge) is another patient
+        last: dict[str, bool] = {}
+        for lk in links:
+            if lk.get("into") == t and isinstance(lk.get("merged"), str):
+                last.setdefault(lk["merged"], True)
+            elif lk.get("from") == t and isinstance(lk.get("unmerged"), str):
+                last.setdefault(lk["unmerged"], False)
+        todo += [other for other, merged in last.items() if merged]
     return out
 
 

@@ -240,6 +240,21 @@ def test_multi_key_helpers_span_slots(cluster: LocalCluster) -> None:
     assert pipe.execute() == [True, 1]
 
 
+def test_merge_and_unmerge_on_a_redis_cluster(cluster: LocalCluster) -> None:
+    """The unmerge's staging keys and swap script share the twin's slot; the index writes
+    (identifiers, the reference index) span slots."""
+    from tests.test_unmerge import GONE, KEEP, merged_by_mistake, refs
+
+    store = TwinStore(connect(cluster.url))
+    keep_before, _ = merged_by_mistake(store)
+    assert store.resolve("M2") == KEEP
+    store.unmerge(GONE, KEEP, known_ms=40, reason={})
+    assert sorted(store.twins()) == sorted([KEEP, GONE])
+    assert store.digest(KEEP) == keep_before
+    assert "Condition/c2" in refs(store.resources(GONE))
+    assert store.resolve("M2") == GONE and store.holders("Condition/c2") == [GONE]
+
+
 # -- the pipeline --------------------------------------------------------------------------
 
 
