@@ -1,12 +1,16 @@
-"""``POST /fhir/Patient/{id}/$erase``: erase a patient (``fhirtwin/erasure.py``).
+"""``POST /fhir/Patient/{id}/$erase``: erase a patient (``fhirtwin/erasure.py``), and
+``POST /fhir/Patient/{id}/$unmerge``: undo a wrong merge (``TwinStore.unmerge``).
 
 Scope ``fhirtwin/admin``. The body may be a FHIR ``Parameters`` with a ``reason``
-(valueString), recorded in the audit. The answer is an OperationOutcome (information) that
-says what was destroyed; an unknown or already-erased patient is a 404.
+(valueString), recorded in the audit (erase) or the twins' identity log (unmerge; required
+there). The answer is an OperationOutcome (information) that says what was destroyed, or
+(202) that the unmerge is queued for the assembler; an unknown or already-erased patient is
+a 404, a patient that was not merged in from another twin a 409.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +20,11 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from fhirtwin.api import ApiError, _FhirRoute, fhir_response
+from fhirtwin.assemble import find_unmerge, request_unmerge
 from fhirtwin.auth import ADMIN_SCOPE, require_scope
 from fhirtwin.erasure import NotFound, erase_patient
 from fhirtwin.principal import Principal
-from fhirtwin.twin import TwinStore
+from fhirtwin.twin import TwinStore, UnmergeError
 
 __all__ = ["router"]
 
@@ -89,5 +94,52 @@ def router(
             ],
         }
         return fhir_response(body, 200)
+
+    @r.post("/Patient/{pid}/$unmerge", summary="Undo a wrong merge (the patient merged away)")
+    async def unmerge(request: Request, pid: str) -> Response:
+        principal = authenticate(request.headers.get("authorization"))
+        require_scope(principal, ADMIN_SCOPE)
+        reason = _reason(await request.body())
+        if not reason:
+            raise ApiError(
+                400,
+                "required",
+                "body: a Parameters with a 'reason' (valueString): why the merge was wrong",
+            )
+        try:
+            req = await run_in_threadpool(find_unmerge, store, f"Patient/{pid}")
+        except UnmergeError as exc:
+            status = 404 if "no twin holds" in str(exc) else 409
+            raise ApiError(status, "not-found" if status == 404 else "conflict", str(exc)) from None
+        try:
+            await run_in_threadpool(
+                request_unmerge,
+                bootstrap,
+                store,
+                req,
+                reason=reason,
+                by=principal.client_id,
+                now_ms=int(time.time() * 1000),
+            )
+        except RuntimeError as exc:  # Kafka did not acknowledge
+            raise ApiError(503, "transient", f"{exc}; nothing was queued, try again") from None
+        body = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "information",
+                    "code": "informational",
+                    "diagnostics": f"Patient/{pid}: the unmerge of twin {req.source} out of "
+                    f"twin {req.target} is queued; the assembler carries it out and both "
+                    "twins' subscribers are told",
+                    "details": {
+                        "text": orjson.dumps(
+                            {"twin": req.source, "from": req.target, "merged_at": req.merged_at}
+                        ).decode()
+                    },
+                }
+            ],
+        }
+        return fhir_response(body, 202)
 
     return r

@@ -2,9 +2,11 @@
 
 Offsets are committed only after the Redis write (the stream runtime does that). For each
 event that changed something, a twin event goes to ``twin.events`` (keyed by twin id) for
-the snapshot publisher: ``{"twin", "type": "update"|"merge", "changed": [...], "record",
-"at", "source"}`` (``source``: the raw record and control id that caused it). A
-merge says which twin was merged into which, so no subscriber sees a silent move.
+the snapshot publisher: ``{"twin", "type": "update"|"merge"|"unmerge", "changed": [...],
+"record", "at", "source"}`` (``source``: the raw record and control id that caused it). A
+merge says which twin was merged into which, so no subscriber sees a silent move; an
+unmerge (``request_unmerge``: an operator found a merge wrong) sends one event for each
+of the two twins, each naming the other.
 
 `rebuild` replays ``fhir.resources`` from the beginning into an empty Redis with the same
 code path, so the result is the same twin (same content hashes).
@@ -15,19 +17,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from fhirtwin import bus
-from fhirtwin.crypto import CryptoError, ErasedError, open_event
+from fhirtwin.crypto import CryptoError, ErasedError, open_event, seal_event
 from fhirtwin.erasure import ERASED_DROPPED
 from fhirtwin.metrics import TWIN_UPDATES, observe_batch
 from fhirtwin.redisconn import connect
-from fhirtwin.twin import AppliedEvent, TwinStore, Write
+from fhirtwin.twin import AppliedEvent, TwinStore, UnmergeError, Write
 from fhirtwin.worker import Out, StreamWorker, dead_letter
 
-__all__ = ["AssembleWorker", "apply_event", "apply_events", "rebuild"]
+__all__ = [
+    "AssembleWorker",
+    "UnmergeRequest",
+    "apply_event",
+    "apply_events",
+    "find_unmerge",
+    "rebuild",
+    "request_unmerge",
+]
 
 log = logging.getLogger("fhirtwin.assemble")
 
@@ -132,6 +143,25 @@ def apply_events(store: TwinStore, recs: list[bus.Record]) -> list[list[Out]]:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, CryptoError) as exc:
             outs[i].append(_not_an_event(rec, exc))
             continue
+        if unmerge := event.get("unmerge"):
+            flush()  # what came before the unmerge is applied before it
+            try:
+                changed, restored = store.unmerge(
+                    str(unmerge),
+                    write.twin,
+                    known_ms=rec.timestamp_ms,
+                    reason=event.get("identity") or {},
+                    src=rec.ref,
+                )
+            except UnmergeError as exc:
+                outs[i].append(
+                    dead_letter(rec, stage="assemble", reason=f"unmerge not done: {exc}")
+                )
+                continue
+            body = {"type": "unmerge", "restored": unmerge, "from": write.twin}
+            outs[i].append(_twin_event(write.twin, {**body, "changed": changed}, rec))
+            outs[i].append(_twin_event(str(unmerge), {**body, "changed": restored}, rec))
+            continue
         merge_from = event.get("merge_from")
         if merge_from and merge_from != write.twin:
             flush()  # what came before the merge is applied before it
@@ -140,6 +170,7 @@ def apply_events(store: TwinStore, recs: list[bus.Record]) -> list[list[Out]]:
                 write.twin,
                 known_ms=rec.timestamp_ms,
                 reason=event.get("identity") or {},
+                src=rec.ref,
             )
             outs[i].append(
                 _twin_event(
@@ -151,6 +182,91 @@ def apply_events(store: TwinStore, recs: list[bus.Record]) -> list[list[Out]]:
         batch.append((i, event, write))
     flush()
     return outs
+
+
+@dataclass(frozen=True)
+class UnmergeRequest:
+    """An unmerge found by ``find_unmerge``: give ``source`` back out of ``target``."""
+
+    source: str
+    target: str
+    identifiers: list[str]
+    merged_at: int
+
+
+def find_unmerge(store: TwinStore, key: str) -> UnmergeRequest:
+    """The merge to undo for ``key``: the id of a twin merged away, an identifier that twin
+    held (``system|value`` or a bare value), or ``Patient/<id>`` of its Patient resource
+    (which the survivor holds since the merge). UnmergeError says why none fits."""
+    if key.startswith("Patient/"):
+        holders = store.holders(key)
+        patient = store.resource(holders[0], key) if holders else None
+        if patient is None:
+            raise UnmergeError(f"{key}: no twin holds that Patient")
+        for ident in patient.get("identifier") or ():
+            value = ident.get("value") if isinstance(ident, dict) else None
+            if not value:
+                continue
+            try:
+                return find_unmerge(store, f"{ident.get('system', '')}|{value}".lstrip("|"))
+            except UnmergeError:
+                continue
+        raise UnmergeError(
+            f"{key} (twin {holders[0]}) was not merged in from another twin: nothing to undo"
+        )
+    twin = store.resolve(key)
+    if twin is None:
+        raise UnmergeError(f"no twin for {key!r}: give a twin id or a patient identifier")
+    merged = store.merged_from(twin)
+    if key in merged:
+        found = [key]
+    else:
+        found = [
+            s
+            for s, rec in merged.items()
+            if any(i == key or i.rsplit("|", 1)[-1] == key for i in rec.get("identifiers", ()))
+        ]
+    if not found:
+        if key != twin and store.meta(key).get("merged_into"):
+            raise UnmergeError(
+                f"twin {key} was merged into {store.meta(key)['merged_into']}, which was itself "
+                f"merged into {twin}: unmerge that one first"
+            )
+        have = ", ".join(sorted(merged)) or "none"
+        raise UnmergeError(
+            f"{key!r} names twin {twin}, and no twin merged into it held {key!r} "
+            f"(twins merged into {twin} that can be given back: {have}); "
+            "`fhirtwin twin show` lists each with its identifiers"
+        )
+    if len(found) > 1:
+        raise UnmergeError(
+            f"{key!r} was held by several twins merged into {twin} ({', '.join(found)}): "
+            "give the twin id"
+        )
+    rec = merged[found[0]]
+    return UnmergeRequest(found[0], twin, list(rec.get("identifiers", ())), int(rec["at"]))
+
+
+def request_unmerge(
+    bootstrap: str, store: TwinStore, req: UnmergeRequest, *, reason: str, by: str, now_ms: int
+) -> None:
+    """Put the unmerge on ``fhir.resources`` (keyed by the surviving twin, so it takes its
+    place among that twin's events; a rebuild replays it), acknowledged by Kafka. The
+    assembler carries it out (``TwinStore.unmerge``)."""
+    event = {
+        "v": 1,
+        "twin": req.target,
+        "event_ms": now_ms,
+        "source": {"kind": "operator", "record": "", "control_id": "", "received_ms": now_ms},
+        "identity": {"rule": "unmerge", "twin": req.target, "reason": reason, "by": by},
+        "identifiers": [],
+        "merge_from": None,
+        "unmerge": req.source,
+        "resources": [],
+    }
+    value = seal_event(store.keys, req.target, orjson.dumps(event))
+    headers = [("fhirtwin-source-kind", b"operator")]
+    bus.send_acked(bus.producer(bootstrap), [(bus.RESOURCES, value, req.target.encode(), headers)])
 
 
 def apply_event(store: TwinStore, rec: bus.Record) -> list[Out]:

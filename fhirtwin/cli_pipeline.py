@@ -549,8 +549,82 @@ def twin_show(
     for ms, ref in store.timeline(twin)[-30:]:
         table.add_row(_iso(ms), _label(cur.get(ref), ref))
     out.print(table)
+    for source, rec in sorted(store.merged_from(twin).items()):
+        out.print(
+            f"merged in:   twin {source} at {_iso(rec['at'])} ("
+            + ", ".join(rec.get("identifiers") or ["no identifiers"])
+            + f"): `fhirtwin twin unmerge {source} --reason ...` gives it back"
+        )
     for link in store.links(twin)[:10]:
         out.print(f"identity: {orjson.dumps(link).decode()}", style="dim")
+
+
+@twin_app.command("unmerge")
+def twin_unmerge(
+    key: Annotated[
+        str,
+        typer.Argument(
+            help="the twin merged away (its id), or an identifier it held (system|value, or an MRN)"
+        ),
+    ],
+    reason: Annotated[str, typer.Option(help="why the merge was wrong (kept in the log)")],
+    by: Annotated[
+        str, typer.Option(help="who asks (kept in the log; default: the user name)")
+    ] = "",
+    wait: Annotated[
+        float, typer.Option(help="seconds to wait for the assembler to do it (0: don't wait)")
+    ] = 30.0,
+    kafka: KafkaOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Undo a merge that was wrong: the twin merged away comes back with its own data.
+
+    The request goes through fhir.resources like every change to a twin (so `fhirtwin
+    rebuild` replays it); the assembler gives back what came from the merged twin, its
+    identifiers find it again, and both twins' subscribers are told (twin.events)."""
+    import getpass
+    import time
+
+    from fhirtwin.assemble import find_unmerge, request_unmerge
+    from fhirtwin.redisconn import connect
+    from fhirtwin.twin import TwinStore, UnmergeError
+
+    ep = _endpoints(kafka, redis_url)
+    store = TwinStore(connect(ep.redis))
+    try:
+        req = find_unmerge(store, key)
+    except UnmergeError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    request_unmerge(
+        ep.kafka,
+        store,
+        req,
+        reason=reason,
+        by=by or getpass.getuser(),
+        now_ms=int(time.time() * 1000),
+    )
+    out.print(
+        f"unmerge of twin {req.source} out of twin {req.target} (merged {_iso(req.merged_at)}) "
+        "is on fhir.resources"
+    )
+    deadline = time.monotonic() + wait
+    while wait > 0 and time.monotonic() < deadline:
+        if store.r.sismember("ft:twins", req.source):  # the unmerge's last step
+            counts = store.counts(req.source)
+            out.print(
+                f"done: twin {req.source} holds {sum(counts.values())} resources again "
+                f"({', '.join(f'{k} {v}' for k, v in counts.items())}); identifiers: "
+                + ", ".join(store.identifiers(req.source))
+            )
+            return
+        time.sleep(0.2)
+    if wait > 0:
+        err.print(
+            f"[yellow]not done after {wait:g} s: is the assembler running? "
+            "(`fhirtwin twin show` tells when it is)[/yellow]"
+        )
+        raise typer.Exit(3)
 
 
 def _label(res: dict[str, Any] | None, ref: str) -> str:

@@ -978,7 +978,10 @@ class SnapshotPublisher:
                 work.erased += [t for t in erased if isinstance(t, str)]
                 continue
             types = {c.split("/", 1)[0] for c in changed}
-            everyone = ev.get("type") == "merge" or bool(types & {"Consent", "Patient"})
+            # a merge or unmerge changes whose data the twin holds: every subscriber decides
+            everyone = ev.get("type") in ("merge", "unmerge") or bool(
+                types & {"Consent", "Patient"}
+            )
             work.twins[twin] = work.twins.get(twin, False) or everyone
             work.changed.setdefault(twin, set()).update(types)
             if ev.get("type") == "merge" and isinstance(ev.get("merged"), str):

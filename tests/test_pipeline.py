@@ -135,15 +135,46 @@ def test_bad_input_goes_to_dead_letters_and_replays_after_a_fix(
 
 
 def test_merge_moves_the_twin_and_tells_subscribers(kafka: str, redis_url: str) -> None:
+    merge_two_patients(kafka, redis_url)
+
+
+def test_an_older_interface_merges_with_adt_a34(kafka: str, redis_url: str) -> None:
+    merge_two_patients(kafka, redis_url, event=b"A34^ADT_A30")
+
+
+def test_an_identifier_change_a46_keeps_the_twin(kafka: str, redis_url: str) -> None:
+    a01 = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
+    a46 = (
+        b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261110100000-0500||ADT^A46^ADT_A30|"
+        b"CHG0001|P|2.3\r"
+        b"EVN|A46|20261110100000-0500\r"
+        b"PID|1||MRN777001^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR||Okafor^Adaeze\r"
+        b"MRG|MRN448812^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR\r"
+    )
+    produce(kafka, RAW, [a01])
+    drain(kafka, redis_url)
+    produce(kafka, RAW, [a46])
+    drain(kafka, redis_url)
+    store = store_of(redis_url)
+    twin = store.resolve("MRN448812")
+    assert twin and store.twins() == [twin] and store.resolve("MRN777001") == twin
+    assert any(link.get("rule") == "identifier-change" for link in store.links(twin))
+
+
+def merge_two_patients(
+    kafka: str, redis_url: str, event: bytes = b"A40^ADT_A39"
+) -> tuple[str, str]:
+    """Two admitted patients, then an ADT merge (A40 unless told) that merges the second
+    into the first; (survivor, merged) twin ids."""
     a01 = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
     other = a01.replace(b"MRN448812", b"MRN999001").replace(b"ADT0001", b"ADT0901")
     a40 = (
-        b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261110100000-0500||ADT^A40^ADT_A39|"
+        b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261110100000-0500||ADT^%s|"
         b"MRG0001|P|2.5.1\r"
-        b"EVN|A40|20261110100000-0500\r"
+        b"EVN|%s|20261110100000-0500\r"
         b"PID|1||MRN448812^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR||Okafor^Adaeze\r"
         b"MRG|MRN999001^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR\r"
-    )
+    ) % (event, event[:3])
     produce(kafka, RAW, [a01, other])
     drain(kafka, redis_url)
     store = store_of(redis_url)
@@ -160,6 +191,45 @@ def test_merge_moves_the_twin_and_tells_subscribers(kafka: str, redis_url: str) 
     merges = [e for e in events(kafka) if e["type"] == "merge"]
     assert merges and merges[0]["merged"] == merged and merges[0]["into"] == survivor
     assert any(link.get("rule") == "merge" for link in store.links(survivor))
+    return survivor, merged
+
+
+def test_an_operator_undoes_a_wrong_merge(kafka: str, redis_url: str) -> None:
+    survivor, merged = merge_two_patients(kafka, redis_url)
+    store = store_of(redis_url)
+    runner = CliRunner()
+    endpoints = ["--kafka", kafka, "--redis", redis_url]
+    shown = runner.invoke(app, ["twin", "show", "MRN448812", *endpoints])
+    assert f"merged in:   twin {merged}" in shown.stdout
+    # an identifier the survivor always had is not a merge to undo: a clear refusal
+    wrong = runner.invoke(app, ["twin", "unmerge", "MRN448812", "--reason", "x", *endpoints])
+    assert wrong.exit_code == 1 and merged in wrong.stderr and "no twin merged" in wrong.stderr
+
+    asked = runner.invoke(
+        app,
+        ["twin", "unmerge", "MRN999001", "--reason", "two people", "--by", "hd", "--wait", "0"],
+        env={"FHIRTWIN_KAFKA": kafka, "FHIRTWIN_REDIS": redis_url},
+    )
+    assert asked.exit_code == 0, asked.output
+    assert store.twins() == [survivor]  # nothing happens before the assembler runs
+    drain(kafka, redis_url)
+    assert sorted(store.twins()) == sorted([survivor, merged])
+    assert store.resolve("MRN999001") == merged and store.resolve("MRN448812") == survivor
+    for twin, mrn in ((survivor, "MRN448812"), (merged, "MRN999001")):
+        patients = [r for r in store.resources(twin) if r["resourceType"] == "Patient"]
+        assert [p["identifier"][0]["value"] for p in patients] == [mrn]
+        assert "link" not in patients[0] and patients[0].get("active") is not False
+        assert "Encounter" in store.counts(twin)
+    # both twins' subscribers are told, and the identity logs say who asked and why
+    told = [e for e in events(kafka) if e["type"] == "unmerge"]
+    assert sorted(e["twin"] for e in told) == sorted([survivor, merged])
+    assert all(e["restored"] == merged and e["from"] == survivor for e in told)
+    log = [entry for entry in store.links(merged) if entry.get("unmerged") == merged]
+    assert log and log[0]["reason"] == "two people" and log[0]["by"] == "hd"
+    # a rebuild from fhir.resources replays the merge and the unmerge: the same twins
+    before = {tuple(store.identifiers(t)): store.digest(t) for t in store.twins()}
+    rebuild(kafka, redis_url)
+    assert {tuple(store.identifiers(t)): store.digest(t) for t in store.twins()} == before
 
 
 def test_rebuild_from_kafka_gives_the_same_twins(kafka: str, redis_url: str) -> None:

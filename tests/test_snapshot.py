@@ -569,3 +569,104 @@ def test_snapshots_follow_consent_and_withdrawal(
     assert again.exit_code == 1
     listed = runner.invoke(app, ["subscriber", "list", "--json", *common])
     assert [s["id"] for s in orjson.loads(listed.stdout)] == ["care", "research"]
+
+
+def test_a_merge_and_its_undoing_reach_the_subscribers(kafka: str, redis_url: str) -> None:
+    """A subscriber holding two patients' snapshots: the merge withdraws the merged one and
+    re-sends the survivor with both patients' data; the unmerge sends both apart again."""
+    from tests.test_pipeline import RAW as HL7_RAW
+
+    runner = CliRunner()
+    common = ["--kafka", kafka, "--redis", redis_url]
+    added = runner.invoke(
+        app,
+        [
+            "subscriber",
+            "add",
+            "care",
+            "--actor",
+            "urn:oid:1.2.3.4|sim-care",
+            "--purpose",
+            "TREAT",
+            "--scope",
+            "patient-privacy",
+            "--default",
+            "permit",
+            *common,
+        ],
+    )
+    assert added.exit_code == 0, added.output
+    a01 = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
+    other = a01.replace(b"MRN448812", b"MRN999001").replace(b"ADT0001", b"ADT0901")
+    a40 = (
+        b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261110100000-0500||ADT^A40^ADT_A39|"
+        b"MRG0001|P|2.5.1\r"
+        b"EVN|A40|20261110100000-0500\r"
+        b"PID|1||MRN448812^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR||Okafor^Adaeze\r"
+        b"MRG|MRN999001^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR\r"
+    )
+    store = TwinStore(redis.Redis.from_url(redis_url))
+
+    def patients_in(bundle: dict[str, Any]) -> list[str]:
+        """The MRNs of the bundle's Patients."""
+        return sorted(
+            i["value"]
+            for e in bundle["entry"]
+            if e["resource"]["resourceType"] == "Patient"
+            for i in e["resource"].get("identifier", [])
+            if i["value"].startswith("MRN")
+        )
+
+    def ids() -> set[str]:
+        return {orjson.dumps(b).decode() for _, _, b in _topic(kafka, "care")}
+
+    def sent_since(seen: set[str], kind: str, key: str) -> list[dict[str, Any]]:
+        """What the topic holds that it did not hold before (its partitions interleave)."""
+        return [
+            b
+            for k, kk, b in _topic(kafka, "care")
+            if k == kind and kk == key and orjson.dumps(b).decode() not in seen
+        ]
+
+    stop = threading.Event()
+    publisher = SnapshotPublisher(kafka, redis_url)
+    thread = threading.Thread(target=publisher.run, args=(stop,))
+    thread.start()
+    try:
+        produce(kafka, HL7_RAW, [a01, other])
+        drain(kafka, redis_url)
+        keep, gone = store.resolve("MRN448812"), store.resolve("MRN999001")
+        assert keep and gone and keep != gone
+        wait_for(lambda: len(_topic(kafka, "care")) >= 2, what="the first snapshots")
+        wait_for(lambda: not _lagging(kafka), what="the snapshot publisher")
+        seen = ids()
+
+        produce(kafka, HL7_RAW, [a40])
+        drain(kafka, redis_url)
+        wait_for(lambda: not _lagging(kafka), what="the snapshot publisher")
+        wait_for(
+            lambda: sent_since(seen, "snapshot", keep) and sent_since(seen, "withdrawal", gone),
+            what="the survivor's snapshot and the merged twin's withdrawal",
+        )
+        notices = sent_since(seen, "withdrawal", gone)
+        assert [body["reason"] for body in notices] == ["merged"]
+        assert sent_since(seen, "withdrawal", keep) == []
+        merged_snap = sent_since(seen, "snapshot", keep)
+        assert patients_in(merged_snap[-1]) == ["MRN448812", "MRN999001"]
+        seen = ids()
+
+        asked = runner.invoke(
+            app, ["twin", "unmerge", gone, "--reason", "two people", "--wait", "0", *common]
+        )
+        assert asked.exit_code == 0, asked.output
+        drain(kafka, redis_url)
+        wait_for(lambda: not _lagging(kafka), what="the snapshot publisher")
+        wait_for(
+            lambda: sent_since(seen, "snapshot", keep) and sent_since(seen, "snapshot", gone),
+            what="both twins' snapshots",
+        )
+        assert patients_in(sent_since(seen, "snapshot", keep)[-1]) == ["MRN448812"]
+        assert patients_in(sent_since(seen, "snapshot", gone)[-1]) == ["MRN999001"]
+    finally:
+        stop.set()
+        thread.join(30)
