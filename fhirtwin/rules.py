@@ -335,6 +335,8 @@ def _load_segment(path: Path) -> SegmentRule:
 def _load_message(path: Path, raw_all: dict[str, Any], seen: tuple[str, ...] = ()) -> MessageRule:
     raw = raw_all[path.stem]
     where = str(path)
+    if not isinstance(raw, dict):
+        raise MappingError(f"{where}: expected a mapping with 'extends' and/or 'segments'")
     entries: list[MessageEntry] = []
     base = raw.get("extends")
     if base:
@@ -345,9 +347,12 @@ def _load_message(path: Path, raw_all: dict[str, Any], seen: tuple[str, ...] = (
         entries.extend(
             _load_message(path.with_name(base + ".yaml"), raw_all, (*seen, path.stem)).entries
         )
-    for i, e in enumerate(raw.get("segments", [])):
+    listed = raw.get("segments") or []  # "segments:" with nothing under it: none of its own
+    if not isinstance(listed, list):
+        raise MappingError(f"{where} segments: expected a list of entries, one per '- {{…}}'")
+    for i, e in enumerate(listed):
         w = f"{where} segments[{i}]"
-        if "segment" not in e or "rule" not in e:
+        if not isinstance(e, dict) or "segment" not in e or "rule" not in e:
             raise MappingError(f"{w}: each entry needs 'segment' and 'rule'")
         into = e.get("into") or ()
         if isinstance(into, str):

@@ -393,3 +393,27 @@ def test_rule_options_unless_has_and_unique(tmp_path: Path) -> None:
     assert [n["text"] for n in first["note"]] == ["a", "b"]  # unique: the second 'a' is dropped
     second = order(b"ZXB||P2")
     assert [i["value"] for i in second["identifier"]] == ["P2"]  # no PLAC yet: filled
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("extends: _ADT_EVENT\nsegments:\n", None),  # an empty list: nothing of its own
+        ("extends: _ADT_EVENT\nsegments: {segment: MRG}\n", "expected a list of entries"),
+        ("extends: _ADT_EVENT\nsegments:\n  - MRG\n", "segments[0]: each entry needs"),
+        ("- just a list\n", "expected a mapping"),
+    ],
+)
+def test_a_malformed_message_rule_file_says_where(
+    tmp_path: Path, text: str, says: str | None
+) -> None:
+    """An engineer editing a rule file gets the file and the entry, not a TypeError."""
+    from fhirtwin.rules import MappingError, load_rules
+
+    rules = _rules_with(tmp_path, {"hl7v2/messages/ADT_A34.yaml": text})
+    if says is None:
+        assert load_rules(rules).messages["ADT_A34"].entries
+        return
+    with pytest.raises(MappingError, match=r"ADT_A34\.yaml") as err:
+        load_rules(rules)
+    assert says in str(err.value)
