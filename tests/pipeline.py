@@ -135,3 +135,18 @@ def wait_for(cond: Any, timeout: float = 60.0, what: str = "condition") -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def two_patients_and_a_merge(event: bytes = b"A40^ADT_A39") -> tuple[bytes, bytes, bytes]:
+    """The shipped admission of MRN448812, the same admission for another patient
+    (MRN999001), and an ADT merge (A40 unless told) that says MRN999001 is MRN448812."""
+    a01 = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
+    other = a01.replace(b"MRN448812", b"MRN999001").replace(b"ADT0001", b"ADT0901")
+    merge = (
+        b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261110100000-0500||ADT^%s|"
+        b"MRG0001|P|2.5.1\r"
+        b"EVN|%s|20261110100000-0500\r"
+        b"PID|1||MRN448812^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR||Okafor^Adaeze\r"
+        b"MRG|MRN999001^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR\r"
+    ) % (event, event[:3])
+    return a01, other, merge

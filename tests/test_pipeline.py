@@ -19,7 +19,7 @@ from fhirtwin.hl7v2 import split_batch
 from fhirtwin.ingest import hl7v2_patient_key, ingest
 from fhirtwin.normalize import NormalizeWorker
 from fhirtwin.twin import TwinStore
-from tests.pipeline import drain, events, produce, records, wait_for
+from tests.pipeline import drain, events, produce, records, two_patients_and_a_merge, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "hl7v2"
@@ -166,15 +166,7 @@ def merge_two_patients(
 ) -> tuple[str, str]:
     """Two admitted patients, then an ADT merge (A40 unless told) that merges the second
     into the first; (survivor, merged) twin ids."""
-    a01 = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
-    other = a01.replace(b"MRN448812", b"MRN999001").replace(b"ADT0001", b"ADT0901")
-    a40 = (
-        b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261110100000-0500||ADT^%s|"
-        b"MRG0001|P|2.5.1\r"
-        b"EVN|%s|20261110100000-0500\r"
-        b"PID|1||MRN448812^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR||Okafor^Adaeze\r"
-        b"MRG|MRN999001^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR\r"
-    ) % (event, event[:3])
+    a01, other, a40 = two_patients_and_a_merge(event)
     produce(kafka, RAW, [a01, other])
     drain(kafka, redis_url)
     store = store_of(redis_url)

@@ -31,7 +31,7 @@ from fhirtwin.snapshot import (
 from fhirtwin.snapshot import strip_dangling as strip
 from fhirtwin.subscribers import Registry, Subscriber, make_subscriber, topic_for
 from fhirtwin.twin import TwinStore
-from tests.pipeline import drain, produce, records, wait_for
+from tests.pipeline import drain, produce, records, two_patients_and_a_merge, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "hl7v2"
@@ -311,20 +311,8 @@ def test_registry_rules() -> None:
 # -- end to end ------------------------------------------------------------------------------
 
 
-def test_snapshots_follow_consent_and_withdrawal(
-    kafka: str, redis_url: str, tmp_path: Path
-) -> None:
-    runner = CliRunner()
-    common = ["--kafka", kafka, "--redis", redis_url]
-    ingest(kafka, "hl7v2", [str(EXAMPLES)])
-    drain(kafka, redis_url)
-    store = TwinStore(redis.Redis.from_url(redis_url))
-    twin = store.resolve("MRN448812")
-    other = store.resolve("MRN550021")
-    assert twin and other
-    patient_id = next(r["id"] for r in store.resources(twin) if r["resourceType"] == "Patient")
-
-    # subscribers: care (TREAT, default permit) and research (HRESCH); BTG is refused
+def _add_care(runner: CliRunner, common: list[str]) -> None:
+    """Subscriber "care": TREAT, patient-privacy, permit by default (the CLI)."""
     care = runner.invoke(
         app,
         [
@@ -343,6 +331,23 @@ def test_snapshots_follow_consent_and_withdrawal(
         ],
     )
     assert care.exit_code == 0, care.output
+
+
+def test_snapshots_follow_consent_and_withdrawal(
+    kafka: str, redis_url: str, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    common = ["--kafka", kafka, "--redis", redis_url]
+    ingest(kafka, "hl7v2", [str(EXAMPLES)])
+    drain(kafka, redis_url)
+    store = TwinStore(redis.Redis.from_url(redis_url))
+    twin = store.resolve("MRN448812")
+    other = store.resolve("MRN550021")
+    assert twin and other
+    patient_id = next(r["id"] for r in store.resources(twin) if r["resourceType"] == "Patient")
+
+    # subscribers: care (TREAT, default permit) and research (HRESCH); BTG is refused
+    _add_care(runner, common)
     res = runner.invoke(
         app,
         [
@@ -574,37 +579,10 @@ def test_snapshots_follow_consent_and_withdrawal(
 def test_a_merge_and_its_undoing_reach_the_subscribers(kafka: str, redis_url: str) -> None:
     """A subscriber holding two patients' snapshots: the merge withdraws the merged one and
     re-sends the survivor with both patients' data; the unmerge sends both apart again."""
-    from tests.test_pipeline import RAW as HL7_RAW
-
     runner = CliRunner()
     common = ["--kafka", kafka, "--redis", redis_url]
-    added = runner.invoke(
-        app,
-        [
-            "subscriber",
-            "add",
-            "care",
-            "--actor",
-            "urn:oid:1.2.3.4|sim-care",
-            "--purpose",
-            "TREAT",
-            "--scope",
-            "patient-privacy",
-            "--default",
-            "permit",
-            *common,
-        ],
-    )
-    assert added.exit_code == 0, added.output
-    a01 = (EXAMPLES / "adt-a01-admit.hl7").read_bytes()
-    other = a01.replace(b"MRN448812", b"MRN999001").replace(b"ADT0001", b"ADT0901")
-    a40 = (
-        b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261110100000-0500||ADT^A40^ADT_A39|"
-        b"MRG0001|P|2.5.1\r"
-        b"EVN|A40|20261110100000-0500\r"
-        b"PID|1||MRN448812^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR||Okafor^Adaeze\r"
-        b"MRG|MRN999001^^^NORTHGEN&2.16.840.1.113883.3.9001.1&ISO^MR\r"
-    )
+    _add_care(runner, common)
+    a01, other, a40 = two_patients_and_a_merge()
     store = TwinStore(redis.Redis.from_url(redis_url))
 
     def patients_in(bundle: dict[str, Any]) -> list[str]:
@@ -633,7 +611,7 @@ def test_a_merge_and_its_undoing_reach_the_subscribers(kafka: str, redis_url: st
     thread = threading.Thread(target=publisher.run, args=(stop,))
     thread.start()
     try:
-        produce(kafka, HL7_RAW, [a01, other])
+        produce(kafka, bus.RAW_TOPICS["hl7v2"], [a01, other])
         drain(kafka, redis_url)
         keep, gone = store.resolve("MRN448812"), store.resolve("MRN999001")
         assert keep and gone and keep != gone
@@ -641,7 +619,7 @@ def test_a_merge_and_its_undoing_reach_the_subscribers(kafka: str, redis_url: st
         wait_for(lambda: not _lagging(kafka), what="the snapshot publisher")
         seen = ids()
 
-        produce(kafka, HL7_RAW, [a40])
+        produce(kafka, bus.RAW_TOPICS["hl7v2"], [a40])
         drain(kafka, redis_url)
         wait_for(lambda: not _lagging(kafka), what="the snapshot publisher")
         wait_for(

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from fhirtwin.twin import TwinStore, UnmergeError
+from tests.test_twin_store import condition, glucose
 
 KEEP, GONE = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
 MERGE_REC, LATE_REC, UNMERGE_REC = (
@@ -38,32 +39,11 @@ def practitioner() -> dict[str, Any]:
 
 
 def problem() -> dict[str, Any]:
-    return {
-        "resourceType": "Condition",
-        "id": "c2",
-        "clinicalStatus": {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                    "code": "active",
-                }
-            ]
-        },
-        "code": {"text": "Asthma"},
-        "onsetDateTime": "2026-01-05",
-    }
+    return condition("active", "c2")
 
 
 def lab(rid: str, when: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "id": rid,
-        "status": "final",
-        "category": [{"coding": [{"code": "laboratory"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-        "effectiveDateTime": when,
-        "valueQuantity": {"value": 99, "unit": "mg/dL"},
-    }
+    return glucose(rid, 99, when)
 
 
 def refs(resources: list[dict[str, Any]]) -> list[str]:
