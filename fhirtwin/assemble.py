@@ -158,6 +158,8 @@ def apply_events(store: TwinStore, recs: list[bus.Record]) -> list[list[Out]]:
                     dead_letter(rec, stage="assemble", reason=f"unmerge not done: {exc}")
                 )
                 continue
+            # Told even when a redelivery finds nothing left to do: the first run may have
+            # stopped before its twin events were sent, and the subscribers must learn it.
             body = {"type": "unmerge", "restored": unmerge, "from": write.twin}
             outs[i].append(_twin_event(write.twin, {**body, "changed": changed}, rec))
             outs[i].append(_twin_event(str(unmerge), {**body, "changed": restored}, rec))

@@ -596,14 +596,18 @@ def twin_unmerge(
     except UnmergeError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    request_unmerge(
-        ep.kafka,
-        store,
-        req,
-        reason=reason,
-        by=by or getpass.getuser(),
-        now_ms=int(time.time() * 1000),
-    )
+    try:
+        request_unmerge(
+            ep.kafka,
+            store,
+            req,
+            reason=reason,
+            by=by or getpass.getuser(),
+            now_ms=int(time.time() * 1000),
+        )
+    except RuntimeError as exc:  # Kafka did not acknowledge it
+        err.print(f"[red]{exc}: nothing was asked; is Kafka up? try again[/red]")
+        raise typer.Exit(2) from None
     out.print(
         f"unmerge of twin {req.source} out of twin {req.target} (merged {_iso(req.merged_at)}) "
         "is on fhir.resources"
