@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -167,13 +167,15 @@ def apply_events(store: TwinStore, recs: list[bus.Record]) -> list[list[Out]]:
         merge_from = event.get("merge_from")
         if merge_from and merge_from != write.twin:
             flush()  # what came before the merge is applied before it
+            # The merge's entry in both identity logs is the decision itself (with the record
+            # and source that made it), so the event does not log it a second time.
+            decision = {**(event.get("identity") or {}), "record": rec.ref}
+            if event.get("source"):
+                decision["source"] = event["source"]
             moved = store.merge(
-                merge_from,
-                write.twin,
-                known_ms=rec.timestamp_ms,
-                reason=event.get("identity") or {},
-                src=rec.ref,
+                merge_from, write.twin, known_ms=rec.timestamp_ms, reason=decision, src=rec.ref
             )
+            write = replace(write, link=None)
             outs[i].append(
                 _twin_event(
                     write.twin,

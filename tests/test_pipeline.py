@@ -182,7 +182,11 @@ def merge_two_patients(
     assert len(patients) == 2
     merges = [e for e in events(kafka) if e["type"] == "merge"]
     assert merges and merges[0]["merged"] == merged and merges[0]["into"] == survivor
-    assert any(link.get("rule") == "merge" for link in store.links(survivor))
+    # the identity log holds the merge once: the decision, what it merged, and its record
+    logged = [link for link in store.links(survivor) if link.get("rule") == "merge"]
+    assert len(logged) == 1, logged
+    assert logged[0]["merged"] == merged and logged[0]["into"] == survivor
+    assert logged[0]["source"]["control_id"] == "MRG0001" and logged[0]["record"]
     return survivor, merged
 
 
