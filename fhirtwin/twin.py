@@ -824,10 +824,13 @@ class TwinStore:
     def _seal_link(self, twin: str, decision: dict[str, Any]) -> bytes:
         return self.keys.seal(twin, orjson.dumps(decision), f"{twin}|links".encode())
 
-    def _rows(self, twin: str) -> tuple[list[tuple[bytes, str, str, bytes, bytes, bytes]], Any]:
+    def _assertions(
+        self, twin: str, skip: Callable[[bytes], bool] | None = None
+    ) -> dict[tuple[bytes, bytes, bytes], tuple[list[dict[str, Any]], list[str]]]:
         """Every assertion the twin holds (a version's first, and its content sent again
-        later) but the retracted ones (an unmerge gave them back), as (key, ref, hash,
-        event ms, known ms, source record); and the version bodies (sealed)."""
+        later), decrypted and grouped by (event ms, known ms, source record): what applying
+        them again, group by group in that order, needs. ``skip(source record)`` leaves some
+        out; retracted ones (an unmerge gave them back) are always left out."""
         b = self.base(twin)
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(f"{b}:vers")
@@ -835,23 +838,12 @@ class TwinStore:
         pipe.hkeys(f"{b}:retracted")
         versions, infos, retracted = pipe.execute()
         gone = set(retracted)
-        rows = []
-        for key, info in {**dict.fromkeys(versions, b"0|0|"), **infos}.items():
-            if key in gone:
-                continue
-            evt, know, src = info.split(b"|", 2)
-            ref, digest = key.decode().split("|")[:2]
-            rows.append((key, ref, digest, evt, know, src))
-        return rows, versions
-
-    def _group(
-        self, twin: str, rows: Iterable[tuple[str, str, bytes, bytes, bytes]], versions: Any
-    ) -> dict[tuple[bytes, bytes, bytes], tuple[list[dict[str, Any]], list[str]]]:
-        """Assertions (ref, hash, event ms, known ms, source record) with their bodies
-        (``versions``, sealed for ``twin``) decrypted, grouped by (event ms, known ms, source
-        record): what applying them again, group by group in that order, needs."""
         grouped: dict[tuple[bytes, bytes, bytes], tuple[list[dict[str, Any]], list[str]]] = {}
-        for ref, digest, evt, know, src in dict.fromkeys(rows):  # each once
+        for key, info in {**dict.fromkeys(versions, b"0|0|"), **infos}.items():
+            evt, know, src = info.split(b"|", 2)
+            if key in gone or (skip is not None and skip(src)):
+                continue
+            ref, digest = key.decode().split("|")[:2]
             group = grouped.setdefault((evt, know, src), ([], []))
             if digest.startswith(DELETED_MARK):
                 group[1].append(ref)
@@ -860,17 +852,6 @@ class TwinStore:
             if body is not None:
                 group[0].append(self._load(twin, ref, digest, body))
         return grouped
-
-    def _assertions(
-        self, twin: str, skip: Callable[[bytes, bytes], bool] | None = None
-    ) -> dict[tuple[bytes, bytes, bytes], tuple[list[dict[str, Any]], list[str]]]:
-        """``_group`` of every assertion of the twin but those ``skip(key, src)`` leaves out."""
-        rows, versions = self._rows(twin)
-        return self._group(
-            twin,
-            (r[1:] for r in rows if skip is None or not skip(r[0], r[5])),
-            versions,
-        )
 
     def _reapply(
         self,
@@ -1002,14 +983,14 @@ class TwinStore:
         theirs = {s for s, t in self.r.hgetall(f"{tb}:origin").items() if t == source.encode()}
         merge_rec = str(record.get("record") or "").encode()
 
-        def given_back(key: bytes, s: bytes) -> bool:
+        def given_back(s: bytes) -> bool:
             return s in theirs or (bool(merge_rec) and s == merge_rec)
 
         # 1. The source lives again: events for it land in it from now on, and it gets back
         #    what it asserted (not the merge message's assertions: they are withdrawn).
         self.r.hdel(f"{sb}:meta", "merged_into", "merged_at")
         self.r.hset(f"{sb}:meta", "unmerged_at", known_ms)
-        back = self._assertions(target, lambda key, s: s not in theirs)
+        back = self._assertions(target, lambda s: s not in theirs)
         restored = self._reapply(source, back)
         # 2. The target's current state, rebuilt from what stays its own, swapped in at once.
         stage = f"{tb}:unmerging"
@@ -1023,7 +1004,7 @@ class TwinStore:
             gen, n, infos, already = pipe.execute()
             gone = set(already)
             withdrawn = [
-                k for k, v in infos.items() if k not in gone and given_back(k, v.split(b"|", 2)[2])
+                k for k, v in infos.items() if k not in gone and given_back(v.split(b"|", 2)[2])
             ]
             self.r.delete(*[f"{stage}:{x}" for x in TWIN_SUFFIXES])
             self._reapply(target, self._assertions(target, given_back), into=stage)
