@@ -10,14 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
-import redis
 from typer.testing import CliRunner
 
 from fhirtwin import bus
 from fhirtwin.assemble import AssembleWorker
 from fhirtwin.cli import app
 from fhirtwin.cli_results import register
-from fhirtwin.ingest import ingest
 from fhirtwin.results import (
     H_SNAPSHOT,
     H_SUBSCRIBER,
@@ -31,9 +29,8 @@ from fhirtwin.results import (
 )
 from fhirtwin.snapshot import SNAPSHOT_GROUP, SnapshotPublisher, consent_event
 from fhirtwin.subscribers import Registry, make_subscriber, topic_for
-from fhirtwin.twin import TwinStore
 from fhirtwin.validation import validate_resource
-from tests.pipeline import drain, records, wait_for
+from tests.pipeline import ingest_examples, records, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "hl7v2"
@@ -151,13 +148,8 @@ def test_parse_result_shapes() -> None:
 
 def test_results_join_the_twin(kafka: str, redis_url: str, tmp_path: Path) -> None:
     runner = CliRunner()
-    ingest(kafka, "hl7v2", [str(EXAMPLES)])
-    drain(kafka, redis_url)
-    store = TwinStore(redis.Redis.from_url(redis_url))
-    twin = store.resolve("MRN448812")
-    other = store.resolve("MRN550021")
-    assert twin and other
-    patient_id = next(r["id"] for r in store.resources(twin) if r["resourceType"] == "Patient")
+    ex = ingest_examples(kafka, redis_url)
+    store, twin, patient_id = ex.store, ex.twin_a, ex.a  # (ingest_examples checks both twins)
 
     reg = Registry.connect(redis_url)
     reg.put(

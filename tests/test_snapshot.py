@@ -20,7 +20,6 @@ from fhirtwin.cli import app
 from fhirtwin.cli_subscribers import register
 from fhirtwin.conversion import convert_hl7v2
 from fhirtwin.hl7v2 import split_batch
-from fhirtwin.ingest import ingest
 from fhirtwin.snapshot import (
     AGE_OVER_89,
     AUDIT_TOPIC,
@@ -31,7 +30,14 @@ from fhirtwin.snapshot import (
 from fhirtwin.snapshot import strip_dangling as strip
 from fhirtwin.subscribers import Registry, Subscriber, make_subscriber, topic_for
 from fhirtwin.twin import TwinStore
-from tests.pipeline import drain, produce, records, two_patients_and_a_merge, wait_for
+from tests.pipeline import (
+    drain,
+    ingest_examples,
+    produce,
+    records,
+    two_patients_and_a_merge,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "hl7v2"
@@ -348,13 +354,8 @@ def test_snapshots_follow_consent_and_withdrawal(
 ) -> None:
     runner = CliRunner()
     common = ["--kafka", kafka, "--redis", redis_url]
-    ingest(kafka, "hl7v2", [str(EXAMPLES)])
-    drain(kafka, redis_url)
-    store = TwinStore(redis.Redis.from_url(redis_url))
-    twin = store.resolve("MRN448812")
-    other = store.resolve("MRN550021")
-    assert twin and other
-    patient_id = next(r["id"] for r in store.resources(twin) if r["resourceType"] == "Patient")
+    ex = ingest_examples(kafka, redis_url)
+    store, twin, other, patient_id = ex.store, ex.twin_a, ex.twin_b, ex.a
 
     # subscribers: care (TREAT, default permit) and research (HRESCH); BTG is refused
     _add_care(runner, common)
