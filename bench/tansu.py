@@ -11,11 +11,14 @@ how many batches the topic holds. Three configurations, each on a fresh Tansu:
 * ``no consumer``: produce only;
 * ``one consumer``: a consumer group follows the topic with fhirtwin's settings
   (``bus.consumer``: fetch.wait.max.ms 50), as the normalize worker does;
-* ``one consumer, fetch.min.bytes 64 KB, fetch.wait.max.ms 100``: a broker asked to wait.
+* ``one consumer, fetch.min.bytes 64 KB, fetch.wait.max.ms 100``: a broker asked to wait;
+* ``one consumer, paced 100 ms``: librdkafka fetches a partition again only 100 ms after a
+  fetch left records in its queue (``bus.paced``: what ``fhirtwin up``'s workers do).
 
-It shows why the e2e bench's open loop at a moderate rate builds a backlog while the closed
-loop does not: Tansu's ``memory://`` engine keeps every batch with no index, so each fetch
-costs in proportion to the batches the partition holds. See bench/README.md.
+Why: Tansu's ``memory://`` engine stores each record batch as one object, with no index
+from offset to batch. Every fetch that finds new records lists all the objects of the
+partition (``DynoStore::fetch``), so its cost grows with the batches stored, and a
+consumer that fetches as each record lands makes Tansu's CPU climb. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ CONFIGS: list[tuple[str, dict[str, Any] | None]] = [
         "one consumer, fetch.min.bytes 64 KB, fetch.wait.max.ms 100",
         {"fetch.min.bytes": 65536, "fetch.wait.max.ms": 100},
     ),
+    # what the workers of `fhirtwin up` do on the embedded broker (FHIRTWIN_FETCH_PACE_MS)
+    ("one consumer, paced 100 ms (bus.paced)", bus.paced(100)),
 ]
 
 

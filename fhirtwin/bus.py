@@ -132,8 +132,31 @@ def producer(bootstrap: str, *, linger_ms: float = 1, **extra: Any) -> Any:
     return Producer(conf)
 
 
-def consumer(bootstrap: str, group: str, **extra: Any) -> Any:
-    """A consumer-group member that commits by hand (after the durable write) from the start."""
+def fetch_pace_ms() -> int:
+    """$FHIRTWIN_FETCH_PACE_MS: the least time between two fetches of one partition by a
+    stream worker (0: as often as records come, librdkafka's default)."""
+    raw = os.environ.get("FHIRTWIN_FETCH_PACE_MS") or "0"
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise ValueError(f"FHIRTWIN_FETCH_PACE_MS={raw!r}: give a whole number of ms") from None
+
+
+def paced(pace_ms: int) -> dict[str, Any]:
+    """Consumer settings that fetch a partition at most once per ``pace_ms`` while records
+    wait in the client's queue: librdkafka stops fetching once one record is queued and looks
+    again ``pace_ms`` later. The embedded broker (Tansu, ``memory://``) lists every batch a
+    partition holds on each fetch that finds new records, so fetching as each record lands
+    costs it more the longer it runs; pacing bounds the fetches. Each stage then adds up to
+    ``pace_ms`` of latency. Apache Kafka indexes its logs and needs none (the default 0)."""
+    if pace_ms <= 0:
+        return {}
+    return {"queued.min.messages": 1, "fetch.queue.backoff.ms": pace_ms}
+
+
+def consumer(bootstrap: str, group: str, *, pace_ms: int = 0, **extra: Any) -> Any:
+    """A consumer-group member that commits by hand (after the durable write) from the start;
+    ``pace_ms``: see ``paced``."""
     conf: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "group.id": group,
@@ -145,6 +168,7 @@ def consumer(bootstrap: str, group: str, **extra: Any) -> Any:
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 300000,
         "fetch.wait.max.ms": 50,
+        **paced(pace_ms),
         "logger": _logger(),
         **_QUIET,
     }

@@ -121,7 +121,7 @@ class StreamWorker:
 
     def run(self, stop: threading.Event, *, idle_exit: float | None = None) -> int:
         """Run until ``stop`` is set (or, with ``idle_exit``, until nothing came for that long)."""
-        consumer = bus.consumer(self.bootstrap, self.group)
+        consumer = bus.consumer(self.bootstrap, self.group, pace_ms=bus.fetch_pace_ms())
         producer = bus.producer(self.bootstrap, linger_ms=5)
 
         def on_assign(c: Any, parts: list[TopicPartition]) -> None:
