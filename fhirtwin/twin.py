@@ -100,6 +100,7 @@ TWIN_SUFFIXES = (
     "merges",
     "origin",
     "retracted",
+    "need",
     *(f"set:{n}" for n in STATE_SETS),
     *(f"latest:{n}" for n in STATE_LATEST),
 )
@@ -311,6 +312,25 @@ if redis.call('EXISTS', base .. ':erased') == 1 then return {'erased'} end
 local merged = redis.call('HGET', base .. ':meta', 'merged_into')
 if merged then return {'merged', merged} end
 local know, evt15, src = ARGV[1], ARGV[2], ARGV[3]
+local n = tonumber(ARGV[6])
+local d0 = 7 + n * 5
+local m = tonumber(ARGV[d0] or '0') or 0
+-- A body sent as '' is one the client saw this twin hold (ref|hash in :vers): it is not
+-- sealed and sent again. Mode '1' (a pipelined batch, in order) and '2' (one event) check
+-- that it is still held before writing anything, else answer 'need' (the client sends the
+-- event again with every body). In mode '1' a 'need' leaves the :need marker, so the
+-- batch's later events of this twin also wait, to be applied in order after it.
+local mode = ARGV[d0 + 1 + m * 3] or '0'
+if mode ~= '0' then
+  if mode == '1' and redis.call('EXISTS', base .. ':need') == 1 then return {'need'} end
+  for i = 0, n - 1 do
+    local j = 7 + i * 5
+    if ARGV[j+2] == '' and redis.call('HEXISTS', base .. ':vers', ARGV[j] .. '|' .. ARGV[j+1]) == 0 then
+      if mode == '1' then redis.call('SET', base .. ':need', '1') end
+      return {'need'}
+    end
+  end
+end
 -- Keep the version in the history. When this assertion is newer than the current one
 -- (:ver), it becomes current, for a write or a deletion alike: the answer is then the body
 -- to store as current, or false when the content stays the same (another message sending
@@ -320,7 +340,7 @@ local know, evt15, src = ARGV[1], ARGV[2], ARGV[3]
 -- history. :ver's known time (lastUpdated) is when the content became current.
 local function becomes_current(ref, h, body)
   local vkey = ref .. '|' .. h
-  local fresh = redis.call('HSETNX', base .. ':vers', vkey, body) == 1
+  local fresh = body ~= '' and redis.call('HSETNX', base .. ':vers', vkey, body) == 1
   if fresh then
     redis.call('HSET', base .. ':vinfo', vkey, evt15 .. '|' .. know .. '|' .. src)
     redis.call('ZADD', base .. ':hist', know, vkey)
@@ -356,7 +376,6 @@ local function becomes_current(ref, h, body)
   return redis.call('HGET', base .. ':vers', vkey)
 end
 local changed = {}
-local n = tonumber(ARGV[6])
 for i = 0, n - 1 do
   local j = 7 + i * 5
   local ref, h, body, clin, op = ARGV[j], ARGV[j+1], ARGV[j+2], ARGV[j+3], ARGV[j+4]
@@ -389,8 +408,6 @@ for i = 0, n - 1 do
     changed[#changed + 1] = ref
   end
 end
-local d0 = 7 + n * 5
-local m = tonumber(ARGV[d0] or '0') or 0
 for i = 0, m - 1 do
   local j = d0 + 1 + i * 3
   local ref, h, body = ARGV[j], ARGV[j+1], ARGV[j+2]
@@ -565,6 +582,12 @@ class UnmergeError(ValueError):
     """An unmerge that cannot be done as asked (the twins were not merged that way)."""
 
 
+# The apply script's modes (its last argument): every body sent; bodies the twin was seen to
+# hold left out, in a pipelined batch (a 'need' holds the twin's later events) or alone.
+_FULL, _LAZY_ORDERED, _LAZY_ONE = "0", "1", "2"
+_HELD_MAX = 500_000  # entries (~100 bytes each) before the memory of held versions restarts
+
+
 def _evt15(ms: int) -> str:
     return f"{max(ms, 0):015d}"
 
@@ -578,6 +601,9 @@ class TwinStore:
         self._apply = client.register_script(_APPLY)
         self._index_script = client.register_script(_INDEX)
         self._swap = client.register_script(_SWAP)
+        # "twin|Type/id|hash" of versions this store saw a twin hold (in its :vers): an event
+        # that asserts one again sends no body (the apply script checks it is still there)
+        self._held: dict[str, None] = {}
 
     @classmethod
     def connect(cls, url: str) -> TwinStore:
@@ -607,19 +633,19 @@ class TwinStore:
         return f"ft:{{{twin}}}"
 
     @staticmethod
-    def _prepare(resources: Sequence[dict[str, Any]]) -> list[tuple[str, str, bytes, Any, str]]:
-        """(ref, hash, plain JSON, clinical ms, state op) per resource: sealed per twin later."""
-        out = []
+    def _prepare(
+        resources: Sequence[dict[str, Any]],
+    ) -> list[tuple[str, str, bytes | dict[str, Any], Any, str]]:
+        """(ref, hash, body, clinical ms, state op) per resource; the body is the plain JSON,
+        or the resource itself while serializing it can wait (``_args`` may not need it)."""
+        out: list[tuple[str, str, bytes | dict[str, Any], Any, str]] = []
         for res in resources:
             ref = f"{res['resourceType']}/{res['id']}"
             view = content_view(res)
-            if view is res:  # the canonical bytes are also what is stored: serialize once
-                body = orjson.dumps(res, option=orjson.OPT_SORT_KEYS)
-                digest = hashlib.sha256(body).hexdigest()[:32]
-            else:
-                body = orjson.dumps(res)
-                canonical = orjson.dumps(view, option=orjson.OPT_SORT_KEYS)
-                digest = hashlib.sha256(canonical).hexdigest()[:32]
+            canonical = orjson.dumps(view, option=orjson.OPT_SORT_KEYS)
+            digest = hashlib.sha256(canonical).hexdigest()[:32]
+            # the canonical bytes are also what is stored when the view is the resource
+            body: bytes | dict[str, Any] = canonical if view is res else res
             clin = clinical_time_ms(res)
             out.append((ref, digest, body, "" if clin is None else clin, state_op(res)))
         return out
@@ -627,27 +653,45 @@ class TwinStore:
     def _args(
         self,
         twin: str,
-        prepared: list[tuple[str, str, bytes, Any, str]],
+        prepared: list[tuple[str, str, bytes | dict[str, Any], Any, str]],
         event_ms: int,
         known_ms: int,
         src: str,
         deleted: Sequence[str] = (),
+        mode: str = _FULL,
     ) -> list[Any]:
+        """The apply script's arguments. ``mode`` ``_FULL`` seals and sends every body;
+        ``_LAZY_ORDERED`` and ``_LAZY_ONE`` leave out those the twin was seen to hold."""
         partition_field = offset = ""
         if src.count("/") >= 2:
             topic, part, off = src.rsplit("/", 2)
             partition_field, offset = f"off:{topic}/{part}", off
         args: list[Any] = [known_ms, _evt15(event_ms), src, partition_field, offset, len(prepared)]
         seal = self.keys.seal
+        held = self._held if mode != _FULL else {}
         for ref, digest, body, clin, op in prepared:
-            sealed = seal(twin, body, f"{twin}|{ref}|{digest}".encode())
+            aad = f"{twin}|{ref}|{digest}"
+            if aad in held:
+                sealed = b""
+            else:
+                plain = body if type(body) is bytes else orjson.dumps(body)
+                sealed = seal(twin, plain, aad.encode())
             args += [ref, digest, sealed, clin, op]
         args.append(len(deleted))
         digest = deletion_hash(event_ms)
         for ref in deleted:
             marker = orjson.dumps({"deleted": ref})
             args += [ref, digest, seal(twin, marker, f"{twin}|{ref}|{digest}".encode())]
+        args.append(mode)
         return args
+
+    def _saw_held(self, twin: str, prepared: list[tuple[str, str, Any, Any, str]]) -> None:
+        """After an apply: the twin holds every version the event asserted."""
+        held = self._held
+        if len(held) > _HELD_MAX:
+            held.clear()
+        for ref, digest, _, _, _ in prepared:
+            held[f"{twin}|{ref}|{digest}"] = None
 
     def apply(
         self,
@@ -670,20 +714,26 @@ class TwinStore:
         """
         prepared = self._prepare(resources)
         via = ""  # the twin whose forward pointer led here, if any
+        mode = _LAZY_ONE
         for _ in range(16):
             try:
-                args = self._args(twin, prepared, event_ms, known_ms, src, deleted)
+                args = self._args(twin, prepared, event_ms, known_ms, src, deleted, mode)
             except ErasedError:
                 return AppliedEvent(twin, [], erased=True)
             out = self._apply(keys=[self.base(twin)], args=args)
             if out and out[0] == b"merged":
                 via, twin = twin, out[1].decode()
                 continue
+            if out and out[0] == b"need":  # the twin no longer holds what was left out
+                self._held.clear()
+                mode = _FULL
+                continue
             break
         else:  # pragma: no cover - a merge cycle would be a bug
             raise RuntimeError(f"merge chain too long at twin {twin}")
         if out and out[0] == b"erased":
             return AppliedEvent(twin, [], erased=True)
+        self._saw_held(twin, prepared)
         if via and src:  # an event for a twin merged away: an unmerge gives it back
             self.r.hset(f"{self.base(twin)}:origin", src, via)
         ops = IndexOps()
@@ -741,26 +791,38 @@ class TwinStore:
                 out.append(got)
             return out
         results: list[AppliedEvent | None] = [None] * len(writes)
-        calls: list[tuple[int, list[Any]]] = []
+        calls: list[tuple[int, list[Any], list[Any]]] = []
         for i, w in enumerate(writes):
+            prepared = self._prepare(w.resources)
             try:
                 args = self._args(
-                    w.twin, self._prepare(w.resources), w.event_ms, w.known_ms, w.src, w.deleted
+                    w.twin, prepared, w.event_ms, w.known_ms, w.src, w.deleted, _LAZY_ORDERED
                 )
             except ErasedError:
                 results[i] = AppliedEvent(w.twin, [], erased=True)
                 continue
-            calls.append((i, args))
-        answers = self._eval_many([(self.base(writes[i].twin), args) for i, args in calls])
+            calls.append((i, args, prepared))
+        answers = self._eval_many([(self.base(writes[i].twin), args) for i, args, _ in calls])
         ops = IndexOps()
-        for (i, _), out in zip(calls, answers, strict=True):
+        needed: set[str] = set()  # twins whose :need marker this batch set and cleared
+        for (i, _, prepared), out in zip(calls, answers, strict=True):
             w = writes[i]
-            if out and out[0] == b"merged":
+            if out and out[0] == b"need":
+                # A body left out is no longer held (Redis flushed, an unmerge): this event
+                # and the batch's later ones for the twin wrote nothing. Apply them now, in
+                # order, each alone and with every body.
+                if w.twin not in needed:
+                    needed.add(w.twin)
+                    self._held.clear()
+                    self.r.delete(f"{self.base(w.twin)}:need")
+                results[i] = got = self._apply_write(w)
+            elif out and out[0] == b"merged":
                 results[i] = got = self._apply_write(w)
             elif out and out[0] == b"erased":
                 results[i] = got = AppliedEvent(w.twin, [], erased=True)
             else:
                 results[i] = got = AppliedEvent(w.twin, [c.decode() for c in out])
+                self._saw_held(w.twin, prepared)
                 self._index(ops, w.twin, w.resources, w.identifiers, w.shared)
             if w.link is not None and not got.erased:
                 ops.lpush(f"{self.base(got.twin)}:links", self._seal_link(got.twin, w.link))
