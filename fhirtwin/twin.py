@@ -585,7 +585,7 @@ class UnmergeError(ValueError):
 # The apply script's modes (its last argument): every body sent; bodies the twin was seen to
 # hold left out, in a pipelined batch (a 'need' holds the twin's later events) or alone.
 _FULL, _LAZY_ORDERED, _LAZY_ONE = "0", "1", "2"
-_HELD_MAX = 500_000  # entries (~100 bytes each) before the memory of held versions restarts
+_HELD_MAX = 250_000  # entries (~70 bytes each) before the memory of held versions restarts
 
 
 def _evt15(ms: int) -> str:
@@ -601,9 +601,10 @@ class TwinStore:
         self._apply = client.register_script(_APPLY)
         self._index_script = client.register_script(_INDEX)
         self._swap = client.register_script(_SWAP)
-        # "twin|Type/id|hash" of versions this store saw a twin hold (in its :vers): an event
-        # that asserts one again sends no body (the apply script checks it is still there)
-        self._held: dict[str, None] = {}
+        # hash("twin|Type/id|hash") of versions this store saw a twin hold (in its :vers): an
+        # event that asserts one again sends no body. A collision costs nothing but a round
+        # trip: the apply script checks that each body left out is held before writing.
+        self._held: dict[int, None] = {}
 
     @classmethod
     def connect(cls, url: str) -> TwinStore:
@@ -671,7 +672,7 @@ class TwinStore:
         held = self._held if mode != _FULL else {}
         for ref, digest, body, clin, op in prepared:
             aad = f"{twin}|{ref}|{digest}"
-            if aad in held:
+            if hash(aad) in held:
                 sealed = b""
             else:
                 plain = body if type(body) is bytes else orjson.dumps(body)
@@ -691,7 +692,7 @@ class TwinStore:
         if len(held) > _HELD_MAX:
             held.clear()
         for ref, digest, _, _, _ in prepared:
-            held[f"{twin}|{ref}|{digest}"] = None
+            held[hash(f"{twin}|{ref}|{digest}")] = None
 
     def apply(
         self,
