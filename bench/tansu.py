@@ -5,8 +5,8 @@ Usage (from the project root):
 
 One producer writes ``--rate`` records/s of 700 bytes (the e2e feed's size) to a 4-partition
 topic, each its own record batch (linger.ms 0, as the MLLP listener writes), for
-``--seconds``. Every 5 s the bench prints the cores Tansu used (utime+stime from /proc) and
-how many batches the topic holds. Three configurations, each on a fresh Tansu:
+``--seconds``. Every 5 s the bench samples the cores Tansu used (utime+stime from /proc); at
+the end it prints them and the records consumed. Four configurations, each on a fresh Tansu:
 
 * ``no consumer``: produce only;
 * ``one consumer``: a consumer group follows the topic with fhirtwin's settings
