@@ -24,7 +24,7 @@ from fhirtwin.assemble import find_unmerge, request_unmerge
 from fhirtwin.auth import ADMIN_SCOPE, require_scope
 from fhirtwin.erasure import NotFound, erase_patient
 from fhirtwin.principal import Principal
-from fhirtwin.twin import TwinStore, UnmergeError
+from fhirtwin.twin import TwinStore, UnmergeError, UnmergeNotFound
 
 __all__ = ["router"]
 
@@ -108,9 +108,10 @@ def router(
             )
         try:
             req = await run_in_threadpool(find_unmerge, store, f"Patient/{pid}")
+        except UnmergeNotFound as exc:
+            raise ApiError(404, "not-found", str(exc)) from None
         except UnmergeError as exc:
-            status = 404 if "no twin holds" in str(exc) else 409
-            raise ApiError(status, "not-found" if status == 404 else "conflict", str(exc)) from None
+            raise ApiError(409, "conflict", str(exc)) from None
         try:
             await run_in_threadpool(
                 request_unmerge,

@@ -27,7 +27,7 @@ from fhirtwin.crypto import CryptoError, ErasedError, open_event, seal_event
 from fhirtwin.erasure import ERASED_DROPPED
 from fhirtwin.metrics import TWIN_UPDATES, observe_batch
 from fhirtwin.redisconn import connect
-from fhirtwin.twin import AppliedEvent, TwinStore, UnmergeError, Write
+from fhirtwin.twin import AppliedEvent, TwinStore, UnmergeError, UnmergeNotFound, Write
 from fhirtwin.worker import Out, StreamWorker, dead_letter
 
 __all__ = [
@@ -206,7 +206,7 @@ def find_unmerge(store: TwinStore, key: str) -> UnmergeRequest:
         holders = store.holders(key)
         patient = store.resource(holders[0], key) if holders else None
         if patient is None:
-            raise UnmergeError(f"{key}: no twin holds that Patient")
+            raise UnmergeNotFound(f"{key}: no twin holds that Patient")
         for ident in patient.get("identifier") or ():
             value = ident.get("value") if isinstance(ident, dict) else None
             if not value:
@@ -220,7 +220,7 @@ def find_unmerge(store: TwinStore, key: str) -> UnmergeRequest:
         )
     twin = store.resolve(key)
     if twin is None:
-        raise UnmergeError(f"no twin for {key!r}: give a twin id or a patient identifier")
+        raise UnmergeNotFound(f"no twin for {key!r}: give a twin id or a patient identifier")
     merged = store.merged_from(twin)
     if key in merged:
         found = [key]

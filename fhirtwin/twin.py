@@ -74,6 +74,7 @@ __all__ = [
     "AppliedEvent",
     "TwinStore",
     "UnmergeError",
+    "UnmergeNotFound",
     "Write",
     "clinical_time_ms",
     "content_hash",
@@ -580,6 +581,10 @@ class Write:
 
 class UnmergeError(ValueError):
     """An unmerge that cannot be done as asked (the twins were not merged that way)."""
+
+
+class UnmergeNotFound(UnmergeError):
+    """An unmerge asked for a patient or identifier that no twin holds."""
 
 
 # The apply script's modes (its last argument): every body sent; bodies the twin was seen to
