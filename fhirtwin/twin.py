@@ -665,9 +665,11 @@ class TwinStore:
         src: str,
         deleted: Sequence[str] = (),
         mode: str = _FULL,
+        names: list[int] | None = None,
     ) -> list[Any]:
         """The apply script's arguments. ``mode`` ``_FULL`` seals and sends every body;
-        ``_LAZY_ORDERED`` and ``_LAZY_ONE`` leave out those the twin was seen to hold."""
+        ``_LAZY_ORDERED`` and ``_LAZY_ONE`` leave out those the twin was seen to hold.
+        ``names`` gets the hashed name of each version, for ``_saw_held`` once applied."""
         partition_field = offset = ""
         if src.count("/") >= 2:
             topic, part, off = src.rsplit("/", 2)
@@ -677,7 +679,10 @@ class TwinStore:
         held = self._held if mode != _FULL else {}
         for ref, digest, body, clin, op in prepared:
             aad = f"{twin}|{ref}|{digest}"
-            if hash(aad) in held:
+            name = hash(aad)
+            if names is not None:
+                names.append(name)
+            if name in held:
                 sealed = b""
             else:
                 plain = body if type(body) is bytes else orjson.dumps(body)
@@ -691,13 +696,13 @@ class TwinStore:
         args.append(mode)
         return args
 
-    def _saw_held(self, twin: str, prepared: list[tuple[str, str, Any, Any, str]]) -> None:
-        """After an apply: the twin holds every version the event asserted."""
+    def _saw_held(self, names: list[int]) -> None:
+        """After an apply: the twin holds every version the event asserted (``names`` from
+        ``_args``)."""
         held = self._held
         if len(held) > _HELD_MAX:
             held.clear()
-        for ref, digest, _, _, _ in prepared:
-            held[hash(f"{twin}|{ref}|{digest}")] = None
+        held.update(dict.fromkeys(names))
 
     def apply(
         self,
@@ -722,8 +727,9 @@ class TwinStore:
         via = ""  # the twin whose forward pointer led here, if any
         mode = _LAZY_ONE
         for _ in range(16):
+            names: list[int] = []
             try:
-                args = self._args(twin, prepared, event_ms, known_ms, src, deleted, mode)
+                args = self._args(twin, prepared, event_ms, known_ms, src, deleted, mode, names)
             except ErasedError:
                 return AppliedEvent(twin, [], erased=True)
             out = self._apply(keys=[self.base(twin)], args=args)
@@ -739,7 +745,7 @@ class TwinStore:
             raise RuntimeError(f"merge chain too long at twin {twin}")
         if out and out[0] == b"erased":
             return AppliedEvent(twin, [], erased=True)
-        self._saw_held(twin, prepared)
+        self._saw_held(names)
         if via and src:  # an event for a twin merged away: an unmerge gives it back
             self.r.hset(f"{self.base(twin)}:origin", src, via)
         ops = IndexOps()
@@ -797,21 +803,28 @@ class TwinStore:
                 out.append(got)
             return out
         results: list[AppliedEvent | None] = [None] * len(writes)
-        calls: list[tuple[int, list[Any], list[Any]]] = []
+        calls: list[tuple[int, list[Any], list[int]]] = []
         for i, w in enumerate(writes):
-            prepared = self._prepare(w.resources)
+            names: list[int] = []
             try:
                 args = self._args(
-                    w.twin, prepared, w.event_ms, w.known_ms, w.src, w.deleted, _LAZY_ORDERED
+                    w.twin,
+                    self._prepare(w.resources),
+                    w.event_ms,
+                    w.known_ms,
+                    w.src,
+                    w.deleted,
+                    _LAZY_ORDERED,
+                    names,
                 )
             except ErasedError:
                 results[i] = AppliedEvent(w.twin, [], erased=True)
                 continue
-            calls.append((i, args, prepared))
+            calls.append((i, args, names))
         answers = self._eval_many([(self.base(writes[i].twin), args) for i, args, _ in calls])
         ops = IndexOps()
         needed: set[str] = set()  # twins whose :need marker this batch set and cleared
-        for (i, _, prepared), out in zip(calls, answers, strict=True):
+        for (i, _, names), out in zip(calls, answers, strict=True):
             w = writes[i]
             if out and out[0] == b"need":
                 # A body left out is no longer held (Redis flushed, an unmerge): this event
@@ -828,7 +841,7 @@ class TwinStore:
                 results[i] = got = AppliedEvent(w.twin, [], erased=True)
             else:
                 results[i] = got = AppliedEvent(w.twin, [c.decode() for c in out])
-                self._saw_held(w.twin, prepared)
+                self._saw_held(names)
                 self._index(ops, w.twin, w.resources, w.identifiers, w.shared)
             if w.link is not None and not got.erased:
                 ops.lpush(f"{self.base(got.twin)}:links", self._seal_link(got.twin, w.link))
