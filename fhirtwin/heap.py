@@ -19,10 +19,11 @@ __all__ = ["enable", "settle"]
 
 # A worker holds a whole batch (up to 500 messages' resources, ~300k objects) until Kafka
 # acknowledges it, and the young-generation count grows with what stays alive: at 10,000 the
-# collector ran dozens of times a batch over the same live objects. At 200,000 the in-process
-# stage cost (bench/e2e.py) fell from ~454 to ~428 µs a message (normalize) and from ~407 to
-# ~380 (assemble); 1,000,000 gave no more. Garbage without cycles is freed by reference
-# counting as before; only cycles wait longer.
+# collector ran dozens of times a batch over the same live objects. At 200,000 the stage cost
+# (`taskset -c 1 bench/e2e.py --skip-pipeline --skip-update-cost --stage-n 3000`, validation
+# off, two runs each) is 452 µs a message to normalize and 363–365 to assemble, against 470
+# and 389–395 at 10,000; a scratch run at 1,000,000 gave no more. Garbage without cycles is
+# freed by reference counting as before; only cycles wait longer.
 YOUNG_THRESHOLD = 200_000
 _enabled = False
 
