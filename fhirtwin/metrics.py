@@ -49,6 +49,8 @@ __all__ = [
     "TWIN_UPDATES",
     "add_ready_check",
     "beat",
+    "count",
+    "flush",
     "health",
     "observe_batch",
     "readiness",
@@ -97,11 +99,39 @@ LATENCY = Histogram(
 
 
 def observe_batch(stage: str, seconds: float, records: int) -> None:
-    """A batch handler's time in ``fhirtwin_stage_seconds``: each record's share of it."""
-    share = seconds / max(records, 1)
+    """A batch handler's time in ``fhirtwin_stage_seconds``: each record's share of it,
+    observed ``records`` times (one write per value, not per record: with
+    ``PROMETHEUS_MULTIPROC_DIR`` every write goes to a memory-mapped file)."""
+    if records <= 0:
+        return
+    share = seconds / records
     hist = LATENCY.labels(stage)
-    for _ in range(records):
-        hist.observe(share)
+    try:  # prometheus_client 0.2x: Histogram.observe is _sum.inc + one bucket's inc(1)
+        buckets, bounds, total = hist._buckets, hist._upper_bounds, hist._sum
+    except AttributeError:  # pragma: no cover - another client version: the public way
+        for _ in range(records):
+            hist.observe(share)
+        return
+    total.inc(share * records)
+    for i, bound in enumerate(bounds):
+        if share <= bound:
+            buckets[i].inc(records)
+            break
+
+
+def count(metric: Any, labels: tuple[str, ...], n: int, tally: dict[Any, int]) -> None:
+    """Add ``n`` to ``metric{labels}`` in ``tally``; ``flush`` writes the sums (one write
+    per label set and batch instead of one per record)."""
+    key = (metric, labels)
+    tally[key] = tally.get(key, 0) + n
+
+
+def flush(tally: dict[Any, int]) -> None:
+    """Write what ``count`` summed, and empty ``tally``."""
+    for (metric, labels), n in tally.items():
+        if n:
+            (metric.labels(*labels) if labels else metric).inc(n)
+    tally.clear()
 
 
 def render() -> bytes:

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from fhirtwin import bus
+from fhirtwin import bus, metrics
 from fhirtwin.crypto import (
     SEALED_HEADERS,
     CryptoError,
@@ -73,6 +73,8 @@ class Converted:
     deleted: tuple[str, ...] = ()  # ``Type/id`` the source deleted (found in the twins by id)
 
 
+# summed per message, written to the metric once per batch (NormalizeWorker.handle)
+_LOSS_TALLY: dict[Any, int] = {}
 _LOSS_KINDS = (
     "unmapped_segments",
     "unmapped_fields",
@@ -94,7 +96,7 @@ def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converte
     report = conv.report
     for what in _LOSS_KINDS:  # the loss report, counted (fhirtwin_conversion_losses_total)
         if n := len(report.get(what) or ()):
-            LOSSES.labels("hl7v2", what).inc(n)
+            metrics.count(LOSSES, ("hl7v2", what), n, _LOSS_TALLY)
     problems = report.get("validation") or []
     control = str(report.get("message", {}).get("control_id", "") or "")
     if problems:
@@ -310,6 +312,7 @@ class NormalizeWorker:
                     outs.append([internal_dead_letter(sealed, exc)])
         finally:
             self.resolver.forget()
+            metrics.flush(_LOSS_TALLY)
         observe_batch(f"normalize-{self.kind}", time.perf_counter() - t0, len(recs))
         return outs
 

@@ -24,7 +24,7 @@ import orjson
 import redis
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from fhirtwin import bus, heap
+from fhirtwin import bus, heap, metrics
 from fhirtwin.crypto import default_keyring
 from fhirtwin.metrics import DEADLETTERS, MESSAGES_IN, MESSAGES_OUT, beat
 
@@ -134,6 +134,7 @@ class StreamWorker:
         consumer.subscribe(self.topics, on_assign=on_assign, on_revoke=on_revoke)
         last = time.monotonic()
         failures: list[str] = []
+        tally: dict[Any, int] = {}  # messages in and out, written once per batch
         heap.settle()
         settled = False  # again after the first batch: the rules it needed are compiled
 
@@ -163,11 +164,13 @@ class StreamWorker:
                     continue
                 last = time.monotonic()
                 for rec in recs:
-                    MESSAGES_IN.labels(rec.topic).inc()
+                    metrics.count(MESSAGES_IN, (rec.topic,), 1, tally)
                 outs = self._handle(recs)
                 for per_record in outs:
                     for out in per_record:
                         self._produce(producer, out, delivered)
+                        metrics.count(MESSAGES_OUT, (out.topic,), 1, tally)
+                metrics.flush(tally)
                 remaining = producer.flush(30)
                 if remaining or failures:
                     raise RuntimeError(
@@ -234,7 +237,6 @@ class StreamWorker:
                     headers=out.headers,
                     on_delivery=on_delivery,
                 )
-                MESSAGES_OUT.labels(out.topic).inc()
                 return
             except BufferError:
                 producer.poll(0.05)

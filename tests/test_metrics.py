@@ -238,3 +238,49 @@ def test_fhirtwin_up_metrics_move_after_a_short_ingest(tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output.decode()
+
+
+def test_a_batch_observed_at_once_equals_each_record_observed() -> None:
+    """observe_batch writes a batch's per-record share once (count, sum, bucket), as if
+    each record had been observed alone; count/flush sum counters per batch."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    reg = CollectorRegistry()
+    buckets = metrics.LATENCY._upper_bounds[:-1]
+    one = Histogram("one_s", "x", ["stage"], buckets=buckets, registry=reg)
+    many = Histogram("many_s", "x", ["stage"], buckets=buckets, registry=reg)
+    for seconds, records in ((0.0123, 7), (0.5, 3), (40.0, 2), (0.0, 4)):
+        for _ in range(records):
+            one.labels("s").observe(seconds / records)
+    orig = metrics.LATENCY
+    try:
+        metrics.LATENCY = many
+        for seconds, records in ((0.0123, 7), (0.5, 3), (40.0, 2), (0.0, 4), (1.0, 0)):
+            metrics.observe_batch("s", seconds, records)
+    finally:
+        metrics.LATENCY = orig
+
+    def samples(name: str) -> dict[tuple[str, str], float]:
+        fam = next(f for f in reg.collect() if f.name == name)
+        return {
+            (s.name.removeprefix(name), s.labels.get("le", "")): s.value
+            for s in fam.samples
+            if not s.name.endswith("_created")
+        }
+
+    got, want = samples("many_s"), samples("one_s")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k]), k
+    assert want[("_count", "")] == 16
+
+    c = Counter("c_total", "x", ["k"], registry=reg)
+    tally: dict = {}
+    metrics.count(c, ("a",), 2, tally)
+    metrics.count(c, ("a",), 3, tally)
+    metrics.count(c, ("b",), 1, tally)
+    assert reg.get_sample_value("c_total", {"k": "a"}) is None
+    metrics.flush(tally)
+    assert not tally
+    assert reg.get_sample_value("c_total", {"k": "a"}) == 5
+    assert reg.get_sample_value("c_total", {"k": "b"}) == 1
