@@ -217,7 +217,8 @@ def _prim(f: _Field, value: Any) -> bool:
 
 
 def _check(table: _Table, obj: dict[str, Any]) -> bool:
-    # _prim, and the walk into nested objects, inlined: this loop runs ~50 times per resource
+    # _prim, and the walk into nested objects, inlined: this loop runs ~50 times per resource.
+    # A single value (most keys) is checked without building a list of one.
     if not obj or not table.ready:
         return False
     fields = table.fields
@@ -229,21 +230,34 @@ def _check(table: _Table, obj: dict[str, Any]) -> bool:
                     return False
                 continue
             return False
-        items: Any
-        if f.many:
-            if type(value) is not list or not value:
-                return False
-            items = value
-        elif type(value) is list:
-            return False
-        else:
-            items = (value,)
         kind = f.kind
+        if not f.many:
+            if kind == _PRIM:
+                if type(value) is str:
+                    hit = f.seen.get(value)  # only short strings are ever remembered
+                    if hit is not None:
+                        if hit:
+                            continue
+                        return False
+                if not _prim(f, value):
+                    return False
+            elif type(value) is not dict:
+                return False
+            elif kind == _MODEL:
+                if not _check(f.table, value):
+                    return False
+            else:
+                found = _resource_table(value.get("resourceType"))
+                if found is None or not _check(found, value):
+                    return False
+            continue
+        if type(value) is not list or not value:
+            return False
         if kind == _PRIM:
             seen = f.seen
-            for item in items:
+            for item in value:
                 if type(item) is str:
-                    hit = seen.get(item)  # only short strings are ever remembered
+                    hit = seen.get(item)
                     if hit is not None:
                         if hit:
                             continue
@@ -252,11 +266,11 @@ def _check(table: _Table, obj: dict[str, Any]) -> bool:
                     return False
         elif kind == _MODEL:
             sub = f.table
-            for item in items:
+            for item in value:
                 if type(item) is not dict or not _check(sub, item):
                     return False
         else:
-            for item in items:
+            for item in value:
                 if type(item) is not dict:
                     return False
                 found = _resource_table(item.get("resourceType"))
