@@ -134,7 +134,7 @@ class StreamWorker:
         consumer.subscribe(self.topics, on_assign=on_assign, on_revoke=on_revoke)
         last = time.monotonic()
         failures: list[str] = []
-        tally: dict[Any, int] = {}  # messages in and out, written once per batch
+        tally: dict[Any, int] = {}  # messages in, then out: one write per topic and batch
         heap.settle()
         settled = False  # again after the first batch: the rules it needed are compiled
 
@@ -165,6 +165,7 @@ class StreamWorker:
                 last = time.monotonic()
                 for rec in recs:
                     metrics.count(MESSAGES_IN, (rec.topic,), 1, tally)
+                metrics.flush(tally)  # counted even if handling fails, as before
                 outs = self._handle(recs)
                 for per_record in outs:
                     for out in per_record:
