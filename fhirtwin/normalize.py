@@ -283,8 +283,16 @@ class NormalizeWorker:
 
     def handle(self, recs: list[bus.Record]) -> list[list[Out]]:
         """Convert every record, read the identities the batch needs in one go (the MPI's
-        ``prefetch``), then resolve and publish each record, in order."""
+        ``prefetch``), then resolve and publish each record, in order. The data keys of
+        the batch's new patients reach the disk together when it ends, before the worker
+        writes anything sealed with them (``KeyRing.deferred``)."""
         t0 = time.perf_counter()
+        with self.resolver.keys.deferred():
+            outs = self._handle(recs)
+        observe_batch(f"normalize-{self.kind}", time.perf_counter() - t0, len(recs))
+        return outs
+
+    def _handle(self, recs: list[bus.Record]) -> list[list[Out]]:
         staged = [self._convert(rec) for rec in recs]
         self.resolver.prefetch(
             (conv.resources, conv.patient_identifiers)
@@ -313,7 +321,6 @@ class NormalizeWorker:
         finally:
             self.resolver.forget()
             metrics.flush(_LOSS_TALLY)
-        observe_batch(f"normalize-{self.kind}", time.perf_counter() - t0, len(recs))
         return outs
 
     def handle_one(self, sealed: bus.Record) -> list[Out]:

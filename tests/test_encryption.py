@@ -24,7 +24,7 @@ import orjson
 import pytest
 import redis
 
-from fhirtwin import bus
+from fhirtwin import bus, crypto
 from fhirtwin.assemble import rebuild
 from fhirtwin.crypto import (
     CryptoError,
@@ -83,6 +83,95 @@ def test_two_processes_agree_on_a_new_twins_key(tmp_path: Path) -> None:
     blob = a.seal("new-twin", b"hello", b"aad")
     assert b.open("new-twin", blob, b"aad") == b"hello"
     assert a.blind("urn:mrn|123") == b.blind("urn:mrn|123") != a.blind("urn:mrn|124")
+
+
+def _key_files(tmp: Path) -> list[Path]:
+    return [p for p in (tmp / "keys" / "twin").rglob("*") if p.is_file()]
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_new_keys_of_a_deferred_block_reach_the_disk_together_at_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kek = secrets.token_bytes(32)
+    ring = _ring(tmp_path, kek)
+    synced: list[set[Path]] = []
+    make_durable = crypto._make_durable
+    monkeypatch.setattr(
+        crypto,
+        "_make_durable",
+        lambda root, paths: (synced.append(set(paths)), make_durable(root, paths)),
+    )
+    with ring.deferred():
+        blobs = {f"t{i}": ring.seal(f"t{i}", b"data", b"aad") for i in range(5)}
+        with ring.deferred():  # nested: only the outer block syncs
+            blobs["t5"] = ring.seal("t5", b"data", b"aad")
+        assert synced == []
+        files = _key_files(tmp_path)
+        assert len(files) == 6 and {_mode(f) for f in files} == {0o400}  # not synced yet
+    assert synced == [set(files)]  # one sync for the six
+    assert {_mode(f) for f in files} == {0o600}
+    other = _ring(tmp_path, kek)  # another process opens them all
+    assert all(other.open(t, b, b"aad") == b"data" for t, b in blobs.items())
+    assert len(synced) == 1  # synced keys are not synced again by their readers
+
+
+def test_a_key_read_before_its_maker_synced_it_is_synced_by_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kek = secrets.token_bytes(32)
+    maker, reader = _ring(tmp_path, kek), _ring(tmp_path, kek)
+    with maker.deferred():
+        blob = maker.seal("t1", b"data", b"aad")
+        (key,) = _key_files(tmp_path)
+        assert _mode(key) == 0o400
+        # another worker met the same new patient: it must not seal with a key that a
+        # crash could still take, so it syncs the key before using it
+        assert reader.open("t1", blob, b"aad") == b"data"
+        assert _mode(key) == 0o600
+        assert reader.seal("t1", b"more", b"aad")
+
+
+def test_deferred_keys_are_synced_file_by_file_where_syncfs_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ring = _ring(tmp_path)
+    monkeypatch.setattr(crypto, "_syncfs", lambda fd: False)  # not Linux
+    fsynced: list[int] = []
+    fsync = crypto.os.fsync
+    monkeypatch.setattr(crypto.os, "fsync", lambda fd: (fsynced.append(fd), fsync(fd)))
+    with ring.deferred():
+        ring.seal("aa1", b"x", b"a")
+        ring.seal("aa2", b"x", b"a")  # the same directory (twin/aa/)
+        ring.seal("bb1", b"x", b"a")
+        assert fsynced == []
+    assert len(fsynced) == 3 + 2  # each file, then each directory once
+    assert {_mode(f) for f in _key_files(tmp_path)} == {0o600}
+
+
+def test_other_threads_keep_synced_keys_while_one_defers(tmp_path: Path) -> None:
+    ring = _ring(tmp_path)
+    with ring.deferred():
+        ring.seal("mine", b"x", b"a")
+        t = threading.Thread(target=ring.seal, args=("theirs", b"x", b"a"))
+        t.start()
+        t.join()
+        modes = {f.name: _mode(f) for f in _key_files(tmp_path)}
+        assert modes == {"mine": 0o400, "theirs": 0o600}
+
+
+def test_a_key_never_synced_can_still_be_erased(tmp_path: Path) -> None:
+    kek = secrets.token_bytes(32)
+    ring = _ring(tmp_path, kek)
+    with ring.deferred():
+        ring.seal("t1", b"data", b"aad")
+        assert ring.erase("t1")
+    assert _key_files(tmp_path) == []
+    with pytest.raises(ErasedError):
+        _ring(tmp_path, kek).seal("t1", b"more", b"aad")
 
 
 def test_erasing_a_key_makes_every_copy_unreadable_and_refuses_new_data(tmp_path: Path) -> None:

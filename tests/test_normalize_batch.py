@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from fhirtwin import bus
-from fhirtwin.crypto import open_event
+from fhirtwin import bus, crypto
+from fhirtwin.crypto import open_event, reset_default_keyring
 from fhirtwin.normalize import NormalizeWorker
 
 from . import synth
@@ -67,3 +67,29 @@ def test_a_record_that_trips_a_bug_is_dead_lettered_alone(
 
     monkeypatch.setattr(worker, "_route", route)  # the fix: replaying the dead letter works
     assert _decisions(worker, worker.handle([recs[1]])) == ["new"]
+
+
+def test_a_batch_of_new_patients_syncs_their_keys_once_before_returning(
+    redis_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FHIRTWIN_HOME", str(tmp_path))
+    monkeypatch.delenv("FHIRTWIN_KEYSTORE", raising=False)
+    reset_default_keyring()
+    synced: list[int] = []
+    make_durable = crypto._make_durable
+    monkeypatch.setattr(
+        crypto,
+        "_make_durable",
+        lambda root, paths: (synced.append(len(paths)), make_durable(root, paths)),
+    )
+    try:
+        worker = NormalizeWorker("127.0.0.1:1", redis_url, validate=False)
+        outs = worker.handle(_records(4, 5_000_000))
+        assert _decisions(worker, outs) == ["new"] * 4
+        keys = [p for p in (tmp_path / "keys" / "twin").rglob("*") if p.is_file()]
+        # one key per new patient, every one on disk (mode 0600) before the events that
+        # are sealed with them leave the handler; one sync for the batch
+        assert len(keys) == 4 and {p.stat().st_mode & 0o777 for p in keys} == {0o600}
+        assert synced == [4]
+    finally:
+        reset_default_keyring()
