@@ -207,6 +207,13 @@ def mllp(
         float, typer.Option(help="close connections idle this many seconds")
     ] = 300.0,
     max_connections: Annotated[int, typer.Option(help="connections served at once")] = 1000,
+    batch_wait_ms: Annotated[
+        float,
+        typer.Option(
+            help="ms a message may wait to share a Kafka write when several connections "
+            "send at once (0: never); a lone sender is never held"
+        ),
+    ] = 5.0,
     metrics_port: Annotated[int, typer.Option(help="serve /metrics on this port (0: off)")] = 0,
 ) -> None:
     """The MLLP listener alone: ACK each HL7 v2 message once Kafka has it."""
@@ -220,7 +227,10 @@ def mllp(
     stop = threading.Event()
     install_stop_signals(stop)
     limits = Limits(
-        max_frame_bytes=max_frame, idle_timeout=idle_timeout, max_connections=max_connections
+        max_frame_bytes=max_frame,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
+        batch_wait=max(0.0, batch_wait_ms) / 1000,
     )
     server = MLLPServer(bootstrap, host=host, port=port, limits=limits)
 

@@ -9,9 +9,16 @@ Why it is built this way:
   written to ``twin.deadletter`` first and answered AE/AR only once that write is confirmed.
 * **The original bytes.** Kafka gets exactly the frame content; conversion happens later
   (normalize), so a mapping bug can always be fixed by replaying the topic.
-* **Pipelining.** Frames are parsed as they arrive and produced at once; each connection
-  keeps a FIFO of pending ACKs and writes every ACK whose head-of-line predecessors are
-  done, so ACKs leave in order even when a client sends many frames before reading.
+* **Pipelining.** Frames are parsed as they arrive; each connection keeps a FIFO of
+  pending ACKs and writes every ACK whose head-of-line predecessors are done, so ACKs
+  leave in order even when a client sends many frames before reading.
+* **Group commit when several clients send.** With one client sending (most interface
+  engines send one message and wait for its ACK) each message is written to Kafka at
+  once. When several connections sent in the last 50 ms, a message may wait up to
+  ``Limits.batch_wait`` (5 ms) for the others, and is written with them as soon as every
+  one of those connections has a message waiting: fewer, larger record batches cost the
+  broker less (the embedded one lists every stored batch on each fetch; bench/README.md),
+  for a few ms of ACK latency.
 * **asyncio + one poll thread.** confluent-kafka runs delivery callbacks in whichever
   thread calls ``poll()``. One daemon thread polls; callbacks only append to a deque and
   the thread wakes the event loop with *one* ``call_soon_threadsafe`` per batch of reports
@@ -92,6 +99,11 @@ _ERROR_NAMES = {
 }
 
 
+_MAX_HELD = 1000  # held writes (group commit) that are released at once, whatever the wait
+_SENDER_WINDOW = 0.05  # s: a connection that sent a message this recently is a sender
+_SENDERS_EVERY = 0.005  # s: how often the senders are counted
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What one client may cost the listener; every value is per server or per connection."""
@@ -102,6 +114,9 @@ class Limits:
     max_connections: int = 1000  # further connections are closed at once
     kafka_timeout: float = 10.0  # seconds for Kafka to confirm a write; then AE "resend"
     max_in_flight: int = 512  # un-ACKed messages per connection before we stop reading
+    # seconds a message may wait to share a Kafka write when several connections send
+    # (0: never; a lone sender is never held)
+    batch_wait: float = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +428,7 @@ class _Connection(asyncio.Protocol):
         self.discard_head = b""
         self.pending: collections.deque[_Pending] = collections.deque()
         self.last_rx = time.monotonic()
+        self.last_msg = 0.0  # when the last message arrived (time.monotonic)
         self.reading_paused = False
         self.writing_paused = False
         self.closed = False
@@ -602,7 +618,13 @@ class _Connection(asyncio.Protocol):
         )
         self.pending.append(entry)
         keys = server.keys  # sealed with today's epoch key, keyed by a blind index (crypto.py)
-        server.produce(_HL7_TOPIC, keys.seal_raw(frame), _blind(keys, head.key), headers, entry)
+        value, key = keys.seal_raw(frame), _blind(keys, head.key)
+        now = time.monotonic()
+        self.last_msg = now
+        if server.holding or server.senders(now) > 1:
+            server.hold(_HL7_TOPIC, value, key, headers, entry)
+        else:
+            server.produce(_HL7_TOPIC, value, key, headers, entry)
 
     def _reject(self, frame: bytes, exc: hl7v2.HL7ParseError, received: bytes) -> None:
         """AR (not HL7 / no MSH) or AE (an HL7 message we cannot read), after dead-lettering."""
@@ -774,6 +796,11 @@ class MLLPServer:
         self._server: asyncio.Server | None = None
         self._producer: Producer | None = None
         self._reports: collections.deque[_Pending] = collections.deque()
+        self._held: list[tuple[str, bytes, bytes | None, list[Any], _Pending]] = []
+        self._held_from: set[_Connection] = set()
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._senders = 0  # connections that sent a message in the last _SENDER_WINDOW
+        self._senders_at = -1.0
         self._wake_scheduled = False
         self._poll_stop = threading.Event()
         self._poll_thread: threading.Thread | None = None
@@ -815,6 +842,7 @@ class MLLPServer:
             return
         self.closing = True
         self._server.close()
+        self.release()
         for conn in list(self.conns):
             conn._pause()
             if not conn.pending:
@@ -883,6 +911,54 @@ class MLLPServer:
             entry.final = True
             entry.failure = f"Kafka refused the write: {exc}"
             entry.conn.flush()
+
+    @property
+    def holding(self) -> bool:
+        """Messages wait for a shared Kafka write."""
+        return bool(self._held)
+
+    def senders(self, now: float) -> int:
+        """Connections that sent a message in the last 50 ms (counted every 5 ms at most)."""
+        if now - self._senders_at > _SENDERS_EVERY:
+            self._senders_at = now
+            since = now - _SENDER_WINDOW
+            self._senders = sum(1 for c in self.conns if c.last_msg >= since)
+        return self._senders
+
+    def hold(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: list[tuple[str, str | bytes | None]],
+        entry: _Pending,
+    ) -> None:
+        """Keep a write back for at most ``Limits.batch_wait`` (group commit), then
+        ``release`` it with every write held meanwhile, in the order received."""
+        held = self._held
+        held.append((topic, value, key, headers, entry))
+        self._held_from.add(entry.conn)
+        wait = self.limits.batch_wait
+        if (
+            wait <= 0
+            or len(self._held_from) >= self._senders  # every recent sender has one waiting
+            or len(held) >= _MAX_HELD
+            or self._loop is None
+            or self.closing
+        ):
+            self.release()
+        elif self._held_timer is None:
+            self._held_timer = self._loop.call_later(wait, self.release)
+
+    def release(self) -> None:
+        """Hand every held write to librdkafka at once (one record batch per partition)."""
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, []
+        self._held_from.clear()
+        for topic, value, key, headers, entry in held:
+            self.produce(topic, value, key, headers, entry)
 
     def _poll_loop(self) -> None:
         """Serve delivery reports; wake the loop once per batch of them."""

@@ -316,6 +316,44 @@ def test_twenty_concurrent_connections(kafka: str, serve: Started) -> None:
         assert len({r.partition for r in records if r.key == blind(f"M{n}")}) == 1
 
 
+def test_a_lone_sender_is_never_held_for_a_shared_write(kafka: str, serve: Started) -> None:
+    # A hold far longer than the client's timeout: were a lone sender's message held for
+    # others to share its Kafka write, the client would time out instead of getting AAs.
+    port = serve(kafka, mllp.Limits(batch_wait=60.0))
+    messages = [_adt(f"L{i:02d}") for i in range(20)]
+    acks = mllp.send(HOST, port, messages, window=1, timeout=10)
+    assert [_msa2(a) for a in acks] == [f"L{i:02d}" for i in range(20)]
+    assert {mllp.ack_code(a) for a in acks} == {"AA"}
+
+
+def test_senders_that_share_writes_keep_each_connections_order(kafka: str, serve: Started) -> None:
+    port = serve(kafka, mllp.Limits(batch_wait=0.05))
+    errors: list[BaseException] = []
+    codes: dict[int, list[str]] = {}
+
+    def client(n: int) -> None:
+        try:
+            msgs = [_adt(f"S{n}-{i:02d}", mrn=f"SH{n}") for i in range(40)]
+            codes[n] = [mllp.ack_code(a) for a in mllp.send(HOST, port, msgs, window=8)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert codes == {n: ["AA"] * 40 for n in range(4)}
+    records = list(read_topic(kafka, bus.RAW_TOPICS["hl7v2"]))
+    assert len(records) == 160
+    for n in range(4):  # one patient per connection: one partition, in the order sent
+        mine = [r for r in records if r.key == blind(f"SH{n}")]
+        assert len({r.partition for r in mine}) == 1
+        got = [hl7v2.parse(r.value).control_id for r in sorted(mine, key=lambda r: r.offset)]
+        assert got == [f"S{n}-{i:02d}" for i in range(40)]
+
+
 def test_connection_limit(kafka: str, serve: Started) -> None:
     port = serve(kafka, mllp.Limits(max_connections=2))
     a = socket.create_connection((HOST, port), 10)
