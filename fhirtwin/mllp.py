@@ -16,7 +16,9 @@ Why it is built this way:
   engines send one message and wait for its ACK) each message is written to Kafka at
   once. When several connections sent in the last 50 ms, a message may wait up to
   ``Limits.batch_wait`` (5 ms) for the others, and is written with them as soon as every
-  one of those connections has a message waiting: fewer, larger record batches cost the
+  one of those connections waits for an ACK of a held message with nothing else
+  un-ACKed (it can send no more; a client that pipelines may, so it is not waited for
+  beyond ``batch_wait``): fewer, larger record batches cost the
   broker less (the embedded one lists every stored batch on each fetch; bench/README.md),
   for a few ms of ACK latency.
 * **asyncio + one poll thread.** confluent-kafka runs delivery callbacks in whichever
@@ -797,7 +799,7 @@ class MLLPServer:
         self._producer: Producer | None = None
         self._reports: collections.deque[_Pending] = collections.deque()
         self._held: list[tuple[str, bytes, bytes | None, list[Any], _Pending]] = []
-        self._held_from: set[_Connection] = set()
+        self._held_from: set[_Connection] = set()  # held, and sending nothing until ACKed
         self._held_timer: asyncio.TimerHandle | None = None
         self._senders = 0  # connections that sent a message in the last _SENDER_WINDOW
         self._senders_at = -1.0
@@ -937,11 +939,12 @@ class MLLPServer:
         ``release`` it with every write held meanwhile, in the order received."""
         held = self._held
         held.append((topic, value, key, headers, entry))
-        self._held_from.add(entry.conn)
+        if len(entry.conn.pending) == 1:  # its sender waits for this ACK: it sends no more
+            self._held_from.add(entry.conn)
         wait = self.limits.batch_wait
         if (
             wait <= 0
-            or len(self._held_from) >= self._senders  # every recent sender has one waiting
+            or len(self._held_from) >= self._senders  # every recent sender waits for us
             or len(held) >= _MAX_HELD
             or self._loop is None
             or self.closing
