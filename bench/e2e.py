@@ -2,7 +2,7 @@
 
 Usage (from the project root):
     .venv/bin/python bench/e2e.py [--duration 60] [--latency-duration 40] [--rate R]
-        [--normalize-workers 1[,2]] [--validate | --no-validate] [--connections 4]
+        [--normalize-workers 1[,2]] [--partitions N] [--validate | --no-validate] [--connections 4]
         [--window 16] [--in-flight 3000] [--patients 2000] [--json OUT] [--profile N]
 
 The pipeline runs as `fhirtwin up` runs it: ``fhirtwin.up.Supervisor`` starts embedded Tansu
@@ -534,6 +534,7 @@ def run_pipeline(
             http_port=free_port(),
             normalize_workers=workers,
             validate=validate,
+            **({"partitions": args.partitions} if args.partitions else {}),
         )
     )
     sampler: Sampler | None = None
@@ -1173,6 +1174,12 @@ def main(argv: list[str] | None = None) -> int:
         "--normalize-workers",
         default="1",
         help="normalize processes; a comma list runs each (default 1)",
+    )
+    ap.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        help="partitions of each topic `fhirtwin up` creates (default: up's own default)",
     )
     ap.add_argument(
         "--validate",
