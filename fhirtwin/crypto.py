@@ -116,7 +116,9 @@ class FileKeyStore:
     slow disk; a first import makes one key per patient. Until it is synced a key file
     has mode 0400 instead of 0600; a process that reads such a file (another worker met
     the same new patient) syncs it before using it, since a crash must never keep data
-    whose key it lost."""
+    whose key it lost. An unsynced file that does not hold a whole wrapped key was cut
+    short by a crash before its sync, so nothing sealed with it was written: it is
+    removed and the key made again."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -165,6 +167,11 @@ class FileKeyStore:
         except FileNotFoundError:
             return None
         if not synced:
+            if not _whole_key(blob):
+                # Linked in a deferred block and cut short by a crash before its sync: nothing
+                # sealed with it was written (that waits for the sync), so it is not a key.
+                path.unlink(missing_ok=True)
+                return None
             self._unsynced(path)
         return blob
 
@@ -228,6 +235,11 @@ class FileKeyStore:
 # file that lost it is only synced again by its next reader).
 _SYNCED = 0o200
 _libc: Any = None
+
+
+def _whole_key(blob: bytes) -> bool:
+    """A wrapped key as ``KeyRing`` makes them: "W1", KEK fingerprint, nonce, 32 + 16 bytes."""
+    return len(blob) == 2 + 4 + 12 + 32 + 16 and blob[:2] == _WRAPPED
 
 
 def _syncfs(fd: int) -> bool:

@@ -152,6 +152,27 @@ def test_deferred_keys_are_synced_file_by_file_where_syncfs_is_missing(
     assert {_mode(f) for f in _key_files(tmp_path)} == {0o600}
 
 
+def test_a_key_file_cut_short_by_a_crash_before_its_sync_is_replaced(tmp_path: Path) -> None:
+    kek = secrets.token_bytes(32)
+    ring = _ring(tmp_path, kek)
+    with ring.deferred():
+        ring.seal("t1", b"data", b"aad")
+    (key,) = _key_files(tmp_path)
+    # what a crash between the link and the sync can leave: the name, not the bytes
+    key.chmod(0o600)
+    key.write_bytes(b"")
+    key.chmod(0o400)
+    fresh = _ring(tmp_path, kek)  # the restarted worker
+    blob = fresh.seal("t1", b"after", b"aad")
+    assert fresh.open("t1", blob, b"aad") == b"after"
+    assert len(key.read_bytes()) == 66 and _mode(key) == 0o600
+    # a synced key that does not unwrap is never thrown away: data may depend on it
+    key.write_bytes(b"")
+    with pytest.raises(CryptoError):
+        _ring(tmp_path, kek).open("t1", blob, b"aad")
+    assert key.exists()
+
+
 def test_other_threads_keep_synced_keys_while_one_defers(tmp_path: Path) -> None:
     ring = _ring(tmp_path)
     with ring.deferred():
