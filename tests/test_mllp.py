@@ -290,25 +290,33 @@ def test_idle_connection_is_closed(kafka: str, serve: Started) -> None:
         assert _recv_until_closed(sock) == b""
 
 
-def test_twenty_concurrent_connections(kafka: str, serve: Started) -> None:
-    port = serve(kafka)
+def _concurrent_clients(
+    port: int, batches: dict[int, list[bytes]], window: int
+) -> dict[int, list[str]]:
+    """Each batch sent over a connection of its own, all at once: the ACK codes per batch."""
     results: dict[int, list[str]] = {}
     errors: list[BaseException] = []
 
     def client(n: int) -> None:
         try:
-            msgs = [_adt(f"C{n}-{i}", mrn=f"M{n}") for i in range(10)]
-            results[n] = [mllp.ack_code(a) for a in mllp.send(HOST, port, msgs, window=3)]
+            acks = mllp.send(HOST, port, batches[n], window=window)
+            results[n] = [mllp.ack_code(a) for a in acks]
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in batches]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors
-    assert results == {n: ["AA"] * 10 for n in range(20)}
+    return results
+
+
+def test_twenty_concurrent_connections(kafka: str, serve: Started) -> None:
+    port = serve(kafka)
+    batches = {n: [_adt(f"C{n}-{i}", mrn=f"M{n}") for i in range(10)] for n in range(20)}
+    assert _concurrent_clients(port, batches, window=3) == {n: ["AA"] * 10 for n in range(20)}
     records = list(read_topic(kafka, bus.RAW_TOPICS["hl7v2"]))
     assert len(records) == 200
     # One patient, one partition: all of a connection's messages share a key here.
@@ -328,23 +336,8 @@ def test_a_lone_sender_is_never_held_for_a_shared_write(kafka: str, serve: Start
 
 def test_senders_that_share_writes_keep_each_connections_order(kafka: str, serve: Started) -> None:
     port = serve(kafka, mllp.Limits(batch_wait=0.05))
-    errors: list[BaseException] = []
-    codes: dict[int, list[str]] = {}
-
-    def client(n: int) -> None:
-        try:
-            msgs = [_adt(f"S{n}-{i:02d}", mrn=f"SH{n}") for i in range(40)]
-            codes[n] = [mllp.ack_code(a) for a in mllp.send(HOST, port, msgs, window=8)]
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
-    assert codes == {n: ["AA"] * 40 for n in range(4)}
+    batches = {n: [_adt(f"S{n}-{i:02d}", mrn=f"SH{n}") for i in range(40)] for n in range(4)}
+    assert _concurrent_clients(port, batches, window=8) == {n: ["AA"] * 40 for n in range(4)}
     records = list(read_topic(kafka, bus.RAW_TOPICS["hl7v2"]))
     assert len(records) == 160
     for n in range(4):  # one patient per connection: one partition, in the order sent
