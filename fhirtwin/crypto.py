@@ -191,13 +191,13 @@ class FileKeyStore:
     def replace(self, name: str, blob: bytes) -> None:
         path = self._path(name)
         os.replace(_synced_temp(path, blob), path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
 
     def destroy(self, name: str) -> bool:
         tomb = self._tomb(name)
         tomb.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tomb.touch(mode=0o600)
-        _fsync_dir(tomb.parent)  # the tombstone outlives a crash before the key goes
+        _fsync(tomb.parent)  # the tombstone outlives a crash before the key goes
         path = self._path(name)
         try:
             size = path.stat().st_size
@@ -209,7 +209,7 @@ class FileKeyStore:
             f.flush()
             os.fsync(f.fileno())
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
         return True
 
     def erased(self, name: str) -> bool:
@@ -269,13 +269,9 @@ def _make_durable(root: Path, paths: set[Path]) -> None:
     if not done:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):  # destroyed meanwhile
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync(path)
         for parent in {p.parent for p in paths}:
-            _fsync_dir(parent)
+            _fsync(parent)
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.chmod(path, 0o600)
@@ -308,14 +304,15 @@ def _create_once(path: Path, blob: bytes, *, sync: bool = True) -> bool:
         return False
     else:
         if sync:
-            _fsync_dir(path.parent)  # the new name must survive a crash as well as the bytes
+            _fsync(path.parent)  # the new name must survive a crash as well as the bytes
         return True
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a new, renamed or removed file) durable."""
+def _fsync(path: Path) -> None:
+    """Make a file's bytes, or a directory's entries (a new, renamed or removed file),
+    durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
