@@ -101,6 +101,8 @@ _ERROR_NAMES = {
 }
 
 
+# A Kafka write as MLLPServer.produce takes it: topic, value, key, headers, pending ACK.
+_Write = tuple[str, bytes, "bytes | None", "list[tuple[str, str | bytes | None]]", "_Pending"]
 _MAX_HELD = 1000  # held writes (group commit) that are released at once, whatever the wait
 _SENDER_WINDOW = 0.05  # s: a connection that sent a message this recently is a sender
 _SENDERS_EVERY = 0.005  # s: how often the senders are counted
@@ -624,7 +626,7 @@ class _Connection(asyncio.Protocol):
         now = time.monotonic()
         self.last_msg = now
         if server.holding or server.senders(now) > 1:
-            server.hold(_HL7_TOPIC, value, key, headers, entry)
+            server.hold((_HL7_TOPIC, value, key, headers, entry))
         else:
             server.produce(_HL7_TOPIC, value, key, headers, entry)
 
@@ -798,7 +800,7 @@ class MLLPServer:
         self._server: asyncio.Server | None = None
         self._producer: Producer | None = None
         self._reports: collections.deque[_Pending] = collections.deque()
-        self._held: list[tuple[str, bytes, bytes | None, list[Any], _Pending]] = []
+        self._held: list[_Write] = []
         self._held_from: set[_Connection] = set()  # held, and sending nothing until ACKed
         self._held_timer: asyncio.TimerHandle | None = None
         self._senders = 0  # connections that sent a message in the last _SENDER_WINDOW
@@ -927,18 +929,12 @@ class MLLPServer:
             self._senders = sum(1 for c in self.conns if c.last_msg >= since)
         return self._senders
 
-    def hold(
-        self,
-        topic: str,
-        value: bytes,
-        key: bytes | None,
-        headers: list[tuple[str, str | bytes | None]],
-        entry: _Pending,
-    ) -> None:
-        """Keep a write back for at most ``Limits.batch_wait`` (group commit), then
-        ``release`` it with every write held meanwhile, in the order received."""
+    def hold(self, write: _Write) -> None:
+        """Keep a write (``produce``'s arguments) back for at most ``Limits.batch_wait``
+        (group commit), then ``release`` it with every write held meanwhile, in order."""
         held = self._held
-        held.append((topic, value, key, headers, entry))
+        held.append(write)
+        entry = write[-1]
         if len(entry.conn.pending) == 1:  # its sender waits for this ACK: it sends no more
             self._held_from.add(entry.conn)
         wait = self.limits.batch_wait
@@ -960,8 +956,8 @@ class MLLPServer:
             self._held_timer = None
         held, self._held = self._held, []
         self._held_from.clear()
-        for topic, value, key, headers, entry in held:
-            self.produce(topic, value, key, headers, entry)
+        for write in held:
+            self.produce(*write)
 
     def _poll_loop(self) -> None:
         """Serve delivery reports; wake the loop once per batch of them."""
