@@ -37,10 +37,12 @@ field or twin does not open. Lookup keys hold no identifier in clear: ``ft:id:<b
 Global keys: ``ft:twins`` (set of live twin ids), ``ft:id:<blind(system|value)>`` and
 ``ft:idv:<blind(value)>`` (identifier → twin id), which the MPI owns, and
 ``ft:ref:<Type/id>`` (set of the twins that have held that
-resource; the FHIR API's read by id). The reference index is written after each apply (an
-idempotent ``SADD``); it may name a twin since merged away (readers follow ``merged_into``)
-or several twins (a Practitioner in two patients' messages): readers check each twin's
-``cur`` hash, which stays the truth.
+resource; the FHIR API's read by id). On a single server the apply script writes the
+reference index and the list of twins in the same atomic step as the twin, for the refs
+it changed and the twin it created; on a Redis Cluster the client sends them after each
+apply (an idempotent ``SADD`` per resource). The index may name a twin since merged away
+(readers follow ``merged_into``) or several twins (a Practitioner in two patients'
+messages): readers check each twin's ``cur`` hash, which stays the truth.
 
 **Idempotence.** A version is identified by its content hash (``content_view``: without
 ``meta.source`` and the lineage extension, so a Practitioner or Location that every message
@@ -306,7 +308,9 @@ def deletion_hash(event_ms: int) -> str:
 # KEYS[1] = "ft:{T}" (all other keys of the twin derive from it: one hash tag, one slot).
 # ARGV: knowms, evt15, src, offset field, offset, n, then 5 per resource:
 #       ref, hash, json, clinical ms ("" if none), state op ("" if none);
-#       then m, then 3 per deletion: ref, deletion hash, sealed marker
+#       then m, then 3 per deletion: ref, deletion hash, sealed marker; then the mode and
+#       the index mode. On a single server it also writes ``ft:twins`` and ``ft:ref:*``,
+#       keys it does not declare (as ``_INDEX`` does); on a cluster the client does.
 _APPLY = r"""
 local base = KEYS[1]
 if redis.call('EXISTS', base .. ':erased') == 1 then return {'erased'} end
@@ -322,6 +326,9 @@ local m = tonumber(ARGV[d0] or '0') or 0
 -- event again with every body). In mode '1' a 'need' leaves the :need marker, so the
 -- batch's later events of this twin also wait, to be applied in order after it.
 local mode = ARGV[d0 + 1 + m * 3] or '0'
+-- Index mode (the argument after it): 't' a twin, 's' the shared twin (no patient), ''
+-- none (a Redis Cluster, where the client writes the index, or an unmerge's staging keys).
+local index = ARGV[d0 + 2 + m * 3] or ''
 if mode ~= '0' then
   if mode == '1' and redis.call('EXISTS', base .. ':need') == 1 then return {'need'} end
   for i = 0, n - 1 do
@@ -429,7 +436,7 @@ for i = 0, m - 1 do
   end
 end
 local meta = base .. ':meta'
-redis.call('HSETNX', meta, 'created', know)
+local created = redis.call('HSETNX', meta, 'created', know)
 redis.call('HSET', meta, 'updated', know)
 if ARGV[4] ~= '' then
   local prev = tonumber(redis.call('HGET', meta, ARGV[4]) or '-1')
@@ -442,6 +449,14 @@ if #changed > 0 then
     redis.call('HSET', meta, 'gen', t[1] .. string.format('%06d', tonumber(t[2])))
   end
   redis.call('HINCRBY', meta, 'gen', 1)
+end
+-- The reference index and the list of twins, in the same atomic step as the twin (so a
+-- crash between the two cannot leave a resource the index misses): a ref enters the twin
+-- only by changing it, and the twin enters Redis only by being created here.
+if index ~= '' then
+  local twin = string.sub(base, 5, -2)
+  if index == 't' and created == 1 then redis.call('SADD', 'ft:twins', twin) end
+  for _, ref in ipairs(changed) do redis.call('SADD', 'ft:ref:' .. ref, twin) end
 end
 return changed
 """
@@ -606,6 +621,10 @@ class TwinStore:
         self._apply = client.register_script(_APPLY)
         self._index_script = client.register_script(_INDEX)
         self._swap = client.register_script(_SWAP)
+        # On a single server the apply script writes the reference index and the list of
+        # twins itself; a cluster refuses undeclared keys in a script, so there the client
+        # sends them after each apply (``_index``).
+        self._cluster = is_cluster(client)
         # hash("twin|Type/id|hash") of versions this store saw a twin hold (in its :vers): an
         # event that asserts one again sends no body. A collision costs nothing but a round
         # trip: the apply script checks that each body left out is held before writing.
@@ -666,10 +685,12 @@ class TwinStore:
         deleted: Sequence[str] = (),
         mode: str = _FULL,
         names: list[int] | None = None,
+        index: str = "",
     ) -> list[Any]:
         """The apply script's arguments. ``mode`` ``_FULL`` seals and sends every body;
         ``_LAZY_ORDERED`` and ``_LAZY_ONE`` leave out those the twin was seen to hold.
-        ``names`` gets the hashed name of each version, for ``_saw_held`` once applied."""
+        ``names`` gets the hashed name of each version, for ``_saw_held`` once applied.
+        ``index`` (``_index_mode``) lets the script write the reference index too."""
         partition_field = offset = ""
         if src.count("/") >= 2:
             topic, part, off = src.rsplit("/", 2)
@@ -693,8 +714,12 @@ class TwinStore:
         for ref in deleted:
             marker = orjson.dumps({"deleted": ref})
             args += [ref, digest, seal(twin, marker, f"{twin}|{ref}|{digest}".encode())]
-        args.append(mode)
+        args += (mode, index)
         return args
+
+    def _index_mode(self, shared: bool) -> str:
+        """The apply script's index argument: '' on a cluster (``_index`` writes it)."""
+        return "" if self._cluster else "s" if shared else "t"
 
     def _saw_held(self, names: list[int]) -> None:
         """After an apply: the twin holds every version the event asserted (``names`` from
@@ -726,10 +751,13 @@ class TwinStore:
         prepared = self._prepare(resources)
         via = ""  # the twin whose forward pointer led here, if any
         mode = _LAZY_ONE
+        index = self._index_mode(shared)
         for _ in range(16):
             names: list[int] = []
             try:
-                args = self._args(twin, prepared, event_ms, known_ms, src, deleted, mode, names)
+                args = self._args(
+                    twin, prepared, event_ms, known_ms, src, deleted, mode, names, index
+                )
             except ErasedError:
                 return AppliedEvent(twin, [], erased=True)
             out = self._apply(keys=[self.base(twin)], args=args)
@@ -761,12 +789,14 @@ class TwinStore:
         identifiers: Iterable[str],
         shared: bool,
     ) -> None:
-        """What an applied event adds outside the twin's own keys: the list of twins, who
-        holds each resource, and the identifiers that find the twin."""
-        if not shared:
-            ops.sadd("ft:twins", twin)
-        for res in resources:
-            ops.sadd(f"ft:ref:{res['resourceType']}/{res['id']}", twin)
+        """What an applied event adds outside the twin's own keys: the identifiers that
+        find the twin; on a cluster also the list of twins and who holds each resource
+        (elsewhere the apply script wrote those)."""
+        if self._cluster:
+            if not shared:
+                ops.sadd("ft:twins", twin)
+            for res in resources:
+                ops.sadd(f"ft:ref:{res['resourceType']}/{res['id']}", twin)
         if ids := list(identifiers):
             self._link_ids(ops, twin, ids)
 
@@ -775,7 +805,7 @@ class TwinStore:
         on a Redis Cluster (the keys lie in many slots)."""
         if not len(ops):
             return
-        if is_cluster(self.r):
+        if self._cluster:
             pipe = self.r.pipeline(transaction=False)
             ops.into(pipe)
             pipe.execute()
@@ -794,7 +824,7 @@ class TwinStore:
         of that twin get the same answer, so they are redone after it, in order. A Redis
         Cluster refuses scripts in pipelines: there each event is applied alone.
         """
-        if is_cluster(self.r):
+        if self._cluster:
             out = []
             for w in writes:
                 got = self._apply_write(w)
@@ -816,6 +846,7 @@ class TwinStore:
                     w.deleted,
                     _LAZY_ORDERED,
                     names,
+                    self._index_mode(w.shared),
                 )
             except ErasedError:
                 results[i] = AppliedEvent(w.twin, [], erased=True)

@@ -423,6 +423,46 @@ def test_apply_many_is_apply_one_after_another(
     assert store.resolve("M2b") == T1
 
 
+def _held_refs(store: TwinStore) -> dict[str, list[bytes]]:
+    """``ft:ref:<ref>`` as the twins' own keys say it should be: every twin that holds, or
+    once held, each resource (its ``ver`` hash, deletions left out)."""
+    out: dict[str, list[bytes]] = {}
+    for t in store.twins():
+        for ref, order in store.r.hgetall(f"{store.base(t)}:ver").items():
+            if not order[15:47].startswith(twin_module.DELETED_MARK.encode()):
+                out.setdefault(f"ft:ref:{ref.decode()}", []).append(t.encode())
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_the_index_is_written_in_the_same_step_as_the_twin(store: TwinStore) -> None:
+    """On a single server the apply script writes the list of twins and who holds each
+    resource itself: an assembler killed right after the script ran (before anything else
+    it sends) leaves them complete, and a redelivery that changes nothing adds nothing.
+    After a merge and a deletion, the index still names exactly the holders."""
+    first = _writes()[:3]
+    for w in first:  # the script alone, as a kill -9 after it would leave Redis
+        prepared = store._prepare(w.resources)
+        index = store._index_mode(w.shared)
+        args = store._args(w.twin, prepared, w.event_ms, w.known_ms, w.src, index=index)
+        store._apply(keys=[store.base(w.twin)], args=args)
+    index = _index_keys(store)
+    assert index["ft:twins"] == sorted([T1.encode(), T2.encode()])
+    assert {k: v for k, v in index.items() if k.startswith("ft:ref:")} == _held_refs(store)
+    assert index["ft:ref:Observation/g1"] == [T1.encode()]
+    store.r.delete("ft:twins", *store.r.keys("ft:ref:*"))
+    store.apply_many(first)  # redelivered: nothing changes, so nothing is indexed again
+    assert not store.r.exists("ft:twins") and not store.r.keys("ft:ref:*")
+    store.flush()
+    store.apply_many(_writes()[:6])
+    store.merge(T2, T1, known_ms=50, reason={"rule": "merge"})
+    store.apply_many(_writes()[6:])
+    index = _index_keys(store)
+    assert index["ft:twins"] == [T1.encode()]
+    # a twin merged away may stay named (readers follow merged_into); the survivor is there
+    for key, holders in _held_refs(store).items():
+        assert set(holders) <= set(index[key]), key
+
+
 def test_apply_many_survives_redis_forgetting_the_script(store: TwinStore) -> None:
     """After a Redis restart the script cache is empty (NOSCRIPT): the batch still applies."""
     store.r.script_flush()
