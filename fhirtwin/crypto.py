@@ -71,6 +71,7 @@ SEALED = 0x01  # version byte of a sealed value: 0x01 | nonce (12) | ciphertext 
 RAW_MAGIC = b"\x01FTR"
 RAW_AAD = b"fhirtwin raw record"
 _WRAPPED = b"W1"  # wrapped key: "W1" | KEK fingerprint (4) | nonce (12) | ciphertext + tag
+_WRAPPED_LEN = len(_WRAPPED) + 4 + 12 + 32 + 16  # of a 32-byte data key (GCM tag 16)
 _INDEX_KEY = "index"  # the blind-index key's name in the key store
 
 
@@ -239,7 +240,7 @@ _libc: Any = None
 
 def _whole_key(blob: bytes) -> bool:
     """A wrapped key as ``KeyRing`` makes them: "W1", KEK fingerprint, nonce, 32 + 16 bytes."""
-    return len(blob) == 2 + 4 + 12 + 32 + 16 and blob[:2] == _WRAPPED
+    return len(blob) == _WRAPPED_LEN and blob[:2] == _WRAPPED
 
 
 def _syncfs(fd: int) -> bool:
