@@ -1110,9 +1110,9 @@ def print_report(
                 print(
                     f"  validation {label:>3}: normalize {s['normalize_us_per_msg']:,.0f} µs/msg "
                     f"(≤ {s['normalize_msgs_per_s_one_core']:,.0f} msg/s per worker; CPU "
-                    f"{s.get('normalize_cpu_us_per_msg', 0):,.0f}), assemble "
+                    f"{s['normalize_cpu_us_per_msg']:,.0f}), assemble "
                     f"{s['assemble_us_per_msg']:,.0f} µs/msg (CPU "
-                    f"{s.get('assemble_cpu_us_per_msg', 0):,.0f}); a new patient's first "
+                    f"{s['assemble_cpu_us_per_msg']:,.0f}); a new patient's first "
                     f"message {s['new_patient_normalize_us_per_msg']:,.0f} + "
                     f"{s['new_patient_assemble_us_per_msg']:,.0f} µs; Redis "
                     f"{s['redis_server_us_per_msg']:,.0f} µs, {s['redis_memory_kib_per_msg']:,.1f} "
