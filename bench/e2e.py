@@ -2,7 +2,8 @@
 
 Usage (from the project root):
     .venv/bin/python bench/e2e.py [--duration 60] [--latency-duration 40] [--rate R]
-        [--normalize-workers 1[,2]] [--partitions N] [--validate | --no-validate] [--connections 4]
+        [--normalize-workers 1[,2]] [--partitions N] [--batch-wait-ms MS]
+        [--validate | --no-validate] [--connections 4]
         [--window 16] [--in-flight 3000] [--patients 2000] [--json OUT] [--profile N]
 
 The pipeline runs as `fhirtwin up` runs it: ``fhirtwin.up.Supervisor`` starts embedded Tansu
@@ -535,6 +536,7 @@ def run_pipeline(
             normalize_workers=workers,
             validate=validate,
             **({"partitions": args.partitions} if args.partitions else {}),
+            batch_wait_ms=args.batch_wait_ms,
         )
     )
     sampler: Sampler | None = None
@@ -1194,6 +1196,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="partitions of each topic `fhirtwin up` creates (default: up's own default)",
+    )
+    ap.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="the MLLP listener's group-commit wait, `fhirtwin up --batch-wait-ms` "
+        "(default: the listener's own)",
     )
     ap.add_argument(
         "--validate",

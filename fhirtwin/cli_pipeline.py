@@ -141,6 +141,10 @@ def up(
     mappings: Annotated[
         Path | None, typer.Option(help="mappings folder (default: the shipped one)")
     ] = None,
+    batch_wait_ms: Annotated[
+        float | None,
+        typer.Option(help="the MLLP listener's --batch-wait-ms (default: the listener's, 5)"),
+    ] = None,
 ) -> None:
     """Start everything on this machine: Kafka, Redis, MLLP listener, workers, health/metrics."""
     from fhirtwin.up import Supervisor, UpConfig
@@ -161,6 +165,7 @@ def up(
             normalize_workers=normalize_workers,
             validate=validate,
             mappings=str(mappings) if mappings else None,
+            batch_wait_ms=batch_wait_ms,
         )
     )
     import signal

@@ -52,6 +52,7 @@ class UpConfig:
     normalize_workers: int = 1
     validate: bool = True
     mappings: str | None = None
+    batch_wait_ms: float | None = None  # the MLLP listener's group commit (None: its default)
 
 
 @dataclass
@@ -125,10 +126,23 @@ class Supervisor:
         py = [sys.executable, "-m", "fhirtwin.cli"]
         validate = [] if self.cfg.validate else ["--no-validate"]
         mappings = ["--mappings", self.cfg.mappings] if self.cfg.mappings else []
+        wait = (
+            []
+            if self.cfg.batch_wait_ms is None
+            else ["--batch-wait-ms", str(self.cfg.batch_wait_ms)]
+        )
         kids = [
             Child(
                 "mllp",
-                [*py, "mllp", "--host", self.cfg.mllp_host, "--port", str(self.cfg.mllp_port)],
+                [
+                    *py,
+                    "mllp",
+                    "--host",
+                    self.cfg.mllp_host,
+                    "--port",
+                    str(self.cfg.mllp_port),
+                    *wait,
+                ],
             ),
             Child("assemble", [*py, "worker", "assemble"]),
             Child("snapshot", [*py, "worker", "snapshot"]),

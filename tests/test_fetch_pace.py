@@ -108,3 +108,22 @@ def test_a_paced_consumer_fetches_less_and_still_gets_everything() -> None:
     # five times a second
     assert paced * 3 < eager, (paced, eager)
     assert paced <= 4.0 * 1000 / 200 * 2, paced
+
+
+def test_up_passes_the_batch_wait_to_its_mllp_listener() -> None:
+    """`fhirtwin up --batch-wait-ms` reaches the listener's own option (which parses it);
+    without it the listener keeps its default."""
+    import typer.main
+
+    from fhirtwin.cli import app
+
+    def mllp_args(cfg: UpConfig) -> list[str]:
+        (child,) = [c for c in Supervisor(cfg).plan() if c.name == "mllp"]
+        return child.argv[child.argv.index("mllp") + 1 :]
+
+    assert "--batch-wait-ms" not in mllp_args(UpConfig())
+    args = mllp_args(UpConfig(batch_wait_ms=15))
+    assert args[args.index("--batch-wait-ms") + 1] == "15"
+    command = typer.main.get_command(app).commands["mllp"]  # type: ignore[attr-defined]
+    ctx = command.make_context("mllp", list(args))
+    assert ctx.params["batch_wait_ms"] == 15.0
