@@ -134,7 +134,9 @@ _V2_TEXT_OBX = re.compile(rb"(?:^|[\r\n])OBX\|[^|\r\n]*\|(?:TX|FT)\|")
 def _carries_text(kind: str, value: bytes) -> bool:
     """Raw records the notes reader takes whole: HL7 v2 with TX/FT OBX text, C-CDA."""
     if kind == "hl7v2":
-        return bool(_V2_TEXT_OBX.search(value))
+        # the plain search first: ten times cheaper than the pattern's, which tries every
+        # position of the message (most messages carry no text: ~1 µs instead of ~10)
+        return (b"|TX|" in value or b"|FT|" in value) and bool(_V2_TEXT_OBX.search(value))
     return kind == "ccda"
 
 

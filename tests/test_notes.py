@@ -410,3 +410,20 @@ def test_pain_scores_are_surveys_not_vital_signs() -> None:
         if r["resourceType"] == "Observation"
     }
     assert cats == {"72514-3": "survey", "85354-9": "vital-signs"}
+
+
+@pytest.mark.parametrize(
+    ("message", "carries"),
+    [
+        (b"MSH|^~\\&|A|B\rOBX|1|TX|11492-6^Hx^LN||Denies fever.\r", True),
+        (b"MSH|^~\\&|A|B\nOBX|1|FT|11492-6^Hx^LN||Denies fever.\n", True),
+        (b"MSH|^~\\&|A|B\rOBX|1|NM|8310-5^Temp^LN||37.2\r", False),
+        # |TX| elsewhere than an OBX's value type is not text to read
+        (b"MSH|^~\\&|A|B\rPID|1||7^^^H||Doe^TX|\rOBX|1|NM|8310-5||37.2\r", False),
+        (b"MSH|^~\\&|A|B\rNTE|1||OBX|1|TX|\r", False),
+    ],
+)
+def test_which_hl7v2_messages_go_to_the_notes_reader(message: bytes, carries: bool) -> None:
+    from fhirtwin.normalize import _carries_text
+
+    assert _carries_text("hl7v2", message) is carries
