@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +34,79 @@ from fhirtwin.infra import (
 )
 from fhirtwin.redisconn import connect
 
-__all__ = ["Child", "Supervisor", "UpConfig"]
+__all__ = ["BrokerWatch", "Child", "Supervisor", "UpConfig"]
 
 log = logging.getLogger("fhirtwin.up")
 
 # Workers' fetch pace against the embedded broker (bus.paced); $FHIRTWIN_FETCH_PACE_MS wins.
 EMBEDDED_FETCH_PACE_MS = 100
+
+
+# When to say that the embedded broker has outgrown its use (BrokerWatch): its CPU over the
+# last minute, or its memory. A fresh one serving ~1,400 msg/s uses ~0.2 cores.
+BROKER_WARN_CORES = 0.5
+BROKER_WARN_RSS = 2 * 2**30
+BROKER_WARN_EVERY = 1800.0  # s: how often a standing warning is printed again
+
+
+def proc_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, resident bytes) of a process, from /proc; None without one (not Linux,
+    or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the command: state is field 3, utime 14, stime 15, rss (pages) 24
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class BrokerWatch:
+    """The embedded broker's CPU and memory, sampled from /proc. It keeps every record, and
+    each fetch lists every batch its partition holds (bench/tansu.py), so it costs more the
+    longer a feed runs: when it passes ``cores`` (over ``window`` s) or ``rss`` bytes,
+    ``warning`` says so and what to do, and ``fhirtwin up`` prints it and shows it on
+    /health."""
+
+    pid: int
+    cores: float = BROKER_WARN_CORES
+    rss: int = BROKER_WARN_RSS
+    window: float = 60.0
+    warning: str = ""
+    samples: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def sample(self, now: float | None = None) -> str:
+        """Read the broker's usage; the warning that holds now ("" if none)."""
+        now = time.monotonic() if now is None else now
+        got = proc_usage(self.pid)
+        if got is None:
+            self.warning = ""
+            return ""
+        cpu, rss = got
+        samples = self.samples
+        samples.append((now, cpu))
+        while len(samples) > 2 and now - samples[1][0] >= self.window:
+            samples.popleft()
+        span = now - samples[0][0]
+        used = (cpu - samples[0][1]) / span if span >= self.window else 0.0
+        problems = []
+        if used > self.cores:
+            problems.append(f"used {used:.2f} cores over the last {span:.0f} s")
+        if rss > self.rss:
+            problems.append(f"holds {rss / 2**30:.1f} GiB in memory")
+        self.warning = (
+            (
+                f"the embedded Kafka (Tansu, in memory) {' and '.join(problems)}: it keeps "
+                "every record and each fetch lists every batch a partition holds, so it "
+                "costs more the longer a feed runs. For a lasting feed run Apache Kafka and "
+                "start with --kafka HOST:PORT (docs/operations.md)"
+            )
+            if problems
+            else ""
+        )
+        return self.warning
 
 
 @dataclass
@@ -86,6 +154,7 @@ class Supervisor:
     _http_server: Any = None
     authority: Any = None  # fhirtwin.auth.Authority
     dev_token: str = ""  # the embedded default's development client's bearer token
+    broker_watch: BrokerWatch | None = None  # the embedded broker's growth (not --kafka)
 
     # -- start -------------------------------------------------------------------------
 
@@ -95,6 +164,8 @@ class Supervisor:
         else:
             self.kafka = EmbeddedKafka().start()
             self.bootstrap = self.kafka.bootstrap
+            if self.kafka.proc is not None:
+                self.broker_watch = BrokerWatch(self.kafka.proc.pid)
         if self.cfg.redis:
             self.redis_url = self.cfg.redis
         else:
@@ -200,7 +271,10 @@ class Supervisor:
             parts["redis"] = "down"
         parts["kafka"] = "up" if bus.partitions_of(self.bootstrap, bus.RESOURCES) else "down"
         ok = all(v == "up" for v in parts.values())
-        return {"status": "ok" if ok else "degraded", "parts": parts}
+        out: dict[str, Any] = {"status": "ok" if ok else "degraded", "parts": parts}
+        if self.broker_watch is not None and self.broker_watch.warning:
+            out["warnings"] = [self.broker_watch.warning]  # still ok: it works, slower
+        return out
 
     def make_authority(self) -> Any:
         """SMART Backend Services (docs/auth.md); the embedded default (no --kafka/--redis)
@@ -238,7 +312,15 @@ class Supervisor:
     def supervise(self) -> None:
         """Restart children that die (with back-off) until asked to stop."""
         env = self.child_env()
+        watched, said = 0.0, -BROKER_WARN_EVERY
         while not self.stop_event.wait(0.5):
+            now = time.monotonic()
+            if self.broker_watch is not None and now - watched >= 5:
+                watched = now
+                if self.broker_watch.sample(now) and now - said >= BROKER_WARN_EVERY:
+                    said = now
+                    log.warning("%s", self.broker_watch.warning)
+                    print(f"fhirtwin up: warning: {self.broker_watch.warning}", file=sys.stderr)
             for child in self.children:
                 if child.alive or child.proc is None:
                     continue
