@@ -53,6 +53,9 @@ class Out:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
+# How long an idle worker's poll() waits before its loop turns again (stop, liveness).
+_IDLE_POLL_S = 0.25
+
 # Commit errors that mean "this member no longer owns these partitions".
 _REBALANCED = {
     KafkaError.UNKNOWN_MEMBER_ID,
@@ -142,12 +145,23 @@ class StreamWorker:
             if err is not None:
                 failures.append(f"{msg.topic()}: {err.str()}")
 
+        idle = False
         try:
             while not stop.is_set():
                 beat()  # liveness: /health answers 503 if this loop stops turning
-                # A short wait: consume() blocks until the batch is full or the time is up, so
-                # this bounds the latency a quiet feed adds per stage (~20 ms, not 200).
-                msgs = consumer.consume(self.batch, 0.02)
+                if idle:
+                    # Nothing came last time: wait for the first record in poll(), which
+                    # returns as soon as one is there, instead of waking 50 times a second
+                    # (an idle worker then costs ~0.003 cores, not ~0.008); then take what
+                    # its fetch brought along, without waiting.
+                    first = consumer.poll(_IDLE_POLL_S)
+                    msgs = [] if first is None else [first]
+                    if first is not None and self.batch > 1:
+                        msgs += consumer.consume(self.batch - 1, 0)
+                else:
+                    # A short wait: consume() blocks until the batch is full or the time is
+                    # up, so this bounds the latency a busy stage adds (~20 ms, not 200).
+                    msgs = consumer.consume(self.batch, 0.02)
                 recs = []
                 for m in msgs:
                     err = m.error()
@@ -156,6 +170,7 @@ class StreamWorker:
                             log.warning("consume error: %s", err.str())
                         continue
                     recs.append(bus.Record.of(m))
+                idle = not recs
                 if not recs:
                     if not self.assigned:
                         last = time.monotonic()  # joining the group is not idleness
