@@ -16,20 +16,21 @@ import pytest
 from fhirtwin.up import BrokerWatch, Supervisor, UpConfig, proc_usage
 
 
-@pytest.fixture
-def busy() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+def _process(code: str) -> Iterator[int]:
+    proc = subprocess.Popen([sys.executable, "-c", code])
     yield proc.pid
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def busy() -> Iterator[int]:
+    yield from _process("while True: pass")
 
 
 @pytest.fixture
 def idle() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
+    yield from _process("import time; time.sleep(60)")
 
 
 def test_usage_is_read_from_proc(busy: int) -> None:
