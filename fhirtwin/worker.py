@@ -152,7 +152,7 @@ class StreamWorker:
                 if idle:
                     # Nothing came last time: wait for the first record in poll(), which
                     # returns as soon as one is there, instead of waking 50 times a second
-                    # (an idle worker then costs ~0.003 cores, not ~0.008); then take what
+                    # (an idle worker then costs ~0.003 cores, not ~0.006); then take what
                     # its fetch brought along, without waiting.
                     first = consumer.poll(_IDLE_POLL_S)
                     msgs = [] if first is None else [first]
