@@ -45,7 +45,7 @@ EMBEDDED_FETCH_PACE_MS = 100
 # When to say that the embedded broker has outgrown its use (BrokerWatch): its CPU over the
 # last minute, or its memory. A fresh one uses ~0.12 cores idle (its consumers' empty
 # fetches, bench/idle.py) and 0.2-0.3 serving 1,000-1,500 msg/s (bench/e2e.py); it holds
-# ~10 KB a message.
+# ~12 KB a message (docs/architecture.md).
 BROKER_WARN_CORES = 0.5
 BROKER_WARN_RSS = 2 * 2**30
 BROKER_WARN_EVERY = 1800.0  # s: how often a standing warning is printed again
