@@ -32,8 +32,7 @@ PROJECT_ROOT = BENCH_DIR.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from fhirtwin.infra import free_port  # noqa: E402
-from fhirtwin.up import proc_usage  # noqa: E402
+from fhirtwin.infra import free_port, proc_usage  # noqa: E402
 
 DEFAULT_JSON = BENCH_DIR / "results" / "idle.json"
 

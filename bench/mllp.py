@@ -48,11 +48,11 @@ if str(PROJECT_ROOT) not in sys.path:
 
 from fhirtwin import bus  # noqa: E402
 from fhirtwin.hl7v2 import split_batch  # noqa: E402
+from fhirtwin.infra import cpu_seconds  # noqa: E402
 
 DEFAULT_JSON = BENCH_DIR / "results" / "mllp.json"
 GOAL_ONE = 1000.0
 GOAL_EIGHT = 5000.0
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- input
@@ -107,15 +107,6 @@ def serve_main(bootstrap: str, profile_out: str | None) -> None:
             prof.dump_stats(profile_out)
     else:
         server.run(stop, ready)
-
-
-def cpu_seconds(pid: int) -> float:
-    """user+system CPU of a process (all its threads) from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 # --------------------------------------------------------------------------- client side

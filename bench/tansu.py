@@ -38,7 +38,7 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from fhirtwin import bus  # noqa: E402
-from fhirtwin.infra import EmbeddedKafka  # noqa: E402
+from fhirtwin.infra import EmbeddedKafka, cpu_seconds  # noqa: E402
 
 DEFAULT_JSON = BENCH_DIR / "results" / "tansu.json"
 TOPIC = "bench.trickle"
@@ -54,11 +54,6 @@ CONFIGS: list[tuple[str, dict[str, Any] | None]] = [
     # what the workers of `fhirtwin up` do on the embedded broker (FHIRTWIN_FETCH_PACE_MS)
     ("one consumer, paced 100 ms (bus.paced)", bus.paced(100)),
 ]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(seconds: int, rate: int, consumer_conf: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -30,7 +30,9 @@ __all__ = [
     "EmbeddedRedis",
     "Endpoints",
     "InfraError",
+    "cpu_seconds",
     "free_port",
+    "proc_usage",
     "resolve_endpoints",
     "state_path",
 ]
@@ -65,6 +67,25 @@ def _port_open(host: str, port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def proc_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, resident bytes) of a process, from /proc; None without one (not Linux,
+    or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the command: state is field 3, utime 14, stime 15, rss (pages) 24
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (all threads) a process has used; 0.0 when there is none to read."""
+    got = proc_usage(pid)
+    return got[0] if got is not None else 0.0
 
 
 @dataclass

@@ -30,6 +30,7 @@ from fhirtwin.infra import (
     EmbeddedRedis,
     InfraError,
     clear_state,
+    proc_usage,
     write_state,
 )
 from fhirtwin.redisconn import connect
@@ -49,19 +50,6 @@ EMBEDDED_FETCH_PACE_MS = 100
 BROKER_WARN_CORES = 0.5
 BROKER_WARN_RSS = 2 * 2**30
 BROKER_WARN_EVERY = 1800.0  # s: how often a standing warning is printed again
-
-
-def proc_usage(pid: int) -> tuple[float, int] | None:
-    """(CPU seconds, resident bytes) of a process, from /proc; None without one (not Linux,
-    or the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # after the command: state is field 3, utime 14, stime 15, rss (pages) 24
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from fhirtwin.up import BrokerWatch, Supervisor, UpConfig, proc_usage
+from fhirtwin.infra import proc_usage
+from fhirtwin.up import BrokerWatch, Supervisor, UpConfig
 
 
 def _process(code: str) -> Iterator[int]:
