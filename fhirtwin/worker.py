@@ -156,7 +156,7 @@ class StreamWorker:
                     # its fetch brought along, without waiting.
                     first = consumer.poll(_IDLE_POLL_S)
                     msgs = [] if first is None else [first]
-                    if first is not None and self.batch > 1:
+                    if msgs and self.batch > 1:
                         msgs += consumer.consume(self.batch - 1, 0)
                 else:
                     # A short wait: consume() blocks until the batch is full or the time is
