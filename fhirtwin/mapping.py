@@ -1179,7 +1179,8 @@ class Engine:
         source = _source_uri(msg, sender)
         for res in resources:
             res.setdefault("meta", {})["source"] = source
-        prov = _provenance(msg, resources, st, sender)
+        ts = msh_time(msg, st)
+        prov = _provenance(msg, resources, st, sender, ts)
         if prov is not None:
             resources.append(prov)
         for res in resources:
@@ -1196,7 +1197,6 @@ class Engine:
             "id": _uuid(f"Bundle|{st.message_key}"),
             "type": mrule.bundle,
         }
-        ts = msh_time(msg, st)
         if ts and "T" in ts:
             bundle["timestamp"] = ts
         if msg.control_id:
@@ -1597,26 +1597,46 @@ def _default_offset(msg: Message, profile: SenderProfile) -> tuple[str | None, s
 
 
 def msh_time(msg: Message, st: _State) -> str | None:
+    """MSH-7 as a FHIR dateTime (the Bundle's timestamp and Provenance.recorded): once per
+    message, so an unreadable time is one error and an assumed offset one assumption."""
     t = msg.msh.value(7).strip()
     if not t:
         return None
     try:
-        return dt.to_datetime(t, st.default_offset)[0]
+        value, used_default = dt.to_datetime(t, st.default_offset)
     except ValueError as exc:
         st.error("MSH-7", str(exc), "send MSH-7 as YYYYMMDDHHMMSS+ZZZZ")
         return None
+    if used_default and not any(a.get("field") == "MSH-7" for a in st.report.assumptions):
+        # a rule that maps MSH-7 (EVN's, some messages') reports it already
+        st.report.assumptions.append(
+            {"field": "MSH-7", "what": f"no UTC offset in {t!r}: used {st.offset_origin}"}
+        )
+    return value
 
 
 def _source_uri(msg: Message, sender: str) -> str:
     return f"urn:hl7v2:{quote(sender, safe='@')}:{quote(msg.control_id, safe='')}"
 
 
-def _provenance(msg: Message, resources: list[dict], st: _State, sender: str) -> dict | None:
+def _provenance(
+    msg: Message, resources: list[dict], st: _State, sender: str, ts: str | None
+) -> dict | None:
+    """The message's Provenance; ``ts`` is MSH-7 as ``msh_time`` read it."""
     if not resources:
         return None
-    recorded = msh_time(msg, st)
-    if not recorded or "T" not in recorded:
-        recorded = (recorded or "1970-01-01") + "T00:00:00+00:00" if recorded else None
+    recorded = ts
+    if recorded and "T" not in recorded:
+        # An instant needs a time of day: a message time of day, month or year precision
+        # (YYYYMMDD, YYYYMM, YYYY) stands for its first instant, in UTC, and the report says so.
+        recorded = (recorded + "-01-01")[:10] + "T00:00:00+00:00"
+        st.report.assumptions.append(
+            {
+                "field": "MSH-7",
+                "what": f"message time {msg.msh.value(7).strip()!r} has no time of day: "
+                f"Provenance.recorded set to its first instant, {recorded}",
+            }
+        )
     prov: dict[str, Any] = {
         "resourceType": "Provenance",
         "id": _uuid(f"Provenance|{st.message_key}"),

@@ -116,6 +116,36 @@ def test_time_without_offset_uses_msh7_and_says_so() -> None:
     assert any(a["field"] == "PV1-45" and "MSH-7" in a["what"] for a in conv.report["assumptions"])
 
 
+_BARE_ADT = b"MSH|^~\\&|LAB|NORTH|FT|FT|{ts}||ADT^A08|T1|P|2.5\rPID|1||77^^^H^MR||Doe^Jo\r"
+
+
+@pytest.mark.parametrize(
+    ("msh7", "recorded", "timestamp", "said"),
+    [
+        # no offset and no rule of its own reading MSH-7: the UTC guess is reported
+        ("20250301123000", "2025-03-01T12:30:00+00:00", True, "no UTC offset in '20250301123000'"),
+        ("20250301123000+0100", "2025-03-01T12:30:00+01:00", True, None),
+        # less than a time of day: an instant still needs one, and the report says so
+        ("20250301", "2025-03-01T00:00:00+00:00", False, "'20250301' has no time of day"),
+        ("202503", "2025-03-01T00:00:00+00:00", False, "'202503' has no time of day"),
+        ("2025", "2025-01-01T00:00:00+00:00", False, "'2025' has no time of day"),
+    ],
+)
+def test_message_time_of_any_precision_gives_a_valid_provenance_and_says_what_it_assumed(
+    msh7: str, recorded: str, timestamp: bool, said: str | None
+) -> None:
+    conv = convert_hl7v2(_BARE_ADT.replace(b"{ts}", msh7.encode()), validate=True)
+    assert conv.report["validation"] == []
+    (prov,) = _by_type(conv.bundle, "Provenance")
+    assert prov["recorded"] == recorded
+    assert ("timestamp" in conv.bundle) is timestamp
+    about_msh7 = [a["what"] for a in conv.report["assumptions"] if a["field"] == "MSH-7"]
+    if said is None:
+        assert about_msh7 == []
+    else:
+        assert len(about_msh7) == 1 and said in about_msh7[0], about_msh7
+
+
 def test_invalid_date_is_dropped_and_reported_with_its_field() -> None:
     msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes().replace(b"19580214", b"19580230")
     conv = convert_hl7v2(msg, validate=True)
