@@ -606,6 +606,14 @@ class Engine:
                 if (positive and v < 1) or (typ == "unsignedInt" and v < 0):
                     st.error(loc, f"{t!r} must be {'> 0' if positive else '>= 0'}", "fix the value")
                     return None
+                if typ != "decimal" and not _INT_MIN <= v <= _INT_MAX:
+                    st.error(
+                        loc,
+                        f"{t!r} is outside FHIR's integer range (32 bits: "
+                        f"{_INT_MIN:,} to {_INT_MAX:,})",
+                        "fix the value",
+                    )
+                    return None
                 return v
 
             return conv_num
@@ -1288,6 +1296,7 @@ class Engine:
 
 
 _pending: ValueFn = lambda comps, st, loc: None  # noqa: E731
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1  # FHIR integer, positiveInt, unsignedInt
 _GAPS: dict[tuple[frozenset[int], int], tuple[int, ...]] = {}
 
 

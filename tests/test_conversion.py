@@ -146,6 +146,28 @@ def test_message_time_of_any_precision_gives_a_valid_provenance_and_says_what_it
         assert len(about_msh7) == 1 and said in about_msh7[0], about_msh7
 
 
+@pytest.mark.parametrize(
+    ("pid25", "kept"), [(b"2", 2), (b"2147483647", 2147483647), (b"2147483648", None)]
+)
+def test_integers_beyond_fhirs_32_bits_are_dropped_and_reported(
+    pid25: bytes, kept: int | None
+) -> None:
+    pid = b"PID|1||77^^^H^MR||Doe^Jo|||||||||||||||||||Y|" + pid25 + b"\r"
+    msg = _BARE_ADT.replace(b"{ts}", b"20250301123000+0100").replace(
+        b"PID|1||77^^^H^MR||Doe^Jo\r", pid
+    )
+    conv = convert_hl7v2(msg, validate=True)
+    assert conv.report["validation"] == []
+    (patient,) = _by_type(conv.bundle, "Patient")
+    assert patient.get("multipleBirthInteger") == kept
+    errors = [e for e in conv.report["errors"] if e["field"] == "PID-25"]
+    if kept is None:
+        assert len(errors) == 1 and "outside FHIR's integer range" in errors[0]["error"]
+        assert errors[0]["action"] == "dropped"
+    else:
+        assert errors == []
+
+
 def test_invalid_date_is_dropped_and_reported_with_its_field() -> None:
     msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes().replace(b"19580214", b"19580230")
     conv = convert_hl7v2(msg, validate=True)
