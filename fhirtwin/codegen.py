@@ -156,11 +156,12 @@ def when_source(w: FunctionWriter, when: dict[str, Any], scope: str) -> str:
         return f"{val} not in {w.ref(frozenset(str(x) for x in when['not_in']), 'K')}"
     if "equals" in when:
         return f"{val} == {str(when['equals'])!r}"
+    # present: holds a value; HL7's explicit null '""' ("delete this value") holds none
     if "present" in when:
-        return f"{'' if when['present'] else 'not '}{val}"
+        return f"{val} {'not in' if when['present'] else 'in'} ('', '\"\"')"
     if "longer" in when:
         return f"len({val}) > {int(when['longer'])}"
-    return f"bool({val})"
+    return f"{val} not in ('', '\"\"')"
 
 
 def predicate(when: dict[str, Any], scope: str) -> Callable[[Any, Any], bool]:

@@ -146,6 +146,29 @@ def test_message_time_of_any_precision_gives_a_valid_provenance_and_says_what_it
         assert len(about_msh7) == 1 and said in about_msh7[0], about_msh7
 
 
+_SFT = b"SFT|Acme^L|{version}|EHR|B42||20240102\r"
+
+
+@pytest.mark.parametrize("version", [b"8.1", b"", b'""'])
+def test_software_install_date_goes_only_on_a_named_version(version: bytes) -> None:
+    """SFT-6 (install date) extends Device.version, whose value (SFT-2) is required."""
+    msg = _BARE_ADT.replace(b"{ts}", b"20250301123000+0100").replace(
+        b"\rPID|", b"\r" + _SFT.replace(b"{version}", version) + b"PID|"
+    )
+    conv = convert_hl7v2(msg, validate=True)
+    assert conv.report["validation"] == []
+    (device,) = [d for d in _by_type(conv.bundle, "Device") if d.get("modelNumber") == "B42"]
+    unmapped = {u["field"] for u in conv.report["unmapped_fields"]}
+    if version == b"8.1":
+        (ver,) = device["version"]
+        assert ver["value"] == "8.1"
+        assert ver["extension"][0]["valueDateTime"] == "2024-01-02"
+        assert "SFT-6" not in unmapped
+    else:
+        assert "version" not in device
+        assert "SFT-6" in unmapped  # not placed, and the loss report says so
+
+
 @pytest.mark.parametrize(
     ("pid25", "kept"), [(b"2", 2), (b"2147483647", 2147483647), (b"2147483648", None)]
 )
@@ -166,6 +189,18 @@ def test_integers_beyond_fhirs_32_bits_are_dropped_and_reported(
         assert errors[0]["action"] == "dropped"
     else:
         assert errors == []
+
+
+def test_explicit_null_counts_as_absent_in_rule_conditions() -> None:
+    """PID-24 (multiple birth indicator) is read only when PID-25 (birth order) is absent;
+    PID-25 sent as HL7's null '""' holds no order, so the indicator is kept."""
+    pid = b'PID|1||77^^^H^MR||Doe^Jo|||||||||||||||||||Y|""\r'
+    msg = _BARE_ADT.replace(b"{ts}", b"20250301123000+0100").replace(
+        b"PID|1||77^^^H^MR||Doe^Jo\r", pid
+    )
+    (patient,) = _by_type(convert_hl7v2(msg, validate=True).bundle, "Patient")
+    assert patient["multipleBirthBoolean"] is True
+    assert "multipleBirthInteger" not in patient
 
 
 def test_invalid_date_is_dropped_and_reported_with_its_field() -> None:
