@@ -180,6 +180,11 @@ def load_profile(name_or_path: str | Path, mappings: Path | None = None) -> Prof
 # -- one row --------------------------------------------------------------------------------
 
 
+# FHIR's whole-number types: 32-bit, and by their names not below 1 or 0
+_INT_MAX = 2**31 - 1
+_INT_LOW = {"integer": -(2**31), "positiveInt": 1, "unsignedInt": 0}
+
+
 def _check_type(value: str, typ: str, column: str) -> Any:
     try:
         if typ == "decimal":
@@ -188,7 +193,11 @@ def _check_type(value: str, typ: str, column: str) -> Any:
                 raise ValueError(value)
             return int(num) if re.fullmatch(r"-?\d+", value.strip()) else num
         if typ in ("integer", "positiveInt", "unsignedInt"):
-            return int(value)
+            whole = int(value)
+            low = _INT_LOW[typ]
+            if not low <= whole <= _INT_MAX:
+                raise RowError(f"{value!r} is not a valid {typ} ({low:,} to {_INT_MAX:,})", column)
+            return whole
         if typ == "boolean":
             low = value.strip().lower()
             if low not in ("true", "false", "1", "0", "y", "n", "yes", "no"):

@@ -112,6 +112,32 @@ def test_bad_row_errors_carry_location() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("dispenses", "kept"),
+    [("3", 3), ("0", 0), ("-3", None), ("2147483647", 2147483647), ("2147483648", None)],
+)
+def test_whole_numbers_outside_their_fhir_type_are_bad_rows(
+    dispenses: str, kept: int | None
+) -> None:
+    """DISPENSES → MedicationRequest.dispenseRequest.numberOfRepeatsAllowed, an unsignedInt
+    (0 to 2^31 - 1): a value FHIR cannot hold is a bad row naming the column, not an
+    invalid resource."""
+    profile = csvsource.load_profile("synthea")
+    table = next(t for t in profile.tables if t.name == "medications")
+    row = dict.fromkeys(table.columns, "")
+    row.update(START="2020-01-01", PATIENT="p1", CODE="860975", DESCRIPTION="metformin")
+    row["DISPENSES"] = dispenses
+    if kept is None:
+        with pytest.raises(csvsource.RowError) as err:
+            csvsource.convert_row(table, row)
+        assert err.value.column == "DISPENSES" and "unsignedInt" in str(err.value)
+        return
+    (req,) = csvsource.convert_row(table, row).resources
+    assert req["dispenseRequest"]["numberOfRepeatsAllowed"] == kept
+    bundle = csvsource.bundle_of("p1", [req])
+    assert validate_bundle(bundle) == []
+
+
 def test_lab_results_profile_converts_its_example(tmp_path: Path) -> None:
     example = ROOT / "mappings" / "csv" / "lab-results"
     code, output = _convert(["--profile", "lab-results", str(example), "--out", str(tmp_path)])
