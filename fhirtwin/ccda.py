@@ -33,9 +33,10 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import math
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -553,13 +554,14 @@ def narrative_text(doc: Doc, value: str | None) -> str | None:
 
 
 def conv_coding(doc: Doc, el: Any) -> dict[str, Any] | None:
-    if el is None or not el.get("code"):
-        return None
+    code = (el.get("code") or "").strip() if el is not None else ""
+    if not code:
+        return None  # no code, or only blanks: FHIR's code holds no whitespace-only value
     out: dict[str, Any] = {}
     system = doc.system(el.get("codeSystem"))
     if system:
         out["system"] = system
-    out["code"] = el.get("code").strip()
+    out["code"] = code
     if el.get("displayName"):
         out["display"] = " ".join(el.get("displayName").split())
     return out
@@ -706,6 +708,8 @@ def _number(text: str | None) -> int | float | None:
         value = float(text)
     except ValueError:
         return None
+    if not math.isfinite(value):
+        return None  # 'nan', 'inf', '1e999': no FHIR decimal (the callers say so)
     return int(value) if value.is_integer() and "." not in text else value
 
 
@@ -866,9 +870,11 @@ def conv_address(doc: Doc, el: Any) -> dict[str, Any] | None:
 
 
 def conv_telecom(doc: Doc, el: Any) -> dict[str, Any] | None:
-    if el is None or el.get("nullFlavor") or not el.get("value"):
+    if el is None or el.get("nullFlavor"):
         return None
-    value = el.get("value").strip()
+    value = (el.get("value") or "").strip()
+    if not value:
+        return None
     scheme, _, rest = value.partition(":")
     system = {"tel": "phone", "mailto": "email", "fax": "fax", "http": "url", "https": "url"}
     out: dict[str, Any] = {}
@@ -1593,7 +1599,7 @@ def convert(
         ],
     }
     if validate:
-        _raise_invalid(bundle, source)
+        _raise_invalid(bundle, source, doc.warnings)
     return bundle
 
 
@@ -1607,10 +1613,14 @@ def _unidentified_patient(doc: Doc) -> dict[str, Any]:
     }
 
 
-def _raise_invalid(bundle: dict[str, Any], source: str) -> None:
+def _raise_invalid(
+    bundle: dict[str, Any], source: str, warnings: Sequence[dict[str, Any]] = ()
+) -> None:
     """CcdaError for the first resource the R4 models reject (how many problems it has,
     the first one). The Bundle is the converter's own plain JSON, so it is checked with
-    ``validate_converted`` (its cache keys need no read-back check)."""
+    ``validate_converted`` (its cache keys need no read-back check). When values of the
+    document were left out as unreadable, the first one is named: a required element left
+    empty by one is the document's to fix, not a rule's."""
     from fhirtwin.validation import validate_converted
 
     problems = [p for p in validate_converted(bundle) if p["path"].startswith("entry[")]
@@ -1621,11 +1631,21 @@ def _raise_invalid(bundle: dict[str, Any], source: str) -> None:
     prefix = f"entry[{i}].resource"
     mine = [p for p in problems if p["path"].startswith(prefix)]
     res = bundle["entry"][i]["resource"]
+    left_out = [w for w in warnings if w.get("xpath")]
+    if left_out:
+        first = left_out[0]
+        hint = (
+            f"{len(left_out)} value(s) of the document were left out as unreadable, first "
+            f"line {first['line']}, {first['xpath']}: {first['warning']}; if that is the "
+            "missing element, fix the document, else the rule in mappings/ccda/rules/"
+        )
+    else:
+        hint = "fix the rule in mappings/ccda/rules/"
     invalid = CcdaError(
         f"{res['resourceType']}/{res['id']}: {len(mine)} FHIR R4 problem(s), "
         f"first at {at[len(prefix) :]}: {problems[0]['error']}",
         xpath=f"Bundle.entry[{i}]",
-        hint="fix the rule in mappings/ccda/rules/",
+        hint=hint,
     )
     invalid.source = source
     raise invalid

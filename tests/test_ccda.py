@@ -178,6 +178,47 @@ def test_bad_timestamp_is_left_out_and_reported() -> None:
 
 
 @pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b'<raceCode code="2106-3"', b'<raceCode code=" "'),  # a code of blanks
+        (b'<telecom value="tel:+1(555)555-0101"', b'<telecom value="  "'),  # a blank telecom
+    ],
+)
+def test_blank_codes_and_telecoms_are_absent_not_invalid(old: bytes, new: bytes) -> None:
+    data = FIXTURE.read_bytes()
+    assert data.count(old) == 1
+    out = ccda.convert(data.replace(old, new), validate=True)  # raises if R4 rejects it
+    flat = json.dumps(out)
+    assert '"code": " "' not in flat and '"value": "  "' not in flat
+
+
+@pytest.mark.parametrize("number", [b"nan", b"inf", b"1e999"])
+def test_a_quantity_no_fhir_decimal_holds_is_a_bad_value_not_a_bad_rule(number: bytes) -> None:
+    data = FIXTURE.read_bytes().replace(
+        b'value="132" unit="mm[Hg]"', b'value="%s" unit="mm[Hg]"' % number
+    )
+    with pytest.raises(ccda.CcdaError) as info:
+        ccda.convert(data, source="doc.xml", validate=True)
+    msg = str(info.value)
+    assert f"bad quantity value '{number.decode()}'" in msg and "/observation/value" in msg
+    assert "mappings/ccda/rules" not in msg
+
+
+def test_a_required_value_left_out_names_the_document_not_the_rules() -> None:
+    """The document's effectiveTime is Composition.date (1..1): unreadable, it is left out,
+    and the validation error points at the document's value, with its line and XPath."""
+    data = FIXTURE.read_bytes().replace(
+        b'<effectiveTime value="20240301103000-0500"/>', b'<effectiveTime value="20240230"/>'
+    )
+    with pytest.raises(ccda.CcdaError) as info:
+        ccda.convert(data, source="doc.xml", validate=True)
+    msg = str(info.value)
+    assert "Composition/" in msg and ".date" in msg
+    assert "line 11, /ClinicalDocument/effectiveTime" in msg and "'20240230'" in msg
+    assert "fix the document" in msg
+
+
+@pytest.mark.parametrize(
     ("data", "expected"),
     [
         (b"<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'aaa'>]><ClinicalDocument/>", "DOCTYPE"),
