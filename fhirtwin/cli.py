@@ -11,11 +11,18 @@ from typing import Annotated
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fhirtwin import heap
-from fhirtwin.conversion import Conversion, ConversionError, HL7ParseError, convert_hl7v2
+from fhirtwin.conversion import (
+    Conversion,
+    ConversionError,
+    HL7ParseError,
+    convert_hl7v2,
+    validation_summary,
+)
 from fhirtwin.hl7v2 import split_batch
 from fhirtwin.rules import MappingError
 
@@ -139,10 +146,8 @@ def convert(
             problems = conv.report.get("validation") or []
             if problems:
                 invalid += 1
-                first = problems[0]
                 progress.console.print(
-                    f"[yellow]{stem}: {len(problems)} FHIR validation problem(s), first: "
-                    f"{first['path']}: {first['error']}[/yellow]"
+                    f"[yellow]{escape(stem)}: {escape(validation_summary(conv.report))}[/yellow]"
                 )
             types.update(conv.report["resources"])
             lost["unmapped segments"] += len(conv.report["unmapped_segments"])

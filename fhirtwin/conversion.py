@@ -18,6 +18,7 @@ __all__ = [
     "convert_hl7v2",
     "convert_hl7v2_batch",
     "engine",
+    "validation_summary",
 ]
 
 
@@ -31,6 +32,29 @@ class Conversion:
     @property
     def ok(self) -> bool:
         return not self.report.get("validation")
+
+
+def validation_summary(report: dict[str, Any]) -> str:
+    """What the R4 models found wrong with a converted message, and what to do: "N FHIR
+    validation problem(s), first: PATH (SEGMENT): ERROR; ...". A value of the message that
+    was dropped as invalid (``report["errors"]``) often leaves a required element empty, so
+    the first one is named; otherwise the fault is a mapping rule's."""
+    problems = report.get("validation") or []
+    first = problems[0]
+    where = f" ({first['source']})" if first.get("source") else ""
+    head = (
+        f"{len(problems)} FHIR validation problem(s), first: {first['path']}{where}: "
+        f"{first['error']}"
+    )
+    dropped = report.get("errors") or []
+    if dropped:
+        d = dropped[0]
+        return (
+            f"{head}; {len(dropped)} value(s) of the message were dropped as invalid, first "
+            f"{d.get('field')}: {d.get('error')}: if that value was meant for the element, "
+            "fix the message (or its sender profile), else the mapping rule"
+        )
+    return f"{head}; fix the mapping rule that makes that element"
 
 
 @lru_cache(maxsize=4)

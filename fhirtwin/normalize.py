@@ -85,7 +85,12 @@ _LOSS_KINDS = (
 
 
 def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converted]:
-    from fhirtwin.conversion import ConversionError, HL7ParseError, convert_hl7v2
+    from fhirtwin.conversion import (
+        ConversionError,
+        HL7ParseError,
+        convert_hl7v2,
+        validation_summary,
+    )
 
     try:
         conv = convert_hl7v2(value, validate=validate, mappings=mappings)
@@ -100,11 +105,9 @@ def _hl7v2(value: bytes, validate: bool, mappings: Path | None) -> list[Converte
     problems = report.get("validation") or []
     control = str(report.get("message", {}).get("control_id", "") or "")
     if problems:
-        first = problems[0]
         raise SourceError(
             "validate",
-            f"{len(problems)} FHIR validation problem(s), first: {first}; fix the mapping "
-            "rule named there, then replay this dead letter",
+            f"{validation_summary(report)}; then replay this dead letter",
             {"problems": problems[:50], "control_id": control},
         )
     bundle = conv.bundle

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from fhirtwin.conversion import ConversionError, HL7ParseError, convert_hl7v2, convert_hl7v2_batch
+from fhirtwin import bus
+from fhirtwin.conversion import (
+    ConversionError,
+    HL7ParseError,
+    convert_hl7v2,
+    convert_hl7v2_batch,
+    validation_summary,
+)
+from fhirtwin.normalize import SourceError, convert_record
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "hl7v2"
@@ -201,6 +209,35 @@ def test_explicit_null_counts_as_absent_in_rule_conditions() -> None:
     (patient,) = _by_type(convert_hl7v2(msg, validate=True).bundle, "Patient")
     assert patient["multipleBirthBoolean"] is True
     assert "multipleBirthInteger" not in patient
+
+
+def test_an_element_emptied_by_a_dropped_value_names_that_value_not_the_rules() -> None:
+    """RXA-3 is Immunization.occurrence[x] (1..1): a date that cannot be read is dropped,
+    the Immunization is invalid, and what to fix is the message's RXA-3."""
+    msg = (EXAMPLES / "vxu-v04-flu.hl7").read_bytes()
+    bad = msg.replace(b"RXA|0|1|20261020101000-0500|", b"RXA|0|1|2026XX|")
+    assert bad != msg
+    conv = convert_hl7v2(bad, validate=True)
+    said = validation_summary(conv.report)
+    assert "1 FHIR validation problem(s)" in said and "RXA[" in said  # the resource's segments
+    assert "first RXA-3: '2026XX' is not a v2 date/time" in said
+    assert "fix the message" in said
+    # the pipeline's dead letter says the same
+    rec = bus.Record("ehr.hl7v2", 0, 7, 0, None, bad, (("fhirtwin-source-kind", b"hl7v2"),))
+    with pytest.raises(SourceError) as info:
+        convert_record("hl7v2", rec, validate=True)
+    assert info.value.stage == "validate"
+    assert "RXA-3" in info.value.reason and "replay this dead letter" in info.value.reason
+
+
+def test_a_validation_problem_with_nothing_dropped_points_at_the_rules() -> None:
+    report = {
+        "validation": [{"path": "entry[2].resource.status", "error": "bad", "source": "PV1[3]"}],
+        "errors": [],
+    }
+    said = validation_summary(report)
+    assert said.startswith("1 FHIR validation problem(s), first: entry[2].resource.status (PV1[3])")
+    assert said.endswith("fix the mapping rule that makes that element")
 
 
 def test_invalid_date_is_dropped_and_reported_with_its_field() -> None:
