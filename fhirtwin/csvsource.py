@@ -193,10 +193,11 @@ def _check_type(value: str, typ: str, column: str) -> Any:
                 raise ValueError(value)
             return int(num) if re.fullmatch(r"-?\d+", value.strip()) else num
         if typ in ("integer", "positiveInt", "unsignedInt"):
-            whole = int(value)
-            low = _INT_LOW[typ]
-            if not low <= whole <= _INT_MAX:
-                raise RowError(f"{value!r} is not a valid {typ} ({low:,} to {_INT_MAX:,})", column)
+            whole, least = int(value), _INT_LOW[typ]
+            if not least <= whole <= _INT_MAX:
+                raise RowError(
+                    f"{value!r} is not a valid {typ} ({least:,} to {_INT_MAX:,})", column
+                )
             return whole
         if typ == "boolean":
             low = value.strip().lower()
