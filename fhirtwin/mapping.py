@@ -991,13 +991,25 @@ class Engine:
         for name in candidates:
             if name and name in self.rules.messages:
                 return self.rules.messages[name]
-        raise ConversionError(
-            f"no rules for message type {code}^{event}" + (f"^{structure}" if structure else ""),
-            hint=f"add mappings/hl7v2/messages/{code}_{event}.yaml (it may 'extends' a similar "
-            "one) with a sample message and its expected output",
-            field="MSH-9",
-            control_id=msg.control_id,
-        )
+        sent = f"{code}^{event}" + (f"^{structure}" if structure else "")
+        if not code or not event:
+            what = (
+                f"MSH-9 is {sent!r}: it names no {'message code' if not code else 'trigger event'}"
+            )
+            hint = "send MSH-9 as CODE^EVENT (MSH-9.1 and MSH-9.2), e.g. ADT^A01"
+        elif any(n and n.upper() in self.rules.messages for n in candidates):
+            what = f"no rules for message type {sent}"
+            hint = (
+                f"HL7 message codes and trigger events are upper case (tables 0076, 0003): "
+                f"send {sent.upper()}"
+            )
+        else:
+            what = f"no rules for message type {sent}"
+            hint = (
+                f"add mappings/hl7v2/messages/{code}_{event}.yaml (it may 'extends' a similar "
+                "one) with a sample message and its expected output"
+            )
+        raise ConversionError(what, hint=hint, field="MSH-9", control_id=msg.control_id)
 
     def convert(self, msg: Message, profile: SenderProfile | None = None) -> tuple[dict, dict]:
         """One parsed message → (FHIR Bundle, loss report)."""

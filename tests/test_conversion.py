@@ -302,6 +302,23 @@ def test_unknown_message_type_says_which_file_to_add() -> None:
     assert exc.value.field == "MSH-9"
 
 
+@pytest.mark.parametrize(
+    ("msh9", "said"),
+    [
+        (b"ADT", "MSH-9 is 'ADT^': it names no trigger event"),
+        (b"^A03", "MSH-9 is '^A03': it names no message code"),
+        (b"adt^a03", "upper case (tables 0076, 0003): send ADT^A03"),
+    ],
+)
+def test_a_message_type_the_sender_got_wrong_says_what_to_send(msh9: bytes, said: str) -> None:
+    msg = (EXAMPLES / "adt-a03-discharge.hl7").read_bytes().replace(b"ADT^A03^ADT_A03", msh9)
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(msg)
+    assert said in str(exc.value)
+    assert "messages/" not in str(exc.value)  # not a rules file to add
+    assert exc.value.field == "MSH-9"
+
+
 def test_garbage_is_a_parse_error_with_a_hint() -> None:
     with pytest.raises(HL7ParseError) as exc:
         convert_hl7v2(b"PID|1||123\r")
