@@ -1309,6 +1309,7 @@ class Engine:
 
 _pending: ValueFn = lambda comps, st, loc: None  # noqa: E731
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1  # FHIR integer, positiveInt, unsignedInt
+_V2_DATE = re.compile(r"(\d{4}(?:\d{2}){0,2})([+-]\d{4})?$")  # DT precision, optional offset
 _GAPS: dict[tuple[frozenset[int], int], tuple[int, ...]] = {}
 
 
@@ -1649,13 +1650,21 @@ def _provenance(
     recorded = ts
     if recorded and "T" not in recorded:
         # An instant needs a time of day: a message time of day, month or year precision
-        # (YYYYMMDD, YYYYMM, YYYY) stands for its first instant, in UTC, and the report says so.
-        recorded = (recorded + "-01-01")[:10] + "T00:00:00+00:00"
+        # (YYYYMMDD, YYYYMM, YYYY) stands for its first instant, in the offset any other time
+        # of the message without one gets (its own, the sender profile's zone, else UTC),
+        # and the report says so.
+        m = _V2_DATE.match(msg.msh.value(7).strip())
+        first = (m.group(1) + "0101")[:8] + "000000" + (m.group(2) or "") if m else ""
+        try:
+            recorded = dt.to_datetime(first, st.default_offset)[0]
+        except ValueError:  # not a v2 date after all: the date msh_time read, in UTC
+            recorded = (recorded + "-01-01")[:10] + "T00:00:00+00:00"
         st.report.assumptions.append(
             {
                 "field": "MSH-7",
                 "what": f"message time {msg.msh.value(7).strip()!r} has no time of day: "
-                f"Provenance.recorded set to its first instant, {recorded}",
+                f"Provenance.recorded set to its first instant, {recorded} "
+                f"(offset: {st.offset_origin})",
             }
         )
     prov: dict[str, Any] = {

@@ -137,6 +137,8 @@ _BARE_ADT = b"MSH|^~\\&|LAB|NORTH|FT|FT|{ts}||ADT^A08|T1|P|2.5\rPID|1||77^^^H^MR
         ("20250301", "2025-03-01T00:00:00+00:00", False, "'20250301' has no time of day"),
         ("202503", "2025-03-01T00:00:00+00:00", False, "'202503' has no time of day"),
         ("2025", "2025-01-01T00:00:00+00:00", False, "'2025' has no time of day"),
+        # the day starts in the message's own offset when it gives one
+        ("20250301-0500", "2025-03-01T00:00:00-05:00", False, "(offset: the message's offset"),
     ],
 )
 def test_message_time_of_any_precision_gives_a_valid_provenance_and_says_what_it_assumed(
@@ -292,6 +294,11 @@ def test_sender_profile_timezone_applies_when_message_has_none(tmp_path: Path) -
     enc = _by_type(conv.bundle, "Encounter")[0]
     assert enc["period"]["end"] == "2026-07-06T14:00:00+02:00"  # Berlin summer time
     assert conv.report["message"]["profile"] == "northgen"
+    # a message time of a day only: Provenance.recorded is that day's first instant in Berlin
+    day = msg.replace(b"20260706143000", b"20260706", 1)
+    provs = _by_type(convert_hl7v2(day, mappings=rules, validate=True).bundle, "Provenance")
+    (message_prov,) = [p for p in provs if p["activity"]["coding"][0]["code"] == "CREATE"]
+    assert message_prov["recorded"] == "2026-07-06T00:00:00+02:00"
 
 
 def test_unknown_message_type_says_which_file_to_add() -> None:
