@@ -328,6 +328,38 @@ def _unless_has(setter: Setter, path: str, value: str) -> Setter:
     return put
 
 
+class _AsText(str):
+    """The text of a value its type could not read, on its way to an ``else_text`` path."""
+
+    __slots__ = ()
+
+
+def _text_if_unread(prim: ValueFn, path: str) -> ValueFn:
+    """`else_text`: a value the rule's type cannot read (its error just reported) comes back
+    as its text, which ``_or_text`` stores at ``path``; the report says it was kept there."""
+
+    def conv(comps: Comps, st: _State, loc: str) -> Any:
+        errors = st.report.errors
+        before = len(errors)
+        v = prim(comps, st, loc)
+        if v is None and len(errors) > before and comps and comps[0] and comps[0][0]:
+            errors[-1]["action"] = f"kept as text in {path}"
+            return _AsText(comps[0][0].strip())
+        return v
+
+    return conv
+
+
+def _or_text(setter: Setter, text_setter: Setter) -> Setter:
+    def put(target: dict[str, Any], v: Any) -> None:
+        if type(v) is _AsText:
+            text_setter(target, str(v))
+        else:
+            setter(target, v)
+
+    return put
+
+
 def _unique(setter: Setter, path: str) -> Setter:
     """`unique: true` on an appending line (`a[]`): an element equal to one already in the
     list is not added again (the same insured's telecom from a second IN2)."""
@@ -718,12 +750,14 @@ class Engine:
             setter = _unless_has(setter, *rule.unless_has)
         if setter is not None and rule.unique:
             setter = _unique(setter, rule.to or "")
+        if setter is not None and rule.else_text:
+            setter = _or_text(setter, compile_path(rule.else_text, None, rule.source))
         leaf = codegen.Leaf(
             to=rule.to,
             setter=setter,
             with_=rule.with_,
             when=rule.when,
-            inline=not (rule.if_empty or rule.unless_has or rule.unique),
+            inline=not (rule.if_empty or rule.unless_has or rule.unique or rule.else_text),
         )
         if rule.when:
             _compile_when(rule.when, rule.source)  # checks the condition's shape
@@ -738,10 +772,22 @@ class Engine:
             rule.type == "string" and not rule.map and rule.format is None and not rule.width
         )
         leaf.value = self._compile_value(rule)
+        if rule.else_text and (
+            rule.format is not None
+            or rule.type not in PRIMITIVES
+            or rule.type in _MULTI_COMPONENT
+            or rule.width
+        ):
+            raise MappingError(
+                f"{rule.source}: else_text keeps the text of a single value its type cannot "
+                f"read; give it a primitive type (dateTime, decimal, …), not {rule.type!r}"
+            )
         if rule.format is None:
             if rule.type in PRIMITIVES:
                 if rule.type not in _MULTI_COMPONENT and not rule.width:
                     leaf.prim = self._primitive(rule)
+                    if rule.else_text:
+                        leaf.prim = _text_if_unread(leaf.prim, rule.else_text)
                 elif rule.type in _MULTI_COMPONENT and rule.width and rule.comp is not None:
                     # The builtin reads its slice of components directly (no wrapper).
                     leaf.dt = self._primitive(rule)

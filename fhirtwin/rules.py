@@ -39,7 +39,7 @@ FIELD_KEYS = frozenset(
     {
         "field", "comp", "sub", "width", "to", "type", "map", "system", "rep", "when",
         "value", "default", "ref", "link", "switch", "cases", "with", "note", "required",
-        "unmapped", "format", "msh", "if_empty", "unless_has", "unique",
+        "unmapped", "format", "msh", "if_empty", "unless_has", "unique", "else_text",
     }
 )  # fmt: skip
 
@@ -73,6 +73,9 @@ class FieldRule:
     # {path: a.b.c, value: X}: skip the line when the target already holds X at that path
     unless_has: tuple[str, str] | None = None
     unique: bool = False  # an appending line adds no element equal to one already there
+    # a path for the text of a value that its type cannot read (a choice's string form,
+    # Immunization.occurrenceString beside occurrenceDateTime): kept there, and reported
+    else_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +265,7 @@ def _field_rule(raw: Any, where: str) -> FieldRule:
         if_empty=bool(raw.get("if_empty", False)),
         unless_has=_unless_has(raw.get("unless_has"), where),
         unique=bool(raw.get("unique", False)),
+        else_text=raw.get("else_text"),
     )
 
 

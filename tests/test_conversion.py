@@ -17,6 +17,7 @@ from fhirtwin.conversion import (
     validation_summary,
 )
 from fhirtwin.normalize import SourceError, convert_record
+from fhirtwin.rules import MappingError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "hl7v2"
@@ -214,14 +215,18 @@ def test_explicit_null_counts_as_absent_in_rule_conditions() -> None:
 
 
 def test_an_element_emptied_by_a_dropped_value_names_that_value_not_the_rules() -> None:
-    """RXA-3 is Immunization.occurrence[x] (1..1): a date that cannot be read is dropped,
-    the Immunization is invalid, and what to fix is the message's RXA-3."""
-    msg = (EXAMPLES / "vxu-v04-flu.hl7").read_bytes()
-    bad = msg.replace(b"RXA|0|1|20261020101000-0500|", b"RXA|0|1|2026XX|")
+    """RXA-3 and RXA-4 are MedicationAdministration.effectivePeriod, and effective[x] is
+    1..1: when neither can be read both are dropped, the resource is invalid, and what to
+    fix is the message's RXA-3, not a rule."""
+    msg = (EXAMPLES / "ras-o17-administration.hl7").read_bytes()
+    bad = msg.replace(
+        b"RXA|0|1|20261104080000-0500|20261104080500-0500|", b"RXA|0|1|2026XX|2026YY|"
+    )
     assert bad != msg
     conv = convert_hl7v2(bad, validate=True)
     said = validation_summary(conv.report)
     assert "1 FHIR validation problem(s)" in said and "RXA[" in said  # the resource's segments
+    assert "2 value(s) of the message were dropped" in said
     assert "first RXA-3: '2026XX' is not a v2 date/time" in said
     assert "fix the message" in said
     # the pipeline's dead letter says the same
@@ -230,6 +235,36 @@ def test_an_element_emptied_by_a_dropped_value_names_that_value_not_the_rules() 
         convert_record("hl7v2", rec, validate=True)
     assert info.value.stage == "validate"
     assert "RXA-3" in info.value.reason and "replay this dead letter" in info.value.reason
+
+
+def test_an_immunization_time_that_cannot_be_read_is_kept_as_text() -> None:
+    """Immunization.occurrence[x] (1..1) may be a string: an unreadable RXA-3 is kept there
+    (the rule's else_text), so the message stays valid and nothing is lost."""
+    msg = (EXAMPLES / "vxu-v04-flu.hl7").read_bytes()
+    bad = msg.replace(b"RXA|0|1|20261020101000-0500|", b"RXA|0|1|2026XX|")
+    assert bad != msg
+    conv = convert_hl7v2(bad, validate=True)
+    assert conv.report["validation"] == []
+    (imm,) = _by_type(conv.bundle, "Immunization")
+    assert imm["occurrenceString"] == "2026XX" and "occurrenceDateTime" not in imm
+    (err,) = [e for e in conv.report["errors"] if e["field"] == "RXA-3"]
+    assert err["action"] == "kept as text in occurrenceString"
+    (good,) = _by_type(convert_hl7v2(msg, validate=True).bundle, "Immunization")
+    assert good["occurrenceDateTime"] == "2026-10-20T10:10:00-05:00"
+
+
+def test_else_text_needs_a_single_primitive(tmp_path: Path) -> None:
+    rules = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", rules)
+    seg = rules / "hl7v2" / "segments" / "RXA-Immunization.yaml"
+    seg.write_text(
+        seg.read_text().replace(
+            "to: vaccineCode, type: CWE}", "to: vaccineCode, type: CWE, else_text: note}"
+        )
+    )
+    with pytest.raises(MappingError) as exc:
+        convert_hl7v2((EXAMPLES / "vxu-v04-flu.hl7").read_bytes(), mappings=rules)
+    assert "RXA-Immunization.yaml" in str(exc.value) and "else_text" in str(exc.value)
 
 
 def test_a_validation_problem_with_nothing_dropped_points_at_the_rules() -> None:
