@@ -334,26 +334,47 @@ class _AsText(str):
     __slots__ = ()
 
 
-def _text_if_unread(prim: ValueFn, path: str) -> ValueFn:
-    """`else_text`: a value the rule's type cannot read (its error just reported) comes back
-    as its text, which ``_or_text`` stores at ``path``; the report says it was kept there."""
+_ABSENT_ERROR = {
+    "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+    "valueCode": "error",
+}
+
+
+def _fallback_path(rule: FieldRule) -> str | None:
+    """Where a value the line's type cannot read goes instead: ``else_text``'s path, or for
+    ``else_absent`` the extension list of the primitive (``a.b`` → ``a._b.extension[]``)."""
+    if rule.else_text:
+        return rule.else_text
+    if rule.else_absent and rule.to:
+        head, _, last = rule.to.rpartition(".")
+        return f"{head + '.' if head else ''}_{last}.extension[]"
+    return None
+
+
+def _text_if_unread(prim: ValueFn, action: str) -> ValueFn:
+    """`else_text` / `else_absent`: a value the rule's type cannot read (its error just
+    reported) comes back as its text, which ``_or_text`` stores at the fallback path; the
+    report's error says ``action`` instead of 'dropped'."""
 
     def conv(comps: Comps, st: _State, loc: str) -> Any:
         errors = st.report.errors
         before = len(errors)
         v = prim(comps, st, loc)
         if v is None and len(errors) > before and comps and comps[0] and comps[0][0]:
-            errors[-1]["action"] = f"kept as text in {path}"
+            errors[-1]["action"] = action
             return _AsText(comps[0][0].strip())
         return v
 
     return conv
 
 
-def _or_text(setter: Setter, text_setter: Setter) -> Setter:
+def _or_text(setter: Setter, fallback: Setter, const: dict[str, Any] | None) -> Setter:
+    """Store a read value as the line says; an unread one's text (or ``const``, a fresh copy
+    each time) at the fallback path."""
+
     def put(target: dict[str, Any], v: Any) -> None:
         if type(v) is _AsText:
-            text_setter(target, str(v))
+            fallback(target, dict(const) if const is not None else str(v))
         else:
             setter(target, v)
 
@@ -750,14 +771,16 @@ class Engine:
             setter = _unless_has(setter, *rule.unless_has)
         if setter is not None and rule.unique:
             setter = _unique(setter, rule.to or "")
-        if setter is not None and rule.else_text:
-            setter = _or_text(setter, compile_path(rule.else_text, None, rule.source))
+        fallback = _fallback_path(rule)
+        if setter is not None and fallback:
+            alt = compile_path(fallback, None, rule.source)
+            setter = _or_text(setter, alt, _ABSENT_ERROR if rule.else_absent else None)
         leaf = codegen.Leaf(
             to=rule.to,
             setter=setter,
             with_=rule.with_,
             when=rule.when,
-            inline=not (rule.if_empty or rule.unless_has or rule.unique or rule.else_text),
+            inline=not (rule.if_empty or rule.unless_has or rule.unique or fallback),
         )
         if rule.when:
             _compile_when(rule.when, rule.source)  # checks the condition's shape
@@ -772,22 +795,28 @@ class Engine:
             rule.type == "string" and not rule.map and rule.format is None and not rule.width
         )
         leaf.value = self._compile_value(rule)
-        if rule.else_text and (
+        if fallback and (
             rule.format is not None
             or rule.type not in PRIMITIVES
             or rule.type in _MULTI_COMPONENT
             or rule.width
         ):
             raise MappingError(
-                f"{rule.source}: else_text keeps the text of a single value its type cannot "
-                f"read; give it a primitive type (dateTime, decimal, …), not {rule.type!r}"
+                f"{rule.source}: else_text / else_absent handle a single value its type "
+                f"cannot read; give the line a primitive type (dateTime, decimal, …), not "
+                f"{rule.type!r}"
             )
         if rule.format is None:
             if rule.type in PRIMITIVES:
                 if rule.type not in _MULTI_COMPONENT and not rule.width:
                     leaf.prim = self._primitive(rule)
-                    if rule.else_text:
-                        leaf.prim = _text_if_unread(leaf.prim, rule.else_text)
+                    if fallback:
+                        what = (
+                            f"marked absent (data-absent-reason 'error') at {rule.to}"
+                            if rule.else_absent
+                            else f"kept as text in {fallback}"
+                        )
+                        leaf.prim = _text_if_unread(leaf.prim, what)
                 elif rule.type in _MULTI_COMPONENT and rule.width and rule.comp is not None:
                     # The builtin reads its slice of components directly (no wrapper).
                     leaf.dt = self._primitive(rule)

@@ -40,6 +40,7 @@ FIELD_KEYS = frozenset(
         "field", "comp", "sub", "width", "to", "type", "map", "system", "rep", "when",
         "value", "default", "ref", "link", "switch", "cases", "with", "note", "required",
         "unmapped", "format", "msh", "if_empty", "unless_has", "unique", "else_text",
+        "else_absent",
     }
 )  # fmt: skip
 
@@ -76,6 +77,9 @@ class FieldRule:
     # a path for the text of a value that its type cannot read (a choice's string form,
     # Immunization.occurrenceString beside occurrenceDateTime): kept there, and reported
     else_text: str | None = None
+    # a value its type cannot read marks the element absent instead: the data-absent-reason
+    # extension (code 'error') on the primitive (Period.start → Period._start)
+    else_absent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +270,7 @@ def _field_rule(raw: Any, where: str) -> FieldRule:
         unless_has=_unless_has(raw.get("unless_has"), where),
         unique=bool(raw.get("unique", False)),
         else_text=raw.get("else_text"),
+        else_absent=bool(raw.get("else_absent", False)),
     )
 
 

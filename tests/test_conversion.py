@@ -214,16 +214,24 @@ def test_explicit_null_counts_as_absent_in_rule_conditions() -> None:
     assert "multipleBirthInteger" not in patient
 
 
-def test_an_element_emptied_by_a_dropped_value_names_that_value_not_the_rules() -> None:
-    """RXA-3 and RXA-4 are MedicationAdministration.effectivePeriod, and effective[x] is
-    1..1: when neither can be read both are dropped, the resource is invalid, and what to
+_RAS_BAD_TIMES = (
+    b"RXA|0|1|20261104080000-0500|20261104080500-0500|",
+    b"RXA|0|1|2026XX|2026YY|",
+)
+
+
+def test_an_element_emptied_by_a_dropped_value_names_that_value_not_the_rules(
+    tmp_path: Path,
+) -> None:
+    """Without a fallback on its lines, RXA-3 and RXA-4 that cannot be read leave
+    MedicationAdministration.effective[x] (1..1) empty: the resource is invalid, and what to
     fix is the message's RXA-3, not a rule."""
-    msg = (EXAMPLES / "ras-o17-administration.hl7").read_bytes()
-    bad = msg.replace(
-        b"RXA|0|1|20261104080000-0500|20261104080500-0500|", b"RXA|0|1|2026XX|2026YY|"
-    )
-    assert bad != msg
-    conv = convert_hl7v2(bad, validate=True)
+    rules = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", rules)
+    seg = rules / "hl7v2" / "segments" / "RXA-MedicationAdministration.yaml"
+    seg.write_text(seg.read_text().replace(", else_absent: true", ""))
+    bad = (EXAMPLES / "ras-o17-administration.hl7").read_bytes().replace(*_RAS_BAD_TIMES)
+    conv = convert_hl7v2(bad, validate=True, mappings=rules)
     said = validation_summary(conv.report)
     assert "1 FHIR validation problem(s)" in said and "RXA[" in said  # the resource's segments
     assert "2 value(s) of the message were dropped" in said
@@ -232,9 +240,33 @@ def test_an_element_emptied_by_a_dropped_value_names_that_value_not_the_rules() 
     # the pipeline's dead letter says the same
     rec = bus.Record("ehr.hl7v2", 0, 7, 0, None, bad, (("fhirtwin-source-kind", b"hl7v2"),))
     with pytest.raises(SourceError) as info:
-        convert_record("hl7v2", rec, validate=True)
+        convert_record("hl7v2", rec, validate=True, mappings=rules)
     assert info.value.stage == "validate"
     assert "RXA-3" in info.value.reason and "replay this dead letter" in info.value.reason
+
+
+def test_administration_times_that_cannot_be_read_are_marked_absent() -> None:
+    """effective[x] has no string form: RXA-3 / RXA-4 that cannot be read become
+    data-absent-reason 'error' on effectivePeriod.start / end (else_absent), so the
+    administration stays, valid, and the loss report says what was done."""
+    bad = (EXAMPLES / "ras-o17-administration.hl7").read_bytes().replace(*_RAS_BAD_TIMES)
+    conv = convert_hl7v2(bad, validate=True)
+    assert conv.report["validation"] == []
+    first = _by_type(conv.bundle, "MedicationAdministration")[0]
+    absent = {
+        "extension": [
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                "valueCode": "error",
+            }
+        ]
+    }
+    assert first["effectivePeriod"] == {"_start": absent, "_end": absent}
+    actions = {e["field"]: e["action"] for e in conv.report["errors"]}
+    assert actions == {
+        "RXA-3": "marked absent (data-absent-reason 'error') at effectivePeriod.start",
+        "RXA-4": "marked absent (data-absent-reason 'error') at effectivePeriod.end",
+    }
 
 
 def test_an_immunization_time_that_cannot_be_read_is_kept_as_text() -> None:
