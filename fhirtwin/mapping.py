@@ -578,7 +578,7 @@ class Engine:
         if typ == "code":
 
             def conv_code(comps: Comps, st: _State, loc: str) -> Any:
-                t = text_of(comps).strip()
+                t = " ".join(text_of(comps).split())  # FHIR codes: single inner spaces only
                 if not t:
                     return None
                 if cmap is not None:
@@ -596,6 +596,8 @@ class Engine:
                 t = text_of(comps).strip()
                 if not t:
                     return None
+                if typ != "text-concept":
+                    t = " ".join(t.split())  # a code: single inner spaces only
                 if typ == "text-concept":
                     return {"text": t}
                 coding: dict[str, Any] | None
@@ -687,7 +689,8 @@ class Engine:
         def conv(comps: Comps, st: _State, loc: str) -> Any:
             default_system = own_system or st.param_system
             cmap = own_map or st.param_map
-            code = comps[0][0].strip() if comps and comps[0] else ""
+            # FHIR's code allows single inner spaces only (a decoded \.br\ is a line break)
+            code = " ".join(comps[0][0].split()) if comps and comps[0] else ""
             if not code or code == '""':
                 return None
             display = comps[1][0] if len(comps) > 1 and comps[1] else ""

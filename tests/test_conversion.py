@@ -269,6 +269,19 @@ def test_administration_times_that_cannot_be_read_are_marked_absent() -> None:
     }
 
 
+def test_a_unit_code_with_a_line_break_is_one_code() -> None:
+    """A code may hold single inner spaces only: '\\.br\\' (a line break) inside one is
+    read as a space rather than making a Quantity.code no FHIR code matches."""
+    msg = (ROOT / "tests" / "fixtures" / "hl7v2" / "pharmacy" / "rde_o11.hl7").read_bytes()
+    assert b"|mg^milligram^UCUM|" in msg
+    conv = convert_hl7v2(
+        msg.replace(b"|mg^milligram^UCUM|", b"|m\\.br\\g^milligram^UCUM|", 1), validate=True
+    )
+    assert conv.report["validation"] == []
+    flat = str(conv.bundle)
+    assert "'code': 'm g'" in flat
+
+
 def test_an_immunization_time_that_cannot_be_read_is_kept_as_text() -> None:
     """Immunization.occurrence[x] (1..1) may be a string: an unreadable RXA-3 is kept there
     (the rule's else_text), so the message stays valid and nothing is lost."""
