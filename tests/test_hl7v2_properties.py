@@ -3,7 +3,9 @@
 * parse(serialize(tree)) == tree for arbitrary message trees, with the default and with
   random delimiters;
 * parse never raises anything but HL7ParseError, split_batch never raises, on any bytes;
-* convert_hl7v2 on a mutated valid message raises only HL7ParseError or ConversionError.
+* convert_hl7v2 on a mutated valid message raises only HL7ParseError or ConversionError;
+* one component of a shipped sample set to a value senders get wrong still gives a Bundle
+  the FHIR R4 models accept (the value dropped, kept as text or marked absent, and reported).
 
 Bugs these tests found are fixed; the examples that showed them are kept as ``@example``
 regressions, replayed first on every run.
@@ -207,3 +209,65 @@ def test_convert_mutated_message_with_validation(data: bytes) -> None:
 @example(data=SAMPLE.replace("Dupré".encode(), b"Dupr\\X-E\\", 1))
 def test_convert_malformed_hex_escape_is_not_a_crash(data: bytes) -> None:
     _convert(data, validate=False)
+
+
+# --------------------------------------------------------------- values a sender got wrong
+
+_ROOT = Path(__file__).resolve().parent.parent
+_MESSAGES = [
+    m
+    for p in sorted(
+        [
+            *(_ROOT / "examples" / "hl7v2").glob("*.hl7"),
+            *(_ROOT / "tests" / "fixtures" / "hl7v2").glob("*/*.hl7"),
+        ]
+    )
+    if "tokenizer" not in p.parts
+    for m in split_batch(p.read_bytes())
+]
+# Values senders get wrong in a component: not numbers, not dates, out of range, escapes,
+# extra components or repetitions. (Empty, blank and '""' are left out, and escapes that
+# decode to blanks only: an absent value may legitimately leave a required element empty;
+# that is the validator's to report.)
+_HOSTILE = [
+    "X", "-1", "0", "1.5", ".5", "1e999", "NaN", "inf", "99999999999999999999",
+    "2025", "20251399", "20250230", "2025010112", "20250101123000+2500", "12:30",
+    "<5", ">=10", "abc^def", "A~B", "\\T\\", "\\X41\\", "a\\.br\\b", "Dupré",
+]  # fmt: skip
+
+
+@st.composite
+def one_value_wrong(draw: st.DrawFn) -> bytes:
+    """A shipped sample message with one component of one non-MSH segment replaced."""
+    msg = draw(st.sampled_from(_MESSAGES))
+    segs = msg.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")
+    body = [i for i, s in enumerate(segs) if len(s) > 4 and not s.startswith(b"MSH")]
+    i = draw(st.sampled_from(body))
+    fields = segs[i].split(b"|")
+    f = draw(st.integers(1, len(fields) - 1))
+    comps = fields[f].split(b"^")
+    c = draw(st.integers(0, len(comps) - 1))
+    comps[c] = draw(st.sampled_from(_HOSTILE)).encode("utf-8")
+    fields[f] = b"^".join(comps)
+    segs[i] = b"|".join(fields)
+    return b"\r".join(segs)
+
+
+def test_the_wrong_value_samples_convert() -> None:
+    assert len(_MESSAGES) >= 30
+    for msg in _MESSAGES:
+        assert convert_hl7v2(msg, validate=True).report["validation"] == []
+
+
+@settings(PROPS, max_examples=300)
+@given(data=one_value_wrong())
+def test_a_value_the_sender_got_wrong_still_gives_valid_fhir(data: bytes) -> None:
+    """It is dropped and reported, or kept as text where FHIR allows (``else_text``); the
+    Bundle stays valid. Found by this sweep: MSH-7 of year precision, integers beyond 32
+    bits, SFT-6 without SFT-2, RXA-3 that is not a date."""
+    try:
+        conv = convert_hl7v2(data, validate=True)
+    except HL7ParseError as exc:  # e.g. 'Dupré' in a message that declares ASCII
+        assert "MSH-18" in str(exc), exc
+        return
+    assert conv.report["validation"] == [], (conv.report["validation"][:3], conv.report["errors"])
