@@ -329,7 +329,8 @@ def _unless_has(setter: Setter, path: str, value: str) -> Setter:
 
 
 class _AsText(str):
-    """The text of a value its type could not read, on its way to an ``else_text`` path."""
+    """The text of a value its type could not read, on its way to the fallback of an
+    ``else_text`` or ``else_absent`` line."""
 
     __slots__ = ()
 
@@ -353,7 +354,7 @@ def _fallback_path(rule: FieldRule) -> str | None:
 
 def _text_if_unread(prim: ValueFn, action: str) -> ValueFn:
     """`else_text` / `else_absent`: a value the rule's type cannot read (its error just
-    reported) comes back as its text, which ``_or_text`` stores at the fallback path; the
+    reported) comes back as its text, which ``_or_fallback`` stores at the fallback path; the
     report's error says ``action`` instead of 'dropped'."""
 
     def conv(comps: Comps, st: _State, loc: str) -> Any:
@@ -368,7 +369,7 @@ def _text_if_unread(prim: ValueFn, action: str) -> ValueFn:
     return conv
 
 
-def _or_text(setter: Setter, fallback: Setter, const: dict[str, Any] | None) -> Setter:
+def _or_fallback(setter: Setter, fallback: Setter, const: dict[str, Any] | None) -> Setter:
     """Store a read value as the line says; an unread one's text (or ``const``, a fresh copy
     each time) at the fallback path."""
 
@@ -596,10 +597,9 @@ class Engine:
                 t = text_of(comps).strip()
                 if not t:
                     return None
-                if typ != "text-concept":
-                    t = " ".join(t.split())  # a code: single inner spaces only
                 if typ == "text-concept":
                     return {"text": t}
+                t = " ".join(t.split())  # a code: single inner spaces only
                 coding: dict[str, Any] | None
                 if cmap is not None:
                     hit = _translate(cmap, t, st, loc)
@@ -777,7 +777,7 @@ class Engine:
         fallback = _fallback_path(rule)
         if setter is not None and fallback:
             alt = compile_path(fallback, None, rule.source)
-            setter = _or_text(setter, alt, _ABSENT_ERROR if rule.else_absent else None)
+            setter = _or_fallback(setter, alt, _ABSENT_ERROR if rule.else_absent else None)
         leaf = codegen.Leaf(
             to=rule.to,
             setter=setter,
