@@ -126,6 +126,12 @@ class _State:
         default_factory=dict
     )
 
+    def offset_assumed(self, loc: str, text: str) -> None:
+        """A time sent without a UTC offset took the message's default one: say which."""
+        self.report.assumptions.append(
+            {"field": loc, "what": f"no UTC offset in {text!r}: used {self.offset_origin}"}
+        )
+
     def error(self, loc: str, what: str, hint: str) -> None:
         seg = self.seg
         where: dict[str, Any] = {}
@@ -326,6 +332,12 @@ def _unless_has(setter: Setter, path: str, value: str) -> Setter:
             setter(target, v)
 
     return put
+
+
+def _as_code(text: str) -> str:
+    """Text as a FHIR code, which holds single inner spaces only: ends stripped, runs of
+    whitespace (a decoded \\.br\\ is a line break) made one space."""
+    return " ".join(text.split())
 
 
 class _AsText(str):
@@ -579,7 +591,7 @@ class Engine:
         if typ == "code":
 
             def conv_code(comps: Comps, st: _State, loc: str) -> Any:
-                t = " ".join(text_of(comps).split())  # FHIR codes: single inner spaces only
+                t = _as_code(text_of(comps))
                 if not t:
                     return None
                 if cmap is not None:
@@ -599,7 +611,7 @@ class Engine:
                     return None
                 if typ == "text-concept":
                     return {"text": t}
-                t = " ".join(t.split())  # a code: single inner spaces only
+                t = _as_code(t)
                 coding: dict[str, Any] | None
                 if cmap is not None:
                     hit = _translate(cmap, t, st, loc)
@@ -639,9 +651,7 @@ class Engine:
                     st.error(loc, str(exc), "send YYYYMMDDHHMMSS with a UTC offset (+ZZZZ)")
                     return None
                 if used_default:
-                    st.report.assumptions.append(
-                        {"field": loc, "what": f"no UTC offset in {t!r}: used {st.offset_origin}"}
-                    )
+                    st.offset_assumed(loc, t)
                 return value
 
             return conv_dt
@@ -689,8 +699,7 @@ class Engine:
         def conv(comps: Comps, st: _State, loc: str) -> Any:
             default_system = own_system or st.param_system
             cmap = own_map or st.param_map
-            # FHIR's code allows single inner spaces only (a decoded \.br\ is a line break)
-            code = " ".join(comps[0][0].split()) if comps and comps[0] else ""
+            code = _as_code(comps[0][0]) if comps and comps[0] else ""
             if not code or code == '""':
                 return None
             display = comps[1][0] if len(comps) > 1 and comps[1] else ""
@@ -1708,10 +1717,7 @@ def msh_time(msg: Message, st: _State) -> str | None:
         st.error("MSH-7", str(exc), "send MSH-7 as YYYYMMDDHHMMSS+ZZZZ")
         return None
     if used_default and not any(a.get("field") == "MSH-7" for a in st.report.assumptions):
-        # a rule that maps MSH-7 (EVN's, some messages') reports it already
-        st.report.assumptions.append(
-            {"field": "MSH-7", "what": f"no UTC offset in {t!r}: used {st.offset_origin}"}
-        )
+        st.offset_assumed("MSH-7", t)  # unless a rule that maps MSH-7 (EVN's) did already
     return value
 
 
