@@ -31,6 +31,7 @@ make from the corpus and on mutations of them.
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 import typing
@@ -39,7 +40,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-__all__ = ["accepts", "cache_info"]
+__all__ = ["accepts", "cache_info", "required_elements"]
 
 # field kinds
 _PRIM, _MODEL, _RESOURCE = 1, 2, 3
@@ -191,6 +192,34 @@ def _resource_table(resource_type: Any) -> _Table | None:
     if len(_by_type) < 1000:  # the R4 resource types, and a few misspellings
         _by_type[resource_type] = table
     return table
+
+
+@functools.lru_cache(maxsize=1024)
+def required_elements(resource_type: str) -> tuple[tuple[str, frozenset[str]], ...]:
+    """What a resource of this type must have, as the models say: (label, the JSON keys any
+    of which satisfies it) per element: ``("vaccineCode", {"vaccineCode"})``, a primitive
+    with its extension ``("status", {"status", "_status"})``, a choice
+    ``("occurrence[x]", {"occurrenceDateTime", "_occurrenceDateTime", ...})``. Read from
+    the model's fields only (no value validators built). Empty for a type not modelled."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    try:
+        klass = get_fhir_model_class(resource_type)
+    except (KeyError, ValueError, AttributeError, ImportError):
+        return ()
+    out: list[tuple[str, frozenset[str]]] = []
+    choices: dict[str, set[str]] = {}
+    for name, info in klass.model_fields.items():
+        alias = info.alias or name
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("one_of_many") and extra.get("one_of_many_required") is True:
+            choices.setdefault(str(extra["one_of_many"]), set()).update((alias, "_" + alias))
+        elif info.is_required():
+            out.append((alias, frozenset((alias,))))
+        elif extra.get("element_required"):
+            out.append((alias, frozenset((alias, "_" + alias))))
+    out.extend((f"{group}[x]", frozenset(keys)) for group, keys in choices.items())
+    return tuple(out)
 
 
 def _prim(f: _Field, value: Any) -> bool:

@@ -451,6 +451,8 @@ class Engine:
         self._footprints: dict[str, frozenset[int] | None] = {}
         self._segments: dict[str, _CompiledSegment] = {}
         self._plans: dict[str, dict[str, list[tuple[Any, Any]]]] = {}
+        # resourceType → (element label, the keys any of which satisfies it)
+        self._needs: dict[str, tuple[tuple[str, frozenset[str]], ...]] = {}
         for name in rules.segments:
             self._segments[name] = self._compile_segment(rules.segments[name])
 
@@ -1117,6 +1119,8 @@ class Engine:
             report=_Report(),
             message_key=f"{sender}|{msg.control_id}",
         )
+        if mrule.requires:
+            self._check_requires(msg, mrule)
         by_segment = self._plan(mrule)
         zsegs: list[Segment] = []
         for seg in msg.segments:
@@ -1160,9 +1164,138 @@ class Engine:
         for n in (1, 2, 7, 9, 10, 12):
             _mark(st, 0, n, None, True)
         self._zsegments(zsegs, st)
+        self._check_complete(mrule, st)
         bundle = self._bundle(msg, mrule, st, sender)
         report = self._report(msg, mrule, st, sender)
         return bundle, report
+
+    def _check_requires(self, msg: Message, mrule: MessageRule) -> None:
+        """A message without a segment its type cannot do without (an ADT without PID) is
+        rejected whole: what it would make belongs to no one, or to the wrong twin."""
+        names = {s.name for s in msg.segments}
+        for name, means in mrule.requires:
+            if name not in names:
+                sent = f"{msg.message_code}^{msg.trigger_event}"
+                raise ConversionError(
+                    f"this {sent} message has no {name} segment ({means})",
+                    hint=f"every {sent} needs {name} (messages/{mrule.name}.yaml 'requires', "
+                    "as the HL7 v2 message structure has it): have the sender include it, "
+                    "then replay the message",
+                    field=name,
+                    control_id=msg.control_id,
+                )
+
+    def _check_complete(self, mrule: MessageRule, st: _State) -> None:
+        """Every resource the rules made has what FHIR R4 requires of its type (by the R4B
+        models: ``Immunization.vaccineCode``, ``Condition.subject``, a ``status``, one
+        ``occurrence[x]``), else the message is rejected with the segment and field that
+        should have given it. Validation would reject such a resource too, but only says
+        what is missing; and with validation off it would reach the twin, or, missing its
+        patient, no twin at all. A presence check per resource: ~0.2 µs."""
+        needs = self._needs
+        for res in st.resources.values():
+            rtype = res["resourceType"]
+            need = needs.get(rtype)
+            if need is None:
+                from fhirtwin.fastcheck import required_elements
+
+                need = needs[rtype] = required_elements(rtype)
+            for label, keys in need:
+                if res.keys().isdisjoint(keys):
+                    self._incomplete(mrule, st, res, label, keys)
+
+    def _sources(
+        self, mrule: MessageRule, rtype: str, keys: frozenset[str]
+    ) -> list[tuple[str, FieldRule]]:
+        """(segment, rule line) of this message type that can write one of ``keys`` on a
+        resource of type ``rtype``."""
+        made = {e.as_: self._segments[e.rule].rule.resource for e in mrule.entries if e.as_}
+        out: list[tuple[str, FieldRule]] = []
+        for e in mrule.entries:
+            rule = self._segments[e.rule].rule
+            if (rule.resource if not e.into else made.get(e.into[0])) != rtype:
+                continue
+            lines = [c for fr in rule.fields for c in (fr, *(fr.cases or {}).values())]
+            for fr in lines:
+                if fr.to and fr.to.split(".")[0].removesuffix("[]") in keys:
+                    out.append((e.segment, fr))
+        return out
+
+    def _incomplete(
+        self, mrule: MessageRule, st: _State, res: dict[str, Any], label: str, keys: frozenset
+    ) -> None:
+        msg = st.msg
+        tags = _lineage_of(res).split(",")  # "ORC[3],RXA[4]": the segments that made it
+        first = tags[0]
+        seg = msg.segments[int(first[first.index("[") + 1 : -1]) - 1]
+        joined: dict[str, str] = {}  # segment name → "segment N" of the first that joined
+        for t in tags:
+            if "[" in t:
+                joined.setdefault(t[: t.index("[")], f"segment {t[t.index('[') + 1 : -1]}")
+        rtype = res["resourceType"]
+        article = "an" if rtype[0] in "AEIOU" else "a"
+        sources = self._sources(mrule, rtype, keys)
+        fields = {f"{name}-{fr.field}" for name, fr in sources if fr.field}
+        dropped = next(
+            (
+                d
+                for d in st.report.errors
+                if str(d.get("field", "")).split(".")[0] in fields
+                and f"{d.get('segment')}[{d.get('segment_index')}]" in tags
+            ),
+            None,
+        )
+        refs = [fr.ref for _, fr in sources if fr.ref]
+        empty = [(f"{n}-{fr.field}", joined[n]) for n, fr in sources if fr.field and n in joined]
+        absent = [name for name, fr in sources if fr.field and name not in joined]
+        if dropped is not None:
+            why = f"it comes from {dropped['field']}, whose value was dropped: {dropped['error']}"
+            hint = "fix that value in the message (or the sender profile), then replay it"
+        elif refs:
+            slot = refs[0]
+            makers = list(dict.fromkeys(e.segment for e in mrule.entries if e.as_ == slot))
+            maker = " or ".join(makers) or slot
+            later = next((s for s in msg.segments[seg.index + 1 :] if s.name in makers), None)
+            why = f"it refers to the {slot} made from {maker}, and "
+            if not makers:
+                why += f"messages/{mrule.name}.yaml makes no {slot!r}"
+                hint = f"add a segment entry with 'as: {slot}' to messages/{mrule.name}.yaml"
+            elif later is not None:
+                why += f"{later.name} comes after it (segment {later.index + 1})"
+                hint = (
+                    f"send {later.name} before the segments that refer to it, in the order "
+                    "of the HL7 v2 message structure, then replay the message"
+                )
+            else:
+                why += f"the message has no {maker}"
+                hint = f"have the sender include {maker}, then replay the message"
+        elif empty:
+            said = " or ".join(dict.fromkeys(f"{f} ({where})" for f, where in empty))
+            why = f"it comes from {said}, which the message left empty"
+            hint = f"have the sender fill {empty[0][0]}, then replay the message"
+        elif absent:
+            names = " or ".join(dict.fromkeys(absent))
+            elsewhere = [s for s in msg.segments if s.name in absent]
+            why = f"it comes from {names}, and no {names} came with this {seg.name}"
+            if elsewhere:
+                other = elsewhere[0]
+                why += f" (the {other.name} at segment {other.index + 1} is not in its group)"
+            hint = (
+                f"send {names} in the {seg.name}'s group, as the HL7 v2 message structure has "
+                "it, then replay the message"
+            )
+        else:
+            why = f"no rule of messages/{mrule.name}.yaml gives it"
+            hint = f"add a line that fills {rtype}.{label} to the rules of {seg.name}"
+        raise ConversionError(
+            f"{seg.name} made {article} {rtype} without {label}, which FHIR R4 requires: {why}",
+            hint=hint,
+            field=seg.name,
+            control_id=msg.control_id,
+            segment=seg.name,
+            segment_index=seg.index + 1,
+            byte_offset=msg.byte_offset(seg.offset),
+        )
 
     def _plan(self, mrule: MessageRule) -> dict[str, list[tuple[Any, Any]]]:
         """Entries of a message rule by segment name, with their conditions compiled (cached)."""

@@ -9,6 +9,7 @@ format is documented in ``docs/mappings.md``.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +35,8 @@ __all__ = [
 class MappingError(ValueError):
     """A rule file is wrong: says which file, which key, and what to do."""
 
+
+_SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}")
 
 FIELD_KEYS = frozenset(
     {
@@ -128,6 +131,9 @@ class MessageRule:
     entries: tuple[MessageEntry, ...]
     source: str
     bundle: str = "batch"
+    # segments a message of this type cannot do without → what each stands for
+    # ("PID": "the patient the message is about"); one missing rejects the message
+    requires: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,15 +353,26 @@ def _load_message(path: Path, raw_all: dict[str, Any], seen: tuple[str, ...] = (
     if not isinstance(raw, dict):
         raise MappingError(f"{where}: expected a mapping with 'extends' and/or 'segments'")
     entries: list[MessageEntry] = []
+    requires: dict[str, str] = {}
     base = raw.get("extends")
     if base:
         if base not in raw_all:
             raise MappingError(f"{where}: extends {base!r}, but there is no messages/{base}.yaml")
         if base in seen:
             raise MappingError(f"{where}: 'extends' loops through {' → '.join(seen)}")
-        entries.extend(
-            _load_message(path.with_name(base + ".yaml"), raw_all, (*seen, path.stem)).entries
+        parent = _load_message(path.with_name(base + ".yaml"), raw_all, (*seen, path.stem))
+        entries.extend(parent.entries)
+        requires.update(parent.requires)
+    own = raw.get("requires") or {}
+    if not isinstance(own, dict) or not all(
+        isinstance(k, str) and _SEGMENT_NAME.fullmatch(k) and isinstance(v, str) and v.strip()
+        for k, v in own.items()
+    ):
+        raise MappingError(
+            f"{where} requires: expected segment names, each with what it stands for, "
+            "e.g. 'PID: the patient the message is about'"
         )
+    requires.update(own)
     listed = raw.get("segments") or []  # "segments:" with nothing under it: none of its own
     if not isinstance(listed, list):
         raise MappingError(f"{where} segments: expected a list of entries, one per '- {{…}}'")
@@ -379,7 +396,9 @@ def _load_message(path: Path, raw_all: dict[str, Any], seen: tuple[str, ...] = (
     drop = set(raw.get("drop", ()))
     if drop:
         entries = [e for e in entries if e.rule not in drop and e.segment not in drop]
-    return MessageRule(path.stem, tuple(entries), where, raw.get("bundle", "batch"))
+    return MessageRule(
+        path.stem, tuple(entries), where, raw.get("bundle", "batch"), tuple(requires.items())
+    )
 
 
 def _load_codes(path: Path) -> CodeMap:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,25 +225,41 @@ def test_an_element_emptied_by_a_dropped_value_names_that_value_not_the_rules(
     tmp_path: Path,
 ) -> None:
     """Without a fallback on its lines, RXA-3 and RXA-4 that cannot be read leave
-    MedicationAdministration.effective[x] (1..1) empty: the resource is invalid, and what to
-    fix is the message's RXA-3, not a rule."""
+    MedicationAdministration.effective[x] (1..1) empty: the message is rejected, and what to
+    fix is the message's RXA-3, not a rule, with or without validation."""
     rules = tmp_path / "mappings"
     shutil.copytree(ROOT / "mappings", rules)
     seg = rules / "hl7v2" / "segments" / "RXA-MedicationAdministration.yaml"
     seg.write_text(seg.read_text().replace(", else_absent: true", ""))
     bad = (EXAMPLES / "ras-o17-administration.hl7").read_bytes().replace(*_RAS_BAD_TIMES)
-    conv = convert_hl7v2(bad, validate=True, mappings=rules)
-    said = validation_summary(conv.report)
-    assert "1 FHIR validation problem(s)" in said and "RXA[" in said  # the resource's segments
-    assert "2 value(s) of the message were dropped" in said
-    assert "first RXA-3: '2026XX' is not a v2 date/time" in said
-    assert "fix the message" in said
+    for validate in (False, True):
+        with pytest.raises(ConversionError) as exc:
+            convert_hl7v2(bad, validate=validate, mappings=rules)
+        err = exc.value.to_dict()
+        assert err["segment"] == "ORC" and err["segment_index"] == 4  # what made it
+        assert err["error"].startswith(
+            "ORC made a MedicationAdministration without effective[x], which FHIR R4 "
+            "requires: it comes from RXA-3, whose value was dropped: '2026XX' is not a v2 "
+            "date/time"
+        )
+        assert err["hint"].startswith("fix that value in the message")
     # the pipeline's dead letter says the same
     rec = bus.Record("ehr.hl7v2", 0, 7, 0, None, bad, (("fhirtwin-source-kind", b"hl7v2"),))
     with pytest.raises(SourceError) as info:
         convert_record("hl7v2", rec, validate=True, mappings=rules)
-    assert info.value.stage == "validate"
-    assert "RXA-3" in info.value.reason and "replay this dead letter" in info.value.reason
+    assert info.value.stage == "map"
+    assert "from RXA-3, whose value was dropped" in info.value.reason
+
+
+def test_a_validation_summary_names_the_first_dropped_value() -> None:
+    problem = {"path": "entry[3].resource.code", "source": "OBX[5]", "error": "Field required"}
+    dropped = {"field": "OBX-3", "error": "'' is not a code"}
+    said = validation_summary({"validation": [problem], "errors": [dropped]})
+    assert said.startswith(
+        "1 FHIR validation problem(s), first: entry[3].resource.code (OBX[5]): Field required"
+    )
+    assert "1 value(s) of the message were dropped as invalid, first OBX-3" in said
+    assert "fix the message" in said
 
 
 def test_administration_times_that_cannot_be_read_are_marked_absent() -> None:
@@ -343,6 +360,23 @@ def _rules_with(tmp_path: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
         (rules / rel).write_text(text)
     return rules
+
+
+def _zxb_rules(tmp_path: Path, resource: str, lines: str) -> Path:
+    """Rules for a made-up ZXB^Z01 message: MSH, then ZXB → one ``resource`` (id: message)
+    with the given rule lines."""
+    return _rules_with(
+        tmp_path,
+        {
+            f"hl7v2/segments/ZXB-{resource}.yaml": (
+                f"segment: ZXB\nresource: {resource}\nid: message\nfields:\n{lines}"
+            ),
+            "hl7v2/messages/ZXB_Z01.yaml": (
+                "segments:\n  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
+                f"  - {{segment: ZXB, rule: ZXB-{resource}}}\n"
+            ),
+        },
+    )
 
 
 def _profile(tmp_path: Path, text: str) -> Path:
@@ -565,20 +599,10 @@ def test_an_allergy_resent_in_a_later_message_keeps_its_id() -> None:
 
 def test_a_rule_that_breaks_on_a_message_gives_a_conversion_error(tmp_path: Path) -> None:
     # Two lines writing a text and then an object under it: a rule bug, not a message bug.
-    rules = _rules_with(
+    rules = _zxb_rules(
         tmp_path,
-        {
-            "hl7v2/segments/ZXB-Observation.yaml": (
-                "segment: ZXB\nresource: Observation\nid: message\nfields:\n"
-                "  - {to: status, value: final}\n"
-                "  - {field: 1, to: code}\n"
-                "  - {field: 2, to: code.text}\n"
-            ),
-            "hl7v2/messages/ZXB_Z01.yaml": (
-                "segments:\n  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
-                "  - {segment: ZXB, rule: ZXB-Observation}\n"
-            ),
-        },
+        "Observation",
+        "  - {to: status, value: final}\n  - {field: 1, to: code}\n  - {field: 2, to: code.text}\n",
     )
     msg = b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ZXB^Z01|Z2|P|2.5\rZXB|a|b\r"
     with pytest.raises(ConversionError) as exc:
@@ -590,31 +614,22 @@ def test_a_rule_that_breaks_on_a_message_gives_a_conversion_error(tmp_path: Path
 
 def test_rule_options_unless_has_and_unique(tmp_path: Path) -> None:
     plac = "{type: {coding: [{code: PLAC}]}}"
-    rules = _rules_with(
+    rules = _zxb_rules(
         tmp_path,
-        {
-            "hl7v2/segments/ZXB-ServiceRequest.yaml": (
-                "segment: ZXB\nresource: ServiceRequest\nid: message\nfields:\n"
-                "  - {to: status, value: active}\n"
-                "  - {to: intent, value: order}\n"
-                f"  - {{field: 1, to: 'identifier[]', type: EI, with: {plac}}}\n"
-                f"  - {{field: 2, to: 'identifier[]', type: EI, with: {plac}, "
-                "unless_has: {path: identifier.type.coding.code, value: PLAC}}\n"
-                "  - {field: 3, to: 'note[].text', rep: all}\n"
-                "  - {field: 4, to: 'note[].text', rep: all, unique: true}\n"
-            ),
-            "hl7v2/messages/ZXB_Z01.yaml": (
-                "segments:\n"
-                "  - {segment: MSH, rule: MSH-MessageHeader, as: header}\n"
-                "  - {segment: ZXB, rule: ZXB-ServiceRequest}\n"
-            ),
-        },
+        "Observation",
+        "  - {to: status, value: final}\n"
+        "  - {to: code.text, value: test}\n"
+        f"  - {{field: 1, to: 'identifier[]', type: EI, with: {plac}}}\n"
+        f"  - {{field: 2, to: 'identifier[]', type: EI, with: {plac}, "
+        "unless_has: {path: identifier.type.coding.code, value: PLAC}}\n"
+        "  - {field: 3, to: 'note[].text', rep: all}\n"
+        "  - {field: 4, to: 'note[].text', rep: all, unique: true}\n",
     )
     head = b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ZXB^Z01|Z1|P|2.5\r"
 
     def order(line: bytes) -> dict:
         conv = convert_hl7v2(head + line + b"\r", mappings=rules)
-        return _by_type(conv.bundle, "ServiceRequest")[0]
+        return _by_type(conv.bundle, "Observation")[0]
 
     first = order(b"ZXB|P1|P2|a|a~b")
     assert [i["value"] for i in first["identifier"]] == ["P1"]  # P2 skipped: a PLAC is there
@@ -645,3 +660,179 @@ def test_a_malformed_message_rule_file_says_where(
     with pytest.raises(MappingError, match=r"ADT_A34\.yaml") as err:
         load_rules(rules)
     assert says in str(err.value)
+
+
+def _without(sample: str, *names: bytes) -> bytes:
+    """A shipped sample with every segment of the given names left out."""
+    data = (EXAMPLES / sample).read_bytes()
+    lines = data.replace(b"\r\n", b"\r").split(b"\r")
+    return b"\r".join(x for x in lines if x[:3] not in names)
+
+
+@pytest.mark.parametrize(
+    ("sample", "sent"),
+    [("adt-a01-admit.hl7", "ADT^A01"), ("vxu-v04-flu.hl7", "VXU^V04")],
+)
+def test_a_message_without_the_patient_its_type_requires_is_rejected(
+    sample: str, sent: str
+) -> None:
+    # ADT and VXU name their patient in PID (HL7 v2 message structures): without it the
+    # allergy, diagnosis or vaccination would belong to no one, so nothing is made.
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(_without(sample, b"PID"))
+    err = exc.value.to_dict()
+    assert err["field"] == "PID"
+    assert f"this {sent} message has no PID segment" in err["error"]
+    assert "include it" in err["hint"] and "'requires'" in err["hint"]
+
+
+def test_a_merge_without_mrg_is_rejected_not_taken_as_an_update() -> None:
+    msg = _without("adt-a01-admit.hl7", b"NK1", b"AL1", b"DG1").replace(
+        b"ADT^A01^ADT_A01", b"ADT^A40^ADT_A39"
+    )
+    convert_hl7v2(msg.replace(b"\rPV1", b"\rMRG|MRN1^^^NORTHGEN^MR\rPV1"), validate=True)
+    with pytest.raises(ConversionError, match="no MRG segment"):
+        convert_hl7v2(msg)
+
+
+def test_results_without_a_patient_convert_only_where_fhir_allows() -> None:
+    # ORU's patient group is optional in HL7 v2 (results on an environmental specimen), and
+    # an Observation's subject is optional in FHIR: OBX alone converts.
+    alone = _without("oru-r01-cmp.hl7", b"PID", b"PV1", b"ORC", b"OBR")
+    conv = convert_hl7v2(alone, validate=True)
+    assert conv.ok, conv.report["validation"]
+    observations = _by_type(conv.bundle, "Observation")
+    assert len(observations) == 4 and not any("subject" in o for o in observations)
+    # but the order's ServiceRequest must have a subject: the whole message is rejected
+    # at the first segment that needs the patient, not turned into an order for no one
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(_without("oru-r01-cmp.hl7", b"PID"))
+    err = exc.value.to_dict()
+    assert (err["segment"], err["segment_index"]) == ("ORC", 3)
+    assert err["error"] == (
+        "ORC made a ServiceRequest without subject, which FHIR R4 requires: it refers to the "
+        "patient made from PID, and the message has no PID"
+    )
+    assert err["hint"] == "have the sender include PID, then replay the message"
+
+
+def test_a_resource_that_needs_the_patient_before_any_pid_is_rejected() -> None:
+    # ORM's patient group is optional, but a Condition must have a subject: a DG1 with no
+    # PID before it cannot become one. Where the PID is, the error says.
+    head, pid, dg1 = (
+        b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ORM^O01^ORM_O01|R1|P|2.5\r",
+        b"PID|1||MRN1^^^FAC^MR||Doe^Jo\r",
+        b"DG1|1||I10^Hypertension^I10\r",
+    )
+    good = convert_hl7v2(head + pid + dg1, validate=True)
+    assert good.ok and _by_type(good.bundle, "Condition")[0]["subject"]["reference"]
+
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(head + dg1)
+    err = exc.value.to_dict()
+    assert (err["segment"], err["segment_index"], err["byte_offset"]) == ("DG1", 2, len(head))
+    assert err["error"] == (
+        "DG1 made a Condition without subject, which FHIR R4 requires: it refers to the "
+        "patient made from PID, and the message has no PID"
+    )
+
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(head + dg1 + pid)
+    assert "PID comes after it (segment 3)" in str(exc.value)
+    assert "send PID before the segments that refer to it" in exc.value.hint
+
+
+def test_a_reference_filled_by_a_later_segment_is_not_missing() -> None:
+    # REF^I12 sends RF1 before PID; the referral's subject comes from the PID after it.
+    msg = (
+        b"MSH|^~\\&|APP|FAC|||20260101120000+0000||REF^I12^REF_I12|F1|P|2.5\r"
+        b"RF1|P^Pending^HL70283|||||REF1\r"
+        b"PID|1||MRN1^^^FAC^MR||Doe^Jo\r"
+    )
+    conv = convert_hl7v2(msg, validate=True)
+    assert conv.ok, conv.report["validation"]
+    (referral,) = _by_type(conv.bundle, "ServiceRequest")
+    (patient,) = _by_type(conv.bundle, "Patient")
+    assert referral["subject"] == {"reference": f"Patient/{patient['id']}"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "extends: _ADT_EVENT\nrequires: [MRG]\nsegments:\n",
+        "extends: _ADT_EVENT\nrequires: {mrg: the record}\nsegments:\n",
+        "extends: _ADT_EVENT\nrequires: {MRG: ''}\nsegments:\n",
+    ],
+)
+def test_a_malformed_requires_says_what_to_write(tmp_path: Path, text: str) -> None:
+    from fhirtwin.rules import load_rules
+
+    rules = _rules_with(tmp_path, {"hl7v2/messages/ADT_A34.yaml": text})
+    with pytest.raises(MappingError, match=r"ADT_A34\.yaml requires: .*'PID: the patient"):
+        load_rules(rules)
+
+
+def test_requires_is_inherited_and_extended() -> None:
+    from fhirtwin.rules import load_rules
+
+    messages = load_rules(None).messages
+    assert dict(messages["ADT_A40"].requires) == {
+        "PID": "the patient the message is about",
+        "MRG": "the patient record merged into this one",
+    }
+    assert dict(messages["BAR_P01"].requires) == {"PID": "the patient the message is about"}
+    assert not messages["ORU_R01"].requires  # HL7 v2: ORU's patient group is optional
+
+
+_VACCINE = b"150^Influenza, injectable, quadrivalent, preservative free^CVX"
+
+
+@pytest.mark.parametrize(
+    ("change", "why", "hint"),
+    [
+        (
+            lambda m: m.replace(_VACCINE, b""),
+            "ORC made an Immunization without vaccineCode, which FHIR R4 requires: it comes "
+            "from RXA-5 (segment 4), which the message left empty",
+            "have the sender fill RXA-5, then replay the message",
+        ),
+        (
+            lambda m: m.replace(_VACCINE, b'""'),  # HL7's null: no vaccine either
+            "it comes from RXA-5 (segment 4), which the message left empty",
+            "have the sender fill RXA-5",
+        ),
+        (
+            lambda m: _without("vxu-v04-flu.hl7", b"RXA"),
+            "ORC made an Immunization without status, which FHIR R4 requires: it comes from "
+            "RXA, and no RXA came with this ORC",
+            "send RXA in the ORC's group",
+        ),
+    ],
+)
+def test_an_order_without_what_its_group_must_give_names_the_segment_and_field(
+    change: Any, why: str, hint: str
+) -> None:
+    # With validation off too: an Immunization without a vaccine must not reach the twin.
+    msg = change((EXAMPLES / "vxu-v04-flu.hl7").read_bytes())
+    for validate in (False, True):
+        with pytest.raises(ConversionError) as exc:
+            convert_hl7v2(msg, validate=validate)
+        err = exc.value.to_dict()
+        assert (err["segment"], err["segment_index"]) == ("ORC", 3)
+        assert why in err["error"] and err["hint"].startswith(hint)
+
+
+def test_a_required_element_no_rule_fills_is_a_rules_error(tmp_path: Path) -> None:
+    rules = _zxb_rules(
+        tmp_path,
+        "ServiceRequest",
+        "  - {to: status, value: active}\n  - {field: 1, to: intent, type: code}\n",
+    )
+    msg = b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ZXB^Z01|Z3|P|2.5\rZXB|order\r"
+    with pytest.raises(ConversionError) as exc:
+        convert_hl7v2(msg, mappings=rules)
+    assert str(exc.value).startswith(
+        "ZXB made a ServiceRequest without subject, which FHIR R4 requires: no rule of "
+        "messages/ZXB_Z01.yaml gives it"
+    )
+    assert exc.value.hint == "add a line that fills ServiceRequest.subject to the rules of ZXB"
