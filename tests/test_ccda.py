@@ -218,6 +218,19 @@ def test_a_required_value_left_out_names_the_document_not_the_rules() -> None:
     assert "fix the document" in msg
 
 
+def test_a_problem_without_a_coded_value_keeps_its_text() -> None:
+    # Condition.code falls back to the entry's text: a CodeableConcept's text, never a
+    # bare string (which the models reject and which, with validation off, was kept).
+    data = FIXTURE.read_bytes()
+    value = data[data.index(b'<value xsi:type="CD" code="195967001"') :]
+    value = value[: value.index(b"/>") + 2]
+    out = ccda.convert(
+        data.replace(value, b"<text>Asthma, as the patient put it</text>"), validate=True
+    )
+    texts = [c["code"] for c in _resources(out, "Condition") if "coding" not in c["code"]]
+    assert texts == [{"text": "Asthma, as the patient put it"}]
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
