@@ -469,6 +469,7 @@ class Doc:
         self.section: Any = None
         self.patient_ref: dict[str, str] | None = None
         self.warnings: list[dict[str, Any]] = []
+        self.unreadable = 0  # the first n warnings: values left out as unreadable (_finish)
         self.paths: dict[Any, str] = {}  # element → xpath_of, see Doc.xpath
         self.systems: dict[str, str | None] = {}  # OID → URI, see Doc.system
 
@@ -1599,7 +1600,7 @@ def convert(
         ],
     }
     if validate:
-        _raise_invalid(bundle, source, doc.warnings)
+        _raise_invalid(bundle, source, doc.warnings[: doc.unreadable])
     return bundle
 
 
@@ -1631,16 +1632,7 @@ def _raise_invalid(
     prefix = f"entry[{i}].resource"
     mine = [p for p in problems if p["path"].startswith(prefix)]
     res = bundle["entry"][i]["resource"]
-    left_out = [w for w in warnings if w.get("xpath")]
-    if left_out:
-        first = left_out[0]
-        hint = (
-            f"{len(left_out)} value(s) of the document were left out as unreadable, first "
-            f"line {first['line']}, {first['xpath']}: {first['warning']}; if that is the "
-            "missing element, fix the document, else the rule in mappings/ccda/rules/"
-        )
-    else:
-        hint = "fix the rule in mappings/ccda/rules/"
+    hint = _left_out_hint(warnings, "fix the rule in mappings/ccda/rules/")
     invalid = CcdaError(
         f"{res['resourceType']}/{res['id']}: {len(mine)} FHIR R4 problem(s), "
         f"first at {at[len(prefix) :]}: {problems[0]['error']}",
@@ -1651,22 +1643,80 @@ def _raise_invalid(
     raise invalid
 
 
+def _left_out_hint(warnings: Sequence[dict[str, Any]], otherwise: str) -> str:
+    """What to fix when a required element is empty: the first value of the document that
+    was left out as unreadable, if any (it may be the missing one), else ``otherwise``."""
+    left_out = [w for w in warnings if w.get("xpath")]
+    if not left_out:
+        return otherwise
+    first = left_out[0]
+    return (
+        f"{len(left_out)} value(s) of the document were left out as unreadable, first "
+        f"line {first['line']}, {first['xpath']}: {first['warning']}; if that is the "
+        "missing element, fix the document, else the rule in mappings/ccda/rules/"
+    )
+
+
 def _finish(doc: Doc) -> list[dict[str, Any]]:
-    """Composition first (as in a FHIR document), then the rest in the order made;
-    resources that ended up with nothing but their id are dropped with the references
-    to them."""
-    out = []
-    for res in doc.order:
-        if len(res) <= 2:
-            continue
-        out.append(res)
-    kept = {f"{r['resourceType']}/{r['id']}" for r in out}
-    dropped = {f"{r['resourceType']}/{r['id']}" for r in doc.order} - kept
-    if dropped:
+    """Composition first (as in a FHIR document), then the rest in the order made.
+    Resources that ended up with nothing but their id are dropped with the references to
+    them; so is one without an element FHIR R4 requires of its type (an Observation whose
+    entry has no code, a MedicationStatement whose product names no medication), with a
+    warning at its element: like an unreadable value, it costs that entry, not the
+    document. Dropping one may empty a required reference of another: checked again."""
+    from fhirtwin.fastcheck import required_elements
+
+    doc.unreadable = len(doc.warnings)
+    source = {id(res): el for (_, el), res in doc.made.items()}
+    out = [res for res in doc.order if len(res) > 2]
+    out.sort(key=lambda r: r["resourceType"] != "Composition")  # checked first, below
+    dropped = {f"{r['resourceType']}/{r['id']}" for r in doc.order if len(r) <= 2}
+    while True:
+        if dropped:
+            for res in out:
+                _prune_refs(res, dropped)
+        incomplete = []
         for res in out:
-            _prune_refs(res, dropped)
-    out.sort(key=lambda r: r["resourceType"] != "Composition")
+            missing = [
+                label
+                for label, keys in required_elements(res["resourceType"])
+                if res.keys().isdisjoint(keys)
+            ]
+            if missing:
+                el = source.get(id(res))
+                if res["resourceType"] == "Composition":
+                    raise _incomplete_document(doc, res, missing, el)
+                incomplete.append(res)
+                doc.warn(
+                    el if el is not None else doc.root,
+                    f"{res['resourceType']} left out: it has no {', '.join(missing)}, which "
+                    "FHIR R4 requires; add it to this entry of the document",
+                )
+        if not incomplete:
+            break
+        gone = {id(r) for r in incomplete}
+        out = [r for r in out if id(r) not in gone]
+        dropped = {f"{r['resourceType']}/{r['id']}" for r in incomplete}
     return out
+
+
+def _incomplete_document(doc: Doc, res: dict[str, Any], missing: list[str], el: Any) -> CcdaError:
+    """The Composition is the document itself: without what FHIR R4 requires of it (its
+    date, title, author), the document is refused, naming the value that was left out as
+    unreadable if there was one (the document's to fix), else the header rules."""
+    hint = _left_out_hint(
+        doc.warnings[: doc.unreadable],
+        "fix the document's header, or the rule in mappings/ccda/rules/header.yaml",
+    )
+    line, xpath = doc.where(el if el is not None else doc.root)
+    err = CcdaError(
+        f"Composition/{res['id']} has no {', '.join(missing)}, which FHIR R4 requires",
+        line=line,
+        xpath=xpath,
+        hint=hint,
+    )
+    err.source = doc.source
+    return err
 
 
 def _prune_refs(obj: Any, dropped: set[str]) -> Any:

@@ -206,16 +206,66 @@ def test_a_quantity_no_fhir_decimal_holds_is_a_bad_value_not_a_bad_rule(number: 
 
 def test_a_required_value_left_out_names_the_document_not_the_rules() -> None:
     """The document's effectiveTime is Composition.date (1..1): unreadable, it is left out,
-    and the validation error points at the document's value, with its line and XPath."""
+    and the document is refused (with validation or without: the Composition is the
+    document), naming the document's value, with its line and XPath."""
     data = FIXTURE.read_bytes().replace(
         b'<effectiveTime value="20240301103000-0500"/>', b'<effectiveTime value="20240230"/>'
     )
-    with pytest.raises(ccda.CcdaError) as info:
-        ccda.convert(data, source="doc.xml", validate=True)
-    msg = str(info.value)
-    assert "Composition/" in msg and ".date" in msg
-    assert "line 11, /ClinicalDocument/effectiveTime" in msg and "'20240230'" in msg
-    assert "fix the document" in msg
+    for validate in (True, False):
+        with pytest.raises(ccda.CcdaError) as info:
+            ccda.convert(data, source="doc.xml", validate=validate)
+        msg = str(info.value)
+        assert msg.startswith("doc.xml:3 (/ClinicalDocument): Composition/")
+        assert "has no date, which FHIR R4 requires" in msg
+        assert "line 11, /ClinicalDocument/effectiveTime" in msg and "'20240230'" in msg
+        assert "fix the document" in msg
+
+
+@pytest.mark.parametrize(
+    ("cut", "rtype", "missing"),
+    [
+        # a vital sign whose code is gone (and with it the panel, which needs both)
+        (b'<code code="8480-6" codeSystem="2.16.840.1.113883.6.1" displayName="Systolic blood '
+         b'pressure"/>', "Observation", "code"),
+        # a medication whose product names nothing
+        (b'<manufacturedMaterial><code code="314076" codeSystem="2.16.840.1.113883.6.88" '
+         b'displayName="lisinopril 10 MG Oral Tablet"/></manufacturedMaterial>',
+         "MedicationStatement", "medication[x]"),
+    ],
+)  # fmt: skip
+def test_an_entry_without_what_fhir_requires_is_left_out_and_reported(
+    cut: bytes, rtype: str, missing: str
+) -> None:
+    """Like an unreadable value, an entry that cannot make a valid resource costs that
+    entry, not the document: left out, with its line and XPath, and nothing refers to it."""
+    data = FIXTURE.read_bytes()
+    assert data.count(cut) == 1
+    whole = ccda.convert(data, validate=True)
+    warnings: list[dict[str, Any]] = []
+    for validate in (False, True):
+        warnings.clear()
+        out = ccda.convert(data.replace(cut, b""), validate=validate, warnings=warnings)
+        assert validate_bundle(out) == []
+        assert len(_resources(out, rtype)) < len(_resources(whole, rtype))
+        said = [w for w in warnings if f"{rtype} left out" in w["warning"]]
+        assert len(said) == 1, warnings
+        assert said[0]["warning"] == (
+            f"{rtype} left out: it has no {missing}, which FHIR R4 requires; add it to this "
+            "entry of the document"
+        )
+        assert said[0]["line"] > 11 and "/entry" in said[0]["xpath"]
+        kept = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in out["entry"]}
+        refs = {v for v in _references(out) if v.split("/")[0] == rtype}
+        assert refs <= kept  # no reference to what was left out
+
+
+def _references(obj: Any) -> list[str]:
+    if isinstance(obj, dict):
+        own = [obj["reference"]] if isinstance(obj.get("reference"), str) else []
+        return own + [r for v in obj.values() for r in _references(v)]
+    if isinstance(obj, list):
+        return [r for v in obj for r in _references(v)]
+    return []
 
 
 def test_a_problem_without_a_coded_value_keeps_its_text() -> None:
