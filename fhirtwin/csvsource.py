@@ -379,6 +379,7 @@ def convert_row(table: Table, values: dict[str, str]) -> RowResult:
             continue
         body = _value(row, rule.elements) or {}
         res = {"resourceType": rule.resource, "id": _resource_id(row, rule), **body}
+        _check_complete(row, rule, res)
         resources.append(res)
     patient = idents = None
     if table.patient:
@@ -391,6 +392,38 @@ def convert_row(table: Table, values: dict[str, str]) -> RowResult:
         ev = row.get(table.event_time)
         event = _check_type(ev, "dateTime", table.event_time) if ev else None
     return RowResult(resources, patient, idents or (), event)
+
+
+def _check_complete(row: _Row, rule: ResourceRule, res: dict[str, Any]) -> None:
+    """A row whose resource would lack what FHIR R4 requires of its type (read from the
+    R4B models: Claim.provider, Observation.code) is a bad row, naming the empty column
+    that feeds the element, so that it is caught with validation off too; the profile's
+    ``required:`` says the same up front (that check runs first)."""
+    from fhirtwin.fastcheck import required_elements
+
+    for label, keys in required_elements(rule.resource):
+        if res.keys().isdisjoint(keys):
+            cols = [
+                c for k in sorted(keys) if k in rule.elements for c in _columns(rule.elements[k])
+            ]
+            empty = next((c for c in cols if not row.get(c)), None)
+            said = f": column {empty} is empty" if empty else ""
+            raise RowError(
+                f"the {rule.resource} would have no {label}, which FHIR R4 requires{said}",
+                empty or (cols[0] if cols else None),
+            )
+
+
+def _columns(template: Any) -> list[str]:
+    """The columns a template reads, in order: $COL, ${COL}, {column: C}."""
+    if isinstance(template, str):
+        return [a or b for a, b in _VAR.findall(template)]
+    if isinstance(template, list):
+        return [c for t in template for c in _columns(t)]
+    if isinstance(template, dict):
+        own = [template["column"]] if isinstance(template.get("column"), str) else []
+        return own + [c for k, t in template.items() if k != "column" for c in _columns(t)]
+    return []
 
 
 def _parse_line(header: list[str], fields: list[str]) -> dict[str, str]:

@@ -138,6 +138,60 @@ def test_whole_numbers_outside_their_fhir_type_are_bad_rows(
     assert validate_bundle(bundle) == []
 
 
+@pytest.mark.parametrize(
+    ("table_name", "blank", "column"),
+    [("claims", "PROVIDERID", "PROVIDERID"), ("imaging_studies", "SERIES_UID", "SERIES_UID")],
+)
+def test_a_column_fhir_cannot_do_without_is_required(
+    table_name: str, blank: str, column: str
+) -> None:
+    """Claim.provider and ImagingStudy.series.uid are 1..1: the synthea profile lists
+    their columns as required, so an empty one is a bad row, with validation off too."""
+    profile = csvsource.load_profile("synthea")
+    table = next(t for t in profile.tables if t.name == table_name)
+    row = {c: f"v-{c}" for c in table.columns}
+    row.update(SERVICEDATE="2020-01-01", DATE="2020-01-01T10:00:00Z", BODYSITE_CODE="1")
+    row.update(MODALITY_CODE="DX", SOP_CODE="1.2", PROCEDURE_CODE="2", INSTANCE_UID="1.2.3")
+    row.update(SERIES_UID="1.2.4", STATUS1="BILLED", DIAGNOSIS1="3")
+    assert all(validate_bundle(csvsource.bundle_of("p", [r])) == [] for r in (
+        csvsource.convert_row(table, row).resources
+    ))  # fmt: skip
+    row[blank] = ""
+    with pytest.raises(csvsource.RowError) as err:
+        csvsource.convert_row(table, row)
+    assert (err.value.column, err.value.reason) == (column, "required column is empty")
+
+
+def test_a_row_whose_resource_fhir_would_reject_names_the_empty_column(tmp_path: Path) -> None:
+    """Where a profile forgot to require a column, the resource's required elements (from
+    the R4B models) still make an empty one a bad row naming the column."""
+    (tmp_path / "labs.yaml").write_text(
+        "file: labs.csv\ncolumns: [ID, CODE, VALUE]\nrequired: [ID]\n"
+        "resource: Observation\nid: $ID\nelements:\n  status: final\n"
+        "  code: {text: $CODE}\n"
+        "  valueString: $VALUE\n"
+    )
+    (table,) = csvsource.load_profile(tmp_path).tables
+    (obs,) = csvsource.convert_row(table, {"ID": "1", "CODE": "2345-7", "VALUE": "x"}).resources
+    assert obs["code"] == {"text": "2345-7"}
+    with pytest.raises(csvsource.RowError) as err:
+        csvsource.convert_row(table, {"ID": "1", "CODE": "", "VALUE": "x"})
+    assert err.value.column == "CODE"
+    assert err.value.reason == (
+        "the Observation would have no code, which FHIR R4 requires: column CODE is empty"
+    )
+
+
+def test_a_device_without_a_description_has_no_name_not_an_empty_one() -> None:
+    profile = csvsource.load_profile("synthea")
+    table = next(t for t in profile.tables if t.name == "devices")
+    row = dict.fromkeys(table.columns, "")
+    row.update(START="2020-01-01T10:00:00Z", PATIENT="p1", CODE="72506001")
+    (device,) = csvsource.convert_row(table, row).resources
+    assert "deviceName" not in device
+    assert validate_bundle(csvsource.bundle_of("p1", [device])) == []
+
+
 def test_lab_results_profile_converts_its_example(tmp_path: Path) -> None:
     example = ROOT / "mappings" / "csv" / "lab-results"
     code, output = _convert(["--profile", "lab-results", str(example), "--out", str(tmp_path)])
