@@ -719,7 +719,10 @@ def conv_quantity(doc: Doc, el: Any) -> dict[str, Any] | None:
         return None
     value = _number(el.get("value"))
     if value is None:
-        raise doc.error(el, f"bad quantity value {el.get('value')!r}", "use a decimal number")
+        # like an unreadable timestamp: left out and reported, the rest of the document
+        # converts (an entry that then lacks what FHIR requires is left out in _finish)
+        doc.warn(el, f"bad quantity value {el.get('value')!r} left out: not a decimal number")
+        return None
     out: dict[str, Any] = {"value": value}
     unit = el.get("unit")
     if unit and unit != "1":
