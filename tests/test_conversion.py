@@ -3,6 +3,7 @@ loss report, sender profiles, and clear errors."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -717,10 +718,10 @@ def test_results_without_a_patient_convert_only_where_fhir_allows() -> None:
 
 
 def test_a_resource_that_needs_the_patient_before_any_pid_is_rejected() -> None:
-    # ORM's patient group is optional, but a Condition must have a subject: a DG1 with no
+    # ORU's patient group is optional, but a Condition must have a subject: a DG1 with no
     # PID before it cannot become one. Where the PID is, the error says.
     head, pid, dg1 = (
-        b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ORM^O01^ORM_O01|R1|P|2.5\r",
+        b"MSH|^~\\&|APP|FAC|||20260101120000+0000||ORU^R01^ORU_R01|R1|P|2.5\r",
         b"PID|1||MRN1^^^FAC^MR||Doe^Jo\r",
         b"DG1|1||I10^Hypertension^I10\r",
     )
@@ -781,7 +782,27 @@ def test_requires_is_inherited_and_extended() -> None:
         "MRG": "the patient record merged into this one",
     }
     assert dict(messages["BAR_P01"].requires) == {"PID": "the patient the message is about"}
+    assert dict(messages["RDS_O13"].requires) == {
+        "ORC": "the order the message is about",
+        "RXD": "the dispense the message is about",
+    }
     assert not messages["ORU_R01"].requires  # HL7 v2: ORU's patient group is optional
+
+
+@pytest.mark.parametrize(
+    ("sample", "cut", "says"),
+    [
+        ("siu-s12-booking.hl7", b"SCH", "this SIU^S12 message has no SCH segment (the appointment"),
+        ("ras-o17-administration.hl7", b"RXA", "this RAS^O17 message has no RXA segment"),
+    ],
+)
+def test_a_message_without_what_it_is_about_is_rejected_not_listed_unmapped(
+    sample: str, cut: bytes, says: str
+) -> None:
+    # Without SCH, the AIL and AIP of the appointment used to be listed as unmapped and
+    # the message taken as converted, with the appointment gone.
+    with pytest.raises(ConversionError, match=re.escape(says)):
+        convert_hl7v2(_without(sample, cut))
 
 
 _VACCINE = b"150^Influenza, injectable, quadrivalent, preservative free^CVX"
