@@ -45,6 +45,7 @@ import orjson
 import yaml
 from lxml import etree
 
+from fhirtwin import yamlfile
 from fhirtwin.datatypes import to_datetime
 
 __all__ = [
@@ -346,7 +347,7 @@ def load_rules(mappings: Path | None = None) -> Rules:
 
     def load(path: Path) -> Any:
         try:
-            return yaml.safe_load(path.read_text(encoding="utf-8"))
+            return yamlfile.load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise RulesError(f"{path}: {exc}") from exc
 

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
+from fhirtwin import yamlfile
 from fhirtwin.twin import clinical_time_ms
 
 __all__ = [
@@ -166,9 +166,9 @@ def terminology(folder: str | None = None) -> Terminology:
     else:
         base = Path(folder)
     with (base / "actreason.yaml").open("rb") as fh:
-        ar = yaml.safe_load(fh)
+        ar = yamlfile.load(fh)
     with (base / "labels.yaml").open("rb") as fh:
-        lb = yaml.safe_load(fh)
+        lb = yamlfile.load(fh)
     parent: dict[str, str | None] = {}
     _walk_tree(ar["tree"], None, parent)
     conf = lb["confidentiality"]

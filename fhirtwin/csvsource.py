@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 import yaml
 
-from fhirtwin import bus
+from fhirtwin import bus, yamlfile
 
 __all__ = [
     "Profile",
@@ -129,7 +129,7 @@ class Profile:
 def _yaml(path: Path) -> Any:
     try:
         with path.open(encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+            return yamlfile.load(fh)
     except (OSError, yaml.YAMLError) as exc:
         raise ProfileError(f"{path}: {exc}") from exc
 

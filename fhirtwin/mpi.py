@@ -20,8 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from fhirtwin import yamlfile
 from fhirtwin.crypto import KeyRing, default_keyring
 from fhirtwin.redisconn import RedisClient, mget, mset
 from fhirtwin.twin import follow_merges_many
@@ -47,7 +46,7 @@ class MPIConfig:
 
 @lru_cache(maxsize=8)
 def _load(path: Path) -> MPIConfig:
-    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    data: dict[str, Any] = yamlfile.load(path.read_text()) or {}
     demo = data.get("demographic") or {}
     return MPIConfig(
         link_types=frozenset(data.get("link_types", ())),

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from fhirtwin import yamlfile
 from fhirtwin.nlp_lexicon import Concept, load_lexicon, target_rules
 
 __all__ = [
@@ -109,7 +110,7 @@ class Analysis:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yamlfile.load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise NlpRulesError(f"{path}: missing; restore it from the fhirtwin release") from exc
     except yaml.YAMLError as exc:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from fhirtwin import yamlfile
+
 if TYPE_CHECKING:
     from spacy.language import Language
 
@@ -302,7 +304,7 @@ def _parse_rule(
 
 def _read(path: Path) -> Mapping[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yamlfile.load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ContextRulesError(
             f"{path}: cannot read the ConText rules ({exc}); create it or point nlp_dir elsewhere"

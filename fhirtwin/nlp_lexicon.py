@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from fhirtwin import yamlfile
+
 if TYPE_CHECKING:
     from medspacy.ner import TargetRule
 
@@ -56,8 +58,6 @@ _LOINC_RE = re.compile(r"^[1-9][0-9]{0,6}-[0-9]$")
 
 TokenPattern = list[dict[str, Any]]
 
-# The C-accelerated safe loader when libyaml is present (several times faster), else pure Python.
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class LexiconError(Exception):
@@ -290,7 +290,7 @@ def _parse_concept(raw: object, index: int, path: Path, default_category: str | 
 
 def _load_file(path: Path) -> list[Concept]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        data = yamlfile.load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise LexiconError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

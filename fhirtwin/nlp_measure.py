@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from fhirtwin import yamlfile
+
 __all__ = [
     "MeasureRulesError",
     "Measurement",
@@ -220,7 +222,7 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise MeasureRulesError(f"{path}: rules file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yamlfile.load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise MeasureRulesError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):

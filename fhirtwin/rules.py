@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from fhirtwin import yamlfile
+
 __all__ = [
     "CodeMap",
     "DatatypeRule",
@@ -213,7 +215,7 @@ def default_mappings_dir() -> Path:
 def _read(path: Path) -> Any:
     try:
         with path.open("rb") as fh:
-            return yaml.safe_load(fh)
+            return yamlfile.load(fh)
     except yaml.YAMLError as exc:
         raise MappingError(f"{path}: not valid YAML: {exc}") from None
 

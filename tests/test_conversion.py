@@ -646,6 +646,11 @@ def test_rule_options_unless_has_and_unique(tmp_path: Path) -> None:
         ("extends: _ADT_EVENT\nsegments: {segment: MRG}\n", "expected a list of entries"),
         ("extends: _ADT_EVENT\nsegments:\n  - MRG\n", "segments[0]: each entry needs"),
         ("- just a list\n", "expected a mapping"),
+        (  # PyYAML alone would keep the second and silently drop PID
+            "extends: _ADT_EVENT\nrequires: {PID: the patient}\nsegments:\n"
+            "requires: {MRG: the record}\n",
+            "found the key 'requires' a second time (first on line 2)",
+        ),
     ],
 )
 def test_a_malformed_message_rule_file_says_where(

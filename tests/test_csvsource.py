@@ -262,3 +262,15 @@ def test_plugin_through_normalize_dispatch() -> None:
     rec = _record("lab-results.csv", header, b"M9,2345-7,Glucose,101,mg/dL,2024-01-02T03:04:05Z")
     (conv,) = convert_record("csv", rec, validate=True)
     assert conv.resources[0]["valueQuantity"]["value"] == 101
+
+
+def test_a_profile_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    (tmp_path / "labs.yaml").write_text(
+        "file: labs.csv\ncolumns: [ID]\nrequired: [ID]\nresource: Observation\nid: $ID\n"
+        "elements:\n  status: final\n  status: preliminary\n"
+    )
+    with pytest.raises(csvsource.ProfileError) as err:
+        csvsource.load_profile(tmp_path)
+    said = str(err.value)
+    assert "labs.yaml" in said and "found the key 'status' a second time (first on line 7)" in said
+    assert "line 8" in said
