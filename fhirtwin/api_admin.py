@@ -30,6 +30,7 @@ OperationOutcomes (``fhirtwin.api``'s style), never a stack trace. Details: ``do
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 import time
 import uuid
@@ -160,6 +161,13 @@ class ClientIn(BaseModel):
 
 class NewClient(ClientIn):
     client_id: str
+
+
+class CorrectedIn(BaseModel):
+    """A corrected copy of one dead letter's input, to replay instead of its original."""
+
+    model_config = ConfigDict(extra="forbid")
+    corrected_base64: str
 
 
 class ReplayIn(BaseModel):
@@ -857,7 +865,7 @@ def router(
 
     @r.get("/admin/deadletters", tags=["admin"])
     def list_deadletters(request: Request) -> Response:
-        from fhirtwin.deadletter import list_deadletters, replayed_ids
+        from fhirtwin.deadletter import corrections, list_deadletters, replayed_ids
 
         admin(request)
         params = dict(request.query_params)
@@ -883,7 +891,9 @@ def router(
         links = [{"relation": "self", "url": _url(path, kept, count, offset)}]
         if offset + count < len(letters):
             links.append({"relation": "next", "url": _url(path, kept, count, offset + count)})
-        return _json({"link": links, "entry": [d.as_dict(d.id in done) for d in chosen]})
+        fixed = corrections(redis_url)
+        entries = [d.as_dict(d.id in done, fixed.get(d.id)) for d in chosen]
+        return _json({"link": links, "entry": entries})
 
     def letter(dl_id: str) -> Any:
         from fhirtwin.deadletter import list_deadletters
@@ -895,11 +905,11 @@ def router(
 
     @r.get("/admin/deadletters/{dl_id}", tags=["admin"])
     def read_deadletter(request: Request, dl_id: str) -> Response:
-        from fhirtwin.deadletter import replayed_ids
+        from fhirtwin.deadletter import corrections, replayed_ids
 
         admin(request)
         dl = letter(dl_id)
-        body = dl.as_dict(dl.id in replayed_ids(redis_url))
+        body = dl.as_dict(dl.id in replayed_ids(redis_url), corrections(redis_url).get(dl.id))
         from fhirtwin.crypto import CryptoError
 
         try:
@@ -923,6 +933,26 @@ def router(
     def replay_one(request: Request, dl_id: str) -> Response:
         admin(request)
         return do_replay([letter(dl_id)])
+
+    @r.post("/admin/deadletters/{dl_id}/replay-corrected", tags=["admin"])
+    def replay_corrected(request: Request, dl_id: str, body: CorrectedIn) -> Response:
+        """``fhirtwin deadletter replay ID --with FILE``: a corrected copy of the input
+        (base64) goes to its raw topic instead of the original, which stays as it was."""
+        from fhirtwin.deadletter import replay_corrected
+
+        admin(request)
+        dl = letter(dl_id)
+        try:
+            data = base64.b64decode(body.corrected_base64, validate=True)
+        except (ValueError, binascii.Error):
+            raise ApiError(400, "invalid", "corrected_base64 is not base64") from None
+        try:
+            replay_corrected(bootstrap, redis_url, dl, data)
+        except ValueError as exc:
+            raise ApiError(400, "invalid", str(exc)) from None
+        except RuntimeError as exc:
+            raise ApiError(503, "transient", str(exc)) from None
+        return _json({"replayed": 1, "ids": [dl.id], "corrected_bytes": len(data)})
 
     @r.post("/admin/deadletters/replay", tags=["admin"])
     def replay_many(request: Request, body: ReplayIn) -> Response:

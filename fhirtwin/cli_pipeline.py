@@ -684,22 +684,21 @@ def dl_list(
     open_only: Annotated[bool, typer.Option("--open", help="only those not replayed yet")] = False,
 ) -> None:
     """Every dead letter: id, when, stage, reason."""
-    from fhirtwin.deadletter import list_deadletters, replayed_ids
+    from fhirtwin.deadletter import corrections, list_deadletters, replayed_ids
 
     ep = _endpoints(kafka, redis_url)
-    done = replayed_ids(ep.redis)
+    done, fixed = replayed_ids(ep.redis), corrections(ep.redis)
     letters = [d for d in list_deadletters(ep.kafka) if not (open_only and d.id in done)]
     if json_out:
-        data = [d.as_dict(d.id in done) for d in letters]
+        data = [d.as_dict(d.id in done, fixed.get(d.id)) for d in letters]
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     table = Table(title=f"{len(letters)} dead letters")
     for col in ("id", "at", "stage", "source", "replayed", "reason"):
         table.add_column(col)
     for d in letters:
-        table.add_row(
-            d.id, _iso(d.at_ms), d.stage, d.source, "yes" if d.id in done else "", d.reason[:160]
-        )
+        state = "corrected" if d.id in fixed else "yes" if d.id in done else ""
+        table.add_row(d.id, _iso(d.at_ms), d.stage, d.source, state, d.reason[:160])
     out.print(table)
 
 
@@ -743,14 +742,45 @@ def dl_replay(
         bool, typer.Option("--all", help="every dead letter not replayed yet")
     ] = False,
     stage: Annotated[str | None, typer.Option(help="only dead letters of this stage")] = None,
+    corrected: Annotated[
+        Path | None,
+        typer.Option(
+            "--with",
+            help="replay this corrected copy of the one dead letter named instead of its "
+            "original (- reads stdin); the original stays in the dead letters",
+        ),
+    ] = None,
     kafka: KafkaOpt = None,
     redis_url: RedisOpt = None,
 ) -> None:
-    """Put dead letters back on their raw topic (after a mapping fix) to convert them again."""
-    from fhirtwin.deadletter import list_deadletters, replay, replayed_ids
+    """Put dead letters back on their raw topic (after a mapping fix) to convert them again.
+
+    When the input itself is wrong (an ADT without its PID), `show ID --raw > m.hl7`, edit
+    it, and `replay ID --with m.hl7`."""
+    from fhirtwin.deadletter import list_deadletters, replay, replay_corrected, replayed_ids
 
     ep = _endpoints(kafka, redis_url)
     letters = list_deadletters(ep.kafka)
+    if corrected is not None:
+        if all_open or stage or not ids or len(ids) != 1:
+            err.print("[red]--with replaces one dead letter: name exactly one id[/red]")
+            raise typer.Exit(2)
+        found = next((d for d in letters if d.id == ids[0]), None)
+        if found is None:
+            err.print(f"[red]no dead letter {ids[0]!r}[/red]")
+            raise typer.Exit(1)
+        try:
+            data = sys.stdin.buffer.read() if str(corrected) == "-" else corrected.read_bytes()
+        except OSError as exc:
+            err.print(f"[red]cannot read the corrected copy {corrected}: {exc.strerror}[/red]")
+            raise typer.Exit(1) from None
+        try:
+            replay_corrected(ep.kafka, ep.redis, found, data)
+        except ValueError as exc:
+            err.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+        out.print(f"replayed a corrected copy of {found.id} ({len(data)} bytes)")
+        return
     if ids:
         wanted = set(ids)
         chosen = [d for d in letters if d.id in wanted]

@@ -9,10 +9,18 @@ Its id is ``<partition>:<offset>``.
 Replay puts the original bytes and headers back on the raw topic they came from, with
 ``fhirtwin-replay-of: <id>``, after the engineer fixed the mapping. Replayed ids are
 remembered in Redis (``ft:dl:replayed``) so `list` shows what is still open.
+
+When the input itself is at fault (an ADT without its PID) and the sender cannot send it
+again, the engineer may replay a **corrected copy** instead (``replay ID --with FILE``):
+it goes to the same raw topic, sealed like any raw record, with ``fhirtwin-replay-of``
+and ``fhirtwin-corrected-of: <id>``; the dead letter keeps the original, untouched, and
+``ft:dl:corrected`` remembers when, how long and the SHA-256 of what replaced it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +29,10 @@ import orjson
 from fhirtwin import bus
 from fhirtwin.redisconn import connect
 
-__all__ = ["DeadLetter", "list_deadletters", "replay"]
+__all__ = ["DeadLetter", "corrections", "list_deadletters", "replay", "replay_corrected"]
 
 REPLAYED = "ft:dl:replayed"
+CORRECTED = "ft:dl:corrected"  # dead letter id → JSON {at_ms, bytes, sha256} of its copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +104,9 @@ class DeadLetter:
             return open_event(default_keyring(), self.record.key.decode(), value)
         return value
 
-    def as_dict(self, replayed: bool = False) -> dict[str, Any]:
+    def as_dict(
+        self, replayed: bool = False, corrected: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "at_ms": self.at_ms,
@@ -106,6 +117,7 @@ class DeadLetter:
             "error": self.error,
             "replay_of": self.record.header("fhirtwin-replay-of") or None,
             "replayed": replayed,
+            "corrected": corrected,  # replayed as a corrected copy: when, bytes, SHA-256
             "bytes": len(self.record.value),
         }
 
@@ -126,6 +138,47 @@ def replay(bootstrap: str, redis_url: str, letters: list[DeadLetter]) -> int:
     """Put each dead letter's original bytes back on its raw topic; returns how many."""
     if not letters:
         return 0
+    _produce(bootstrap, [(dl, dl.record.value, []) for dl in letters])
+    connect(redis_url).sadd(REPLAYED, *[dl.id for dl in letters])
+    return len(letters)
+
+
+def replay_corrected(bootstrap: str, redis_url: str, dl: DeadLetter, corrected: bytes) -> None:
+    """Put a corrected copy of one dead letter's input on its raw topic instead of the
+    original, which stays in the dead letters as it was. ValueError when there is nothing
+    to correct: an empty copy, or a dead letter that is not raw input (a twin event)."""
+    from fhirtwin.crypto import default_keyring, is_sealed_raw
+
+    if dl.topic not in bus.RAW_TOPICS.values():
+        raise ValueError(
+            f"dead letter {dl.id} came from {dl.topic}, not from an input topic: only input "
+            "can be replaced by a corrected copy; replay it as it is"
+        )
+    if not corrected.strip():
+        raise ValueError("the corrected copy is empty")
+    value = default_keyring().seal_raw(corrected) if is_sealed_raw(dl.record.value) else corrected
+    _produce(bootstrap, [(dl, value, [("fhirtwin-corrected-of", dl.id.encode())])])
+    note = {
+        "at_ms": int(time.time() * 1000),
+        "bytes": len(corrected),
+        "sha256": hashlib.sha256(corrected).hexdigest(),
+    }
+    r = connect(redis_url)
+    r.hset(CORRECTED, dl.id, orjson.dumps(note))
+    r.sadd(REPLAYED, dl.id)
+
+
+def corrections(redis_url: str) -> dict[str, dict[str, Any]]:
+    """Dead letter id → what replaced it (when, how many bytes, SHA-256)."""
+    client: Any = connect(redis_url)
+    return {k.decode(): orjson.loads(v) for k, v in client.hgetall(CORRECTED).items()}
+
+
+def _produce(
+    bootstrap: str, items: list[tuple[DeadLetter, bytes, list[tuple[str, bytes]]]]
+) -> None:
+    """Each (dead letter, value, extra headers) onto the dead letter's raw topic, with its
+    input headers (not the dead letter's own) and ``fhirtwin-replay-of``; waits for Kafka."""
     producer: Any = bus.producer(bootstrap)
     failures: list[str] = []
 
@@ -133,17 +186,15 @@ def replay(bootstrap: str, redis_url: str, letters: list[DeadLetter]) -> int:
         if err is not None:
             failures.append(str(err))
 
-    for dl in letters:
-        headers = [h for h in dl.record.headers if not h[0].startswith("fhirtwin-dl-")]
-        headers = [h for h in headers if h[0] != "fhirtwin-replay-of"]
-        headers.append(("fhirtwin-replay-of", dl.id.encode()))
-        producer.produce(
-            dl.topic, dl.record.value, dl.record.key, headers=headers, on_delivery=delivered
-        )
+    for dl, value, extra in items:
+        drop = ("fhirtwin-replay-of", "fhirtwin-corrected-of")
+        headers = [
+            h for h in dl.record.headers if not h[0].startswith("fhirtwin-dl-") and h[0] not in drop
+        ]
+        headers += [("fhirtwin-replay-of", dl.id.encode()), *extra]
+        producer.produce(dl.topic, value, dl.record.key, headers=headers, on_delivery=delivered)
     left = producer.flush(30)
     if left or failures:
         raise RuntimeError(
             f"Kafka did not acknowledge the replay ({'; '.join(failures[:3]) or 'timeout'})"
         )
-    connect(redis_url).sadd(REPLAYED, *[dl.id for dl in letters])
-    return len(letters)

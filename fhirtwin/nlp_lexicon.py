@@ -59,7 +59,6 @@ _LOINC_RE = re.compile(r"^[1-9][0-9]{0,6}-[0-9]$")
 TokenPattern = list[dict[str, Any]]
 
 
-
 class LexiconError(Exception):
     """A lexicon file is malformed; the message names the file, the concept and the fix."""
 

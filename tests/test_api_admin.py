@@ -5,6 +5,8 @@ effect on the next read, the audit log (search, disclosures, verification), dead
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 import shutil
 import threading
@@ -252,6 +254,7 @@ ADMIN_CALLS: list[tuple[str, str, Any]] = [
     ("GET", "/admin/deadletters", None),
     ("GET", "/admin/deadletters/0:0", None),
     ("POST", "/admin/deadletters/0:0/replay", None),
+    ("POST", "/admin/deadletters/0:0/replay-corrected", {"corrected_base64": "TVNI"}),
     ("POST", "/admin/deadletters/replay", {"all": True}),
 ]
 AUDIT_CALLS: list[tuple[str, str, Any]] = [
@@ -684,6 +687,44 @@ def test_deadletter_list_and_replay(env: Env, tmp_path: Path) -> None:
     assert r.status_code == 200 and r.json()["replayed"] == 0
 
 
+def test_a_dead_letter_replays_as_a_corrected_copy(env: Env) -> None:
+    """An ADT without its PID cannot be fixed by a rule: the engineer sends a corrected
+    copy (with the PID) in its place; the original stays in the dead letters."""
+    head = b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261103091500-0500||ADT^A01^ADT_A01|"
+    rest = b"EVN|A01|20261103091500-0500\rPV1|1|I|4W^412^B\r"
+    broken = head + b"NOPID01|P|2.5.1\r" + rest
+    fixed = broken.replace(b"PV1|", b"PID|1||MRN778^^^NORTHGEN^MR||Doe^Jane||19700101|F\rPV1|")
+    produce(env.kafka, bus.RAW_TOPICS["hl7v2"], [broken])
+    NormalizeWorker(env.kafka, env.redis_url, "hl7v2", validate=False).run(
+        threading.Event(), idle_exit=3
+    )
+    (dl,) = [d for d in list_deadletters(env.kafka) if d.error.get("control_id") == "NOPID01"]
+    assert dl.stage == "map" and "this ADT^A01 message has no PID segment" in dl.reason
+    path = f"/admin/deadletters/{dl.id}/replay-corrected"
+    bad = call(env, "POST", path, "admin", json={"corrected_base64": "not base64!"})
+    assert bad.status_code == 400 and "base64" in diagnostics(bad)
+    empty = call(env, "POST", path, "admin", json={"corrected_base64": ""})
+    assert empty.status_code == 400 and "empty" in diagnostics(empty)
+
+    body = {"corrected_base64": base64.b64encode(fixed).decode()}
+    r = call(env, "POST", path, "admin", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"replayed": 1, "ids": [dl.id], "corrected_bytes": len(fixed)}
+    NormalizeWorker(env.kafka, env.redis_url, "hl7v2", validate=False).run(
+        threading.Event(), idle_exit=3
+    )
+    wait_for(lambda: env.store.resolve("MRN778") is not None, 60, "the corrected copy's twin")
+    one = call(env, "GET", f"/admin/deadletters/{dl.id}", "admin").json()
+    assert one["original"].encode() == broken  # the original stays as it was
+    assert one["replayed"] is True
+    assert one["corrected"]["sha256"] == hashlib.sha256(fixed).hexdigest()
+    assert one["corrected"]["bytes"] == len(fixed)
+    # no new dead letter: the copy converted
+    assert [
+        d.id for d in list_deadletters(env.kafka) if d.error.get("control_id") == "NOPID01"
+    ] == [dl.id]
+
+
 # -- schemathesis: no 5xx on generated requests (last: it writes and deletes at random) ------
 
 STRING: dict[str, Any] = {"type": "string"}
@@ -752,6 +793,7 @@ FUZZ = [
     ("GET", "/admin/deadletters"),
     ("GET", "/admin/deadletters/{dl_id}"),
     ("POST", "/admin/deadletters/{dl_id}/replay"),
+    ("POST", "/admin/deadletters/{dl_id}/replay-corrected"),
     ("POST", "/admin/deadletters/replay"),
 ]
 

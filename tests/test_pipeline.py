@@ -134,6 +134,56 @@ def test_bad_input_goes_to_dead_letters_and_replays_after_a_fix(
     assert data["map"]["replayed"] is True and data["parse"]["replayed"] is False
 
 
+def test_a_message_the_sender_got_wrong_replays_as_a_corrected_copy(
+    kafka: str, redis_url: str, tmp_path: Path
+) -> None:
+    """No rule can give an ADT its missing PID: the engineer takes the original out of
+    the dead letter, adds the PID, and replays that copy in its place."""
+    broken = (
+        b"MSH|^~\\&|EPICADT|NORTHGEN|FHIRTWIN|TWINHUB|20261103091500-0500||ADT^A01^ADT_A01|"
+        b"NOPID02|P|2.5.1\rEVN|A01|20261103091500-0500\rPV1|1|I|4W^412^B\r"
+    )
+    produce(kafka, RAW, [broken])
+    drain(kafka, redis_url)
+    (dl,) = [d for d in list_deadletters(kafka) if d.error.get("control_id") == "NOPID02"]
+    assert dl.stage == "map" and "has no PID segment" in dl.reason
+
+    runner = CliRunner()
+    endpoints = ["--kafka", kafka, "--redis", redis_url]
+    shown = runner.invoke(app, ["deadletter", "show", dl.id, "--raw", "--kafka", kafka])
+    assert shown.stdout_bytes == broken
+    fixed = shown.stdout_bytes.replace(
+        b"PV1|", b"PID|1||MRN779^^^NORTHGEN^MR||Doe^Jo||19700101|F\rPV1|"
+    )
+    (tmp_path / "fixed.hl7").write_bytes(fixed)
+    wrong = runner.invoke(
+        app, ["deadletter", "replay", "--all", "--with", str(tmp_path / "fixed.hl7"), *endpoints]
+    )
+    assert wrong.exit_code == 2 and "name exactly one id" in wrong.stderr
+    missing = runner.invoke(
+        app, ["deadletter", "replay", dl.id, "--with", str(tmp_path / "nope.hl7"), *endpoints]
+    )
+    assert missing.exit_code == 1 and "cannot read the corrected copy" in missing.stderr
+
+    done = runner.invoke(
+        app, ["deadletter", "replay", dl.id, "--with", str(tmp_path / "fixed.hl7"), *endpoints]
+    )
+    assert done.exit_code == 0, done.output
+    assert f"replayed a corrected copy of {dl.id}" in done.stdout
+    drain(kafka, redis_url)
+    twin = store_of(redis_url).resolve("MRN779")
+    assert twin is not None and "Encounter" in store_of(redis_url).counts(twin)
+    copies = [r for r in records(kafka, RAW) if r.header("fhirtwin-corrected-of") == dl.id]
+    assert [r.value for r in copies] == [fixed]
+    assert [r.header("fhirtwin-replay-of") for r in copies] == [dl.id]
+    listed = runner.invoke(app, ["deadletter", "list", "--json", *endpoints])
+    (mine,) = [d for d in orjson.loads(listed.stdout) if d["id"] == dl.id]
+    assert mine["replayed"] is True and mine["corrected"]["bytes"] == len(fixed)
+    # the dead letter still holds the original, and the copy made no new one
+    assert [d.record.value for d in list_deadletters(kafka) if d.id == dl.id] == [broken]
+    assert len([d for d in list_deadletters(kafka) if d.error.get("control_id") == "NOPID02"]) == 1
+
+
 def test_merge_moves_the_twin_and_tells_subscribers(kafka: str, redis_url: str) -> None:
     merge_two_patients(kafka, redis_url)
 
