@@ -1225,13 +1225,13 @@ class Engine:
         self, mrule: MessageRule, st: _State, res: dict[str, Any], label: str, keys: frozenset
     ) -> None:
         msg = st.msg
-        tags = _lineage_of(res).split(",")  # "ORC[3],RXA[4]": the segments that made it
-        first = tags[0]
-        seg = msg.segments[int(first[first.index("[") + 1 : -1]) - 1]
+        # "ORC[3],RXA[4]": the segments that made it (a resource a datatype made, with no
+        # lineage of its own, is put on the MSH)
+        tags = _LINEAGE_TAG.findall(_lineage_of(res))
+        seg = msg.segments[int(tags[0][1]) - 1] if tags else msg.segments[0]
         joined: dict[str, str] = {}  # segment name → "segment N" of the first that joined
-        for t in tags:
-            if "[" in t:
-                joined.setdefault(t[: t.index("[")], f"segment {t[t.index('[') + 1 : -1]}")
+        for name, n in tags:
+            joined.setdefault(name, f"segment {n}")
         rtype = res["resourceType"]
         article = "an" if rtype[0] in "AEIOU" else "a"
         sources = self._sources(mrule, rtype, keys)
@@ -1241,7 +1241,7 @@ class Engine:
                 d
                 for d in st.report.errors
                 if str(d.get("field", "")).split(".")[0] in fields
-                and f"{d.get('segment')}[{d.get('segment_index')}]" in tags
+                and (d.get("segment"), str(d.get("segment_index"))) in tags
             ),
             None,
         )
@@ -1802,6 +1802,9 @@ def _content(res: dict[str, Any]) -> dict[str, Any]:
     else:
         out.pop("extension", None)
     return out
+
+
+_LINEAGE_TAG = re.compile(r"([A-Z][A-Z0-9]{2})\[(\d+)\]")
 
 
 def _lineage_of(res: dict[str, Any]) -> str:
