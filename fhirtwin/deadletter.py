@@ -156,8 +156,18 @@ def replay_corrected(bootstrap: str, redis_url: str, dl: DeadLetter, corrected: 
         )
     if not corrected.strip():
         raise ValueError("the corrected copy is empty")
-    value = default_keyring().seal_raw(corrected) if is_sealed_raw(dl.record.value) else corrected
-    _produce(bootstrap, [(dl, value, [("fhirtwin-corrected-of", dl.id.encode())])])
+    sealed = is_sealed_raw(dl.record.value)
+    value = default_keyring().seal_raw(corrected) if sealed else corrected
+    key = dl.record.key
+    if dl.kind == "hl7v2":
+        # keyed by the patient of the copy, as the MLLP listener keys it (the original,
+        # without its PID, had no patient to keep in order with)
+        from fhirtwin.ingest import hl7v2_patient_key
+
+        if (patient := hl7v2_patient_key(corrected)) is not None:
+            blind = default_keyring().blind(patient.decode("utf-8", "replace")).encode()
+            key = blind if sealed else patient
+    _produce(bootstrap, [(dl, value, [("fhirtwin-corrected-of", dl.id.encode())])], key)
     note = {
         "at_ms": int(time.time() * 1000),
         "bytes": len(corrected),
@@ -175,10 +185,13 @@ def corrections(redis_url: str) -> dict[str, dict[str, Any]]:
 
 
 def _produce(
-    bootstrap: str, items: list[tuple[DeadLetter, bytes, list[tuple[str, bytes]]]]
+    bootstrap: str,
+    items: list[tuple[DeadLetter, bytes, list[tuple[str, bytes]]]],
+    key: bytes | None = None,
 ) -> None:
     """Each (dead letter, value, extra headers) onto the dead letter's raw topic, with its
-    input headers (not the dead letter's own) and ``fhirtwin-replay-of``; waits for Kafka."""
+    input headers (not the dead letter's own) and ``fhirtwin-replay-of``, keyed as the
+    dead letter (or by ``key``); waits for Kafka."""
     producer: Any = bus.producer(bootstrap)
     failures: list[str] = []
 
@@ -192,7 +205,9 @@ def _produce(
             h for h in dl.record.headers if not h[0].startswith("fhirtwin-dl-") and h[0] not in drop
         ]
         headers += [("fhirtwin-replay-of", dl.id.encode()), *extra]
-        producer.produce(dl.topic, value, dl.record.key, headers=headers, on_delivery=delivered)
+        producer.produce(
+            dl.topic, value, key or dl.record.key, headers=headers, on_delivery=delivered
+        )
     left = producer.flush(30)
     if left or failures:
         raise RuntimeError(

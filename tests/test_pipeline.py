@@ -176,6 +176,7 @@ def test_a_message_the_sender_got_wrong_replays_as_a_corrected_copy(
     copies = [r for r in records(kafka, RAW) if r.header("fhirtwin-corrected-of") == dl.id]
     assert [r.value for r in copies] == [fixed]
     assert [r.header("fhirtwin-replay-of") for r in copies] == [dl.id]
+    assert [r.key for r in copies] == [hl7v2_patient_key(fixed)]  # now it has a patient
     listed = runner.invoke(app, ["deadletter", "list", "--json", *endpoints])
     (mine,) = [d for d in orjson.loads(listed.stdout) if d["id"] == dl.id]
     assert mine["replayed"] is True and mine["corrected"]["bytes"] == len(fixed)
