@@ -1668,7 +1668,7 @@ def _finish(doc: Doc) -> list[dict[str, Any]]:
     entry has no code, a MedicationStatement whose product names no medication), with a
     warning at its element: like an unreadable value, it costs that entry, not the
     document. Dropping one may empty a required reference of another: checked again."""
-    from fhirtwin.fastcheck import required_elements
+    from fhirtwin.fastcheck import missing_elements
 
     doc.unreadable = len(doc.warnings)
     source = {id(res): el for (_, el), res in doc.made.items()}
@@ -1681,11 +1681,7 @@ def _finish(doc: Doc) -> list[dict[str, Any]]:
                 _prune_refs(res, dropped)
         incomplete = []
         for res in out:
-            missing = [
-                label
-                for label, keys in required_elements(res["resourceType"])
-                if res.keys().isdisjoint(keys)
-            ]
+            missing = [label for label, _ in missing_elements(res)]
             if missing:
                 el = source.get(id(res))
                 if res["resourceType"] == "Composition":

@@ -399,19 +399,16 @@ def _check_complete(row: _Row, rule: ResourceRule, res: dict[str, Any]) -> None:
     R4B models: Claim.provider, Observation.code) is a bad row, naming the empty column
     that feeds the element, so that it is caught with validation off too; the profile's
     ``required:`` says the same up front (that check runs first)."""
-    from fhirtwin.fastcheck import required_elements
+    from fhirtwin.fastcheck import missing_elements
 
-    for label, keys in required_elements(rule.resource):
-        if res.keys().isdisjoint(keys):
-            cols = [
-                c for k in sorted(keys) if k in rule.elements for c in _columns(rule.elements[k])
-            ]
-            empty = next((c for c in cols if not row.get(c)), None)
-            said = f": column {empty} is empty" if empty else ""
-            raise RowError(
-                f"the {rule.resource} would have no {label}, which FHIR R4 requires{said}",
-                empty or (cols[0] if cols else None),
-            )
+    for label, keys in missing_elements(res)[:1]:
+        cols = [c for k in sorted(keys) if k in rule.elements for c in _columns(rule.elements[k])]
+        empty = next((c for c in cols if not row.get(c)), None)
+        said = f": column {empty} is empty" if empty else ""
+        raise RowError(
+            f"the {rule.resource} would have no {label}, which FHIR R4 requires{said}",
+            empty or (cols[0] if cols else None),
+        )
 
 
 def _columns(template: Any) -> list[str]:

@@ -31,16 +31,16 @@ make from the corpus and on mutations of them.
 
 from __future__ import annotations
 
-import functools
 import threading
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import TypeAdapter
 
-__all__ = ["accepts", "cache_info", "required_elements"]
+__all__ = ["accepts", "cache_info", "first_missing", "missing_elements", "required_elements"]
 
 # field kinds
 _PRIM, _MODEL, _RESOURCE = 1, 2, 3
@@ -194,13 +194,57 @@ def _resource_table(resource_type: Any) -> _Table | None:
     return table
 
 
-@functools.lru_cache(maxsize=1024)
-def required_elements(resource_type: str) -> tuple[tuple[str, frozenset[str]], ...]:
+Need = tuple[tuple[str, frozenset[str]], ...]
+_needs: dict[Any, Need] = {}  # resourceType → required_elements (the converters' hot path)
+
+
+def missing_elements(resource: dict[str, Any]) -> list[tuple[str, frozenset[str]]]:
+    """The required elements (as ``required_elements`` gives them) that ``resource`` lacks:
+    a presence check, which the converters run with validation off."""
+    need = _needs.get(resource.get("resourceType"))
+    if need is None:
+        need = required_elements(str(resource.get("resourceType")))
+    keys = resource.keys()
+    for item in need:  # nearly always all present: no list built for them
+        if keys.isdisjoint(item[1]):
+            return [i for i in need if keys.isdisjoint(i[1])]
+    return []
+
+
+def first_missing(
+    resources: Iterable[dict[str, Any]],
+) -> tuple[dict[str, Any], str, frozenset[str]] | None:
+    """The first resource that lacks a required element, with that element's (label,
+    keys); None when every one is complete. One call per message for the HL7 v2 engine:
+    ~0.2 µs a resource."""
+    needs = _needs
+    for res in resources:
+        need = needs.get(res["resourceType"])
+        if need is None:
+            need = required_elements(res["resourceType"])
+        keys = res.keys()
+        for label, any_of in need:
+            if keys.isdisjoint(any_of):
+                return res, label, any_of
+    return None
+
+
+def required_elements(resource_type: str) -> Need:
     """What a resource of this type must have, as the models say: (label, the JSON keys any
     of which satisfies it) per element: ``("vaccineCode", {"vaccineCode"})``, a primitive
     with its extension ``("status", {"status", "_status"})``, a choice
     ``("occurrence[x]", {"occurrenceDateTime", "_occurrenceDateTime", ...})``. Read from
-    the model's fields only (no value validators built). Empty for a type not modelled."""
+    the model's fields only (no value validators built), once per type. Empty for a type
+    not modelled."""
+    need = _needs.get(resource_type)
+    if need is None:
+        need = _read_required(resource_type)
+        if len(_needs) < 1000:  # the R4 resource types, and a few misspellings
+            _needs[resource_type] = need
+    return need
+
+
+def _read_required(resource_type: str) -> Need:
     from fhir.resources.R4B import get_fhir_model_class
 
     try:
